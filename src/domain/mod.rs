@@ -1,0 +1,395 @@
+//! Events, transaction tokens, states and validation: the vocabulary of
+//! outboxd, with no I/O.
+
+pub mod murmur2;
+mod validation;
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+pub use validation::{FieldViolation, Limits, validate_batch, validate_topic};
+
+/// The id of one event: a UUID, v7 when outboxd generated it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventId(pub Uuid);
+
+impl EventId {
+    /// A new time-ordered id.
+    pub fn generate() -> Self {
+        EventId(Uuid::now_v7())
+    }
+
+    /// Parses the canonical hyphenated form (any UUID version).
+    pub fn parse(text: &str) -> Option<Self> {
+        Uuid::try_parse(text).ok().map(EventId)
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// Where an event is in its life. The numbers are stored; never renumber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(i16)]
+pub enum EventState {
+    /// Awaiting the caller's commit (two_phase, postgres_xid).
+    Pending = 1,
+    /// Publishable.
+    Ready = 2,
+    /// A delivery failed; the next attempt is due at `next_attempt_at`.
+    Retrying = 3,
+    /// Final: Kafka acknowledged it.
+    Published = 4,
+    /// Final: given up.
+    DeadLettered = 5,
+    /// Final: its transaction aborted.
+    Discarded = 6,
+}
+
+impl EventState {
+    /// The first state number that is final; the relay's partial index holds
+    /// the rows below it.
+    pub const FIRST_FINAL: i16 = 4;
+
+    pub fn is_final(self) -> bool {
+        (self as i16) >= Self::FIRST_FINAL
+    }
+
+    pub fn from_stored(value: i16) -> Option<Self> {
+        Some(match value {
+            1 => Self::Pending,
+            2 => Self::Ready,
+            3 => Self::Retrying,
+            4 => Self::Published,
+            5 => Self::DeadLettered,
+            6 => Self::Discarded,
+            _ => return None,
+        })
+    }
+}
+
+/// How the events of a transaction become publishable (DESIGN §4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenMode {
+    /// Publishable at append.
+    Immediate,
+    /// Publishable on `Commit`; discarded on `Abort` or after `timeout`.
+    TwoPhase { timeout: Duration },
+    /// Publishable when the caller's PostgreSQL transaction `caller_xid` is
+    /// seen committed on the cluster whose system identifier is `system_id`.
+    PostgresXid { caller_xid: u64, system_id: u64 },
+}
+
+impl TokenMode {
+    /// The stored number of the mode.
+    pub fn code(&self) -> i16 {
+        match self {
+            TokenMode::Immediate => 1,
+            TokenMode::TwoPhase { .. } => 2,
+            TokenMode::PostgresXid { .. } => 3,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            TokenMode::Immediate => "immediate",
+            TokenMode::TwoPhase { .. } => "two_phase",
+            TokenMode::PostgresXid { .. } => "postgres_xid",
+        }
+    }
+}
+
+/// The caller's transaction: its id within a producer namespace, and its mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransactionToken {
+    pub producer: String,
+    pub transaction_id: String,
+    pub mode: TokenMode,
+}
+
+/// A (producer, transaction id) pair.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TransactionRef {
+    pub producer: String,
+    pub transaction_id: String,
+}
+
+/// A Kafka record header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub key: String,
+    pub value: Vec<u8>,
+}
+
+/// W3C trace context of the append, carried to the Kafka record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceContext {
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+/// One event as the caller handed it over, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// The caller's id, when it chose one.
+    pub event_id: Option<EventId>,
+    pub topic: String,
+    /// The Kafka key as given; `None` when the caller gave none.
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<Header>,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub occurred_at: Option<DateTime<Utc>>,
+}
+
+impl NewEvent {
+    /// The ordering key, which is also the Kafka key: the caller's key, else
+    /// the aggregate id (Debezium's convention), else none (no order promise).
+    pub fn ordering_key(&self) -> Option<&[u8]> {
+        match &self.key {
+            Some(key) => Some(key),
+            None if !self.aggregate_id.is_empty() => Some(self.aggregate_id.as_bytes()),
+            None => None,
+        }
+    }
+}
+
+/// One `Append` request: a batch of events of one transaction token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendBatch {
+    pub token: TransactionToken,
+    /// Numbers the appends of one transaction.
+    pub sequence: u64,
+    pub events: Vec<NewEvent>,
+    pub trace: TraceContext,
+}
+
+impl AppendBatch {
+    /// A digest of everything the caller sent that defines this append, so a
+    /// retry can be told apart from a different body under the same key.
+    /// Generated ids and times are not part of it: a retry gets them anew.
+    pub fn content_hash(&self) -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            hasher.update((bytes.len() as u64).to_le_bytes());
+            hasher.update(bytes);
+        };
+        field(self.token.mode.name().as_bytes());
+        match &self.token.mode {
+            TokenMode::Immediate => {}
+            TokenMode::TwoPhase { timeout } => field(&timeout.as_millis().to_le_bytes()),
+            TokenMode::PostgresXid {
+                caller_xid,
+                system_id,
+            } => {
+                field(&caller_xid.to_le_bytes());
+                field(&system_id.to_le_bytes());
+            }
+        }
+        field(&(self.events.len() as u64).to_le_bytes());
+        for event in &self.events {
+            field(
+                event
+                    .event_id
+                    .map(|id| id.0.as_bytes().to_vec())
+                    .unwrap_or_default()
+                    .as_slice(),
+            );
+            field(event.topic.as_bytes());
+            match &event.key {
+                Some(key) => {
+                    field(b"k");
+                    field(key);
+                }
+                None => field(b"-"),
+            }
+            field(&event.payload);
+            field(&(event.headers.len() as u64).to_le_bytes());
+            for header in &event.headers {
+                field(header.key.as_bytes());
+                field(&header.value);
+            }
+            field(event.aggregate_type.as_bytes());
+            field(event.aggregate_id.as_bytes());
+            field(event.event_type.as_bytes());
+            field(
+                &event
+                    .occurred_at
+                    .map(|t| t.timestamp_micros())
+                    .unwrap_or(i64::MIN)
+                    .to_le_bytes(),
+            );
+        }
+        hasher.finalize().into()
+    }
+}
+
+/// The shard of an ordering key: Kafka's murmur2 modulo the shard count.
+/// Events without a key are spread by their id; they have no order promise.
+pub fn shard_of(ordering_key: Option<&[u8]>, event_id: EventId, shard_count: u32) -> u32 {
+    match ordering_key {
+        Some(key) => murmur2::kafka_partition(key, shard_count),
+        None => murmur2::kafka_partition(event_id.0.as_bytes(), shard_count),
+    }
+}
+
+/// Encodes headers for storage: a count, then length-prefixed keys and values.
+pub fn encode_headers(headers: &[Header]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        4 + headers
+            .iter()
+            .map(|h| 8 + h.key.len() + h.value.len())
+            .sum::<usize>(),
+    );
+    out.extend_from_slice(&(headers.len() as u32).to_le_bytes());
+    for header in headers {
+        out.extend_from_slice(&(header.key.len() as u32).to_le_bytes());
+        out.extend_from_slice(header.key.as_bytes());
+        out.extend_from_slice(&(header.value.len() as u32).to_le_bytes());
+        out.extend_from_slice(&header.value);
+    }
+    out
+}
+
+/// Decodes what [`encode_headers`] wrote; `None` if the bytes are corrupt.
+pub fn decode_headers(bytes: &[u8]) -> Option<Vec<Header>> {
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if bytes.len() < n {
+            return None;
+        }
+        let (head, rest) = bytes.split_at(n);
+        *bytes = rest;
+        Some(head)
+    }
+    fn take_u32(bytes: &mut &[u8]) -> Option<usize> {
+        let raw = take(bytes, 4)?;
+        Some(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize)
+    }
+    let mut rest = bytes;
+    let count = take_u32(&mut rest)?;
+    let mut headers = Vec::with_capacity(count.min(1024));
+    for _ in 0..count {
+        let key_len = take_u32(&mut rest)?;
+        let key = String::from_utf8(take(&mut rest, key_len)?.to_vec()).ok()?;
+        let value_len = take_u32(&mut rest)?;
+        let value = take(&mut rest, value_len)?.to_vec();
+        headers.push(Header { key, value });
+    }
+    rest.is_empty().then_some(headers)
+}
+
+/// The state of one stored event, as reported to callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventStatus {
+    pub event_id: EventId,
+    pub producer: String,
+    pub transaction_id: String,
+    pub sequence: u64,
+    pub topic: String,
+    pub state: EventState,
+    pub partition: Option<i32>,
+    pub offset: Option<i64>,
+    pub attempts: u32,
+    /// Last error or dead-letter reason; empty when none.
+    pub reason: String,
+    pub updated_at: DateTime<Utc>,
+    /// Position of this change in the store's change feed; increases with
+    /// every state change of any event.
+    pub cursor: u64,
+}
+
+/// The outcome of one stored append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendOutcome {
+    pub event_ids: Vec<EventId>,
+    /// Nothing new was stored: this append was already there, same content.
+    pub duplicate: bool,
+    /// The states of the new events (empty for a duplicate), for the status bus.
+    pub statuses: Vec<EventStatus>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(key: Option<&[u8]>, aggregate_id: &str) -> NewEvent {
+        NewEvent {
+            event_id: None,
+            topic: "orders".into(),
+            key: key.map(<[u8]>::to_vec),
+            payload: b"{}".to_vec(),
+            headers: vec![],
+            aggregate_type: "order".into(),
+            aggregate_id: aggregate_id.into(),
+            event_type: "created".into(),
+            occurred_at: None,
+        }
+    }
+
+    #[test]
+    fn aggregate_id_is_the_ordering_key_when_no_key_is_given() {
+        assert_eq!(event(None, "o-1").ordering_key(), Some(&b"o-1"[..]));
+        assert_eq!(event(Some(b"k"), "o-1").ordering_key(), Some(&b"k"[..]));
+        assert_eq!(event(Some(b""), "o-1").ordering_key(), Some(&b""[..]));
+        assert_eq!(event(None, "").ordering_key(), None);
+    }
+
+    /// Shards are stored with each row: a change here strands events.
+    #[test]
+    fn shard_of_a_key_is_stable() {
+        let id = EventId(Uuid::nil());
+        let shards: Vec<u32> = ["21", "foobar", "abc", "order-42", ""]
+            .iter()
+            .map(|key| shard_of(Some(key.as_bytes()), id, 16))
+            .collect();
+        assert_eq!(shards, vec![12, 14, 11, 0, 9]);
+    }
+
+    #[test]
+    fn headers_round_trip() {
+        let headers = vec![
+            Header {
+                key: "a".into(),
+                value: vec![0, 1, 2],
+            },
+            Header {
+                key: "ü".into(),
+                value: vec![],
+            },
+        ];
+        assert_eq!(decode_headers(&encode_headers(&headers)), Some(headers));
+        assert_eq!(decode_headers(&[1, 0, 0]), None);
+    }
+
+    #[test]
+    fn content_hash_ignores_nothing_the_caller_sent() {
+        let batch = AppendBatch {
+            token: TransactionToken {
+                producer: "p".into(),
+                transaction_id: "t".into(),
+                mode: TokenMode::Immediate,
+            },
+            sequence: 0,
+            events: vec![event(Some(b"k"), "a")],
+            trace: TraceContext::default(),
+        };
+        let mut changed = batch.clone();
+        changed.events[0].payload = b"{ }".to_vec();
+        assert_ne!(batch.content_hash(), changed.content_hash());
+        let mut no_key = batch.clone();
+        no_key.events[0].key = None;
+        assert_ne!(batch.content_hash(), no_key.content_hash());
+        let mut traced = batch.clone();
+        traced.trace.traceparent = Some("00-x".into());
+        assert_eq!(batch.content_hash(), traced.content_hash());
+    }
+}

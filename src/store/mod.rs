@@ -1,0 +1,204 @@
+//! The `Store` trait and its two implementations: PostgreSQL (production) and
+//! SQLite (embedded: `outboxd dev`, sidecars, first runs).
+//!
+//! The relay and the API see only this trait, never SQL.
+
+mod error;
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::domain::{
+    AppendBatch, AppendOutcome, EventId, EventStatus, FieldViolation, Header, TransactionRef,
+};
+
+pub use error::StoreError;
+
+/// Why one append of a coalesced batch was refused; the others go on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendRejection {
+    /// The same (producer, transaction id, sequence) was stored with another body.
+    #[error("append {sequence} of transaction {transaction_id:?} already exists with different content")]
+    ConflictingRetry {
+        transaction_id: String,
+        sequence: u64,
+    },
+    /// A caller-chosen event id is already taken.
+    #[error("{}: {}", .0.field, .0.description)]
+    EventIdTaken(FieldViolation),
+    /// The transaction exists with another token mode.
+    #[error("transaction {transaction_id:?} was opened as {existing}, not {requested}")]
+    ModeMismatch {
+        transaction_id: String,
+        existing: &'static str,
+        requested: &'static str,
+    },
+}
+
+/// A shard's lease: the right to relay it, fenced by `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub shard: u32,
+    pub owner: String,
+    /// Grows each time the shard changes owner; every relay write names it.
+    pub epoch: i64,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Position of the relay within a shard: rows are read in
+/// (writer transaction, sequence) order, strictly after the cursor.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RelayCursor {
+    /// The id of outboxd's own writing transaction (`writer_xid`); 0 for
+    /// stores whose writes are serialised.
+    pub writer_xid: i64,
+    pub seq: i64,
+}
+
+/// One not-yet-final row handed to the relay.
+#[derive(Debug, Clone)]
+pub struct RelayRow {
+    pub seq: i64,
+    pub writer_xid: i64,
+    pub event_id: EventId,
+    pub producer: String,
+    pub transaction_id: String,
+    pub topic: String,
+    pub kafka_key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<Header>,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub state: crate::domain::EventState,
+    pub attempts: u32,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub occurred_at: DateTime<Utc>,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+impl RelayRow {
+    pub fn cursor(&self) -> RelayCursor {
+        RelayCursor {
+            writer_xid: self.writer_xid,
+            seq: self.seq,
+        }
+    }
+}
+
+/// Kafka acknowledged the record of the event with this `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    pub seq: i64,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A delivery of the event with this `seq` failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryFailed {
+    pub seq: i64,
+    pub error: String,
+    /// When to try again; `None` dead-letters the event.
+    pub retry_at: Option<DateTime<Utc>>,
+}
+
+/// The durable state behind outboxd.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies pending schema migrations and fixes the shard count on first use.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// The fixed number of shards, chosen at migration.
+    fn shard_count(&self) -> u32;
+
+    /// Stores several appends in one store transaction. Each append is stored
+    /// whole or not at all and fails only itself; an `Err` means nothing was
+    /// stored (store unreachable).
+    async fn append(
+        &self,
+        batches: &[AppendBatch],
+    ) -> Result<Vec<Result<AppendOutcome, AppendRejection>>, StoreError>;
+
+    /// Takes or renews the leases of shards that are free, expired or already
+    /// `owner`'s, up to `max_shards` in all; returns the leases `owner` holds.
+    async fn acquire_leases(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        max_shards: u32,
+    ) -> Result<Vec<Lease>, StoreError>;
+
+    /// Gives up `owner`'s leases, so that another instance may take them at once.
+    async fn release_leases(&self, owner: &str) -> Result<(), StoreError>;
+
+    /// The next not-final rows of `shard` after `after`, in relay order, that
+    /// are safe to read: no row may later appear before the last one returned.
+    async fn read_relay_rows(
+        &self,
+        shard: u32,
+        after: RelayCursor,
+        limit: u32,
+    ) -> Result<Vec<RelayRow>, StoreError>;
+
+    /// Marks events published, fenced by the lease: `StoreError::LeaseLost`
+    /// when `lease.epoch` is no longer current, and then nothing is written.
+    async fn record_delivered(
+        &self,
+        lease: &Lease,
+        delivered: &[Delivered],
+    ) -> Result<Vec<EventStatus>, StoreError>;
+
+    /// Records failed deliveries (retry or dead letter), fenced like
+    /// [`Store::record_delivered`].
+    async fn record_failed(
+        &self,
+        lease: &Lease,
+        failed: &[DeliveryFailed],
+    ) -> Result<Vec<EventStatus>, StoreError>;
+
+    /// Current state of the given events; unknown ids are left out.
+    async fn status_by_ids(&self, ids: &[EventId]) -> Result<Vec<EventStatus>, StoreError>;
+
+    /// Current state of every event of the given transactions, in append order.
+    async fn status_by_transactions(
+        &self,
+        transactions: &[TransactionRef],
+    ) -> Result<Vec<EventStatus>, StoreError>;
+
+    /// A producer's events whose latest change is after `after_cursor`, in
+    /// cursor order.
+    async fn status_changes(
+        &self,
+        producer: &str,
+        after_cursor: u64,
+        limit: u32,
+    ) -> Result<Vec<EventStatus>, StoreError>;
+}
+
+/// Opens the store named by `url`: `postgres://…` or `sqlite://path`.
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+    shard_count: u32,
+) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(
+            postgres::PostgresStore::connect(url, max_connections, shard_count).await?,
+        ))
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(
+            sqlite::SqliteStore::connect(url, max_connections, shard_count).await?,
+        ))
+    } else {
+        Err(StoreError::Config(format!(
+            "unsupported store url {url:?}: use postgres://… or sqlite://path"
+        )))
+    }
+}

@@ -1,0 +1,574 @@
+//! The production store: PostgreSQL through sqlx.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::error::is_unique_violation;
+use super::{
+    AppendRejection, Delivered, DeliveryFailed, Lease, RelayCursor, RelayRow, Store, StoreError,
+};
+use crate::domain::{
+    AppendBatch, AppendOutcome, EventId, EventState, EventStatus, FieldViolation, TokenMode,
+    TransactionRef, decode_headers, encode_headers, shard_of,
+};
+
+const INSERT_EVENTS: &str = include_str!("sql/postgres/insert_events.sql");
+const READ_RELAY_ROWS: &str = include_str!("sql/postgres/read_relay_rows.sql");
+const RECORD_DELIVERED: &str = include_str!("sql/postgres/record_delivered.sql");
+const RECORD_FAILED: &str = include_str!("sql/postgres/record_failed.sql");
+const ACQUIRE_LEASES: &str = include_str!("sql/postgres/acquire_leases.sql");
+
+/// Transaction states in `outbox_transactions.state`.
+const TRANSACTION_OPEN: i16 = 1;
+const TRANSACTION_COMMITTED: i16 = 2;
+
+/// PostgreSQL-backed [`Store`].
+pub struct PostgresStore {
+    pool: PgPool,
+    /// The shard count asked for by configuration; the stored one wins once
+    /// the schema exists (see [`Store::migrate`]).
+    shard_count: std::sync::atomic::AtomicU32,
+}
+
+impl PostgresStore {
+    /// Connects lazily-checked: fails at once when the server cannot be reached.
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        shard_count: u32,
+    ) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Config(format!("bad postgres url: {e}")))?
+            .application_name("outboxd");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(PostgresStore {
+            pool,
+            shard_count: std::sync::atomic::AtomicU32::new(shard_count),
+        })
+    }
+
+    /// The pool, for tests and tools that inspect the schema.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn append_one(
+        tx: &mut Transaction<'_, Postgres>,
+        batch: &AppendBatch,
+        shard_count: u32,
+    ) -> Result<Result<AppendOutcome, AppendRejection>, sqlx::Error> {
+        let token = &batch.token;
+        let (caller_xid, caller_system_id, expires_in_secs) = match &token.mode {
+            TokenMode::Immediate => (None, None, None),
+            TokenMode::TwoPhase { timeout } => (None, None, Some(timeout.as_secs_f64())),
+            TokenMode::PostgresXid {
+                caller_xid,
+                system_id,
+            } => (Some(*caller_xid as i64), Some(*system_id as i64), None),
+        };
+        let initial_state = match token.mode {
+            TokenMode::Immediate => TRANSACTION_COMMITTED,
+            _ => TRANSACTION_OPEN,
+        };
+        let row = sqlx::query(
+            "INSERT INTO outbox_transactions \
+                 (producer, transaction_id, mode, state, caller_xid, caller_system_id, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7::double precision)) \
+             ON CONFLICT (producer, transaction_id) DO UPDATE SET producer = EXCLUDED.producer \
+             RETURNING mode",
+        )
+        .bind(&token.producer)
+        .bind(&token.transaction_id)
+        .bind(token.mode.code())
+        .bind(initial_state)
+        .bind(caller_xid)
+        .bind(caller_system_id)
+        .bind(expires_in_secs)
+        .fetch_one(&mut **tx)
+        .await?;
+        let existing_mode: i16 = row.try_get("mode")?;
+        if existing_mode != token.mode.code() {
+            return Ok(Err(AppendRejection::ModeMismatch {
+                transaction_id: token.transaction_id.clone(),
+                existing: mode_name(existing_mode),
+                requested: token.mode.name(),
+            }));
+        }
+
+        let content_hash = batch.content_hash();
+        let event_ids: Vec<EventId> = batch
+            .events
+            .iter()
+            .map(|e| e.event_id.unwrap_or_else(EventId::generate))
+            .collect();
+        let uuids: Vec<Uuid> = event_ids.iter().map(|id| id.0).collect();
+        let inserted = sqlx::query(
+            "INSERT INTO outbox_appends (producer, transaction_id, sequence, content_hash, event_ids) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(&token.producer)
+        .bind(&token.transaction_id)
+        .bind(batch.sequence as i64)
+        .bind(&content_hash[..])
+        .bind(&uuids)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            let stored = sqlx::query(
+                "SELECT content_hash, event_ids FROM outbox_appends \
+                 WHERE producer = $1 AND transaction_id = $2 AND sequence = $3",
+            )
+            .bind(&token.producer)
+            .bind(&token.transaction_id)
+            .bind(batch.sequence as i64)
+            .fetch_one(&mut **tx)
+            .await?;
+            let stored_hash: Vec<u8> = stored.try_get("content_hash")?;
+            if stored_hash != content_hash {
+                return Ok(Err(AppendRejection::ConflictingRetry {
+                    transaction_id: token.transaction_id.clone(),
+                    sequence: batch.sequence,
+                }));
+            }
+            let stored_ids: Vec<Uuid> = stored.try_get("event_ids")?;
+            return Ok(Ok(AppendOutcome {
+                event_ids: stored_ids.into_iter().map(EventId).collect(),
+                duplicate: true,
+                statuses: Vec::new(),
+            }));
+        }
+
+        let state = match token.mode {
+            TokenMode::Immediate => EventState::Ready,
+            _ => EventState::Pending,
+        };
+        let now = Utc::now();
+        let count = batch.events.len();
+        let mut shards = Vec::with_capacity(count);
+        let mut indexes = Vec::with_capacity(count);
+        let mut topics = Vec::with_capacity(count);
+        let mut keys: Vec<Option<&[u8]>> = Vec::with_capacity(count);
+        let mut payloads: Vec<&[u8]> = Vec::with_capacity(count);
+        let mut headers = Vec::with_capacity(count);
+        let mut aggregate_types = Vec::with_capacity(count);
+        let mut aggregate_ids = Vec::with_capacity(count);
+        let mut event_types = Vec::with_capacity(count);
+        let mut occurred = Vec::with_capacity(count);
+        for (index, (event, id)) in batch.events.iter().zip(&event_ids).enumerate() {
+            let ordering_key = event.ordering_key();
+            shards.push(shard_of(ordering_key, *id, shard_count) as i32);
+            indexes.push(index as i32);
+            topics.push(event.topic.as_str());
+            keys.push(ordering_key);
+            payloads.push(&event.payload);
+            headers.push(encode_headers(&event.headers));
+            aggregate_types.push(event.aggregate_type.as_str());
+            aggregate_ids.push(event.aggregate_id.as_str());
+            event_types.push(event.event_type.as_str());
+            occurred.push(event.occurred_at.unwrap_or(now));
+        }
+        let rows = sqlx::query(INSERT_EVENTS)
+            .bind(&token.producer)
+            .bind(&token.transaction_id)
+            .bind(batch.sequence as i64)
+            .bind(state as i16)
+            .bind(batch.trace.traceparent.as_deref())
+            .bind(batch.trace.tracestate.as_deref())
+            .bind(&uuids)
+            .bind(&shards)
+            .bind(&indexes)
+            .bind(&topics)
+            .bind(&keys)
+            .bind(&payloads)
+            .bind(&headers)
+            .bind(&aggregate_types)
+            .bind(&aggregate_ids)
+            .bind(&event_types)
+            .bind(&occurred)
+            .fetch_all(&mut **tx)
+            .await?;
+        let mut change_of = std::collections::HashMap::with_capacity(rows.len());
+        for row in rows {
+            let id: Uuid = row.try_get("event_id")?;
+            let cursor: i64 = row.try_get("change_seq")?;
+            let updated_at: DateTime<Utc> = row.try_get("updated_at")?;
+            change_of.insert(id, (cursor, updated_at));
+        }
+        let statuses = batch
+            .events
+            .iter()
+            .zip(&event_ids)
+            .map(|(event, id)| {
+                let (cursor, updated_at) = change_of.get(&id.0).copied().unwrap_or((0, now));
+                EventStatus {
+                    event_id: *id,
+                    producer: token.producer.clone(),
+                    transaction_id: token.transaction_id.clone(),
+                    sequence: batch.sequence,
+                    topic: event.topic.clone(),
+                    state,
+                    partition: None,
+                    offset: None,
+                    attempts: 0,
+                    reason: String::new(),
+                    updated_at,
+                    cursor: cursor as u64,
+                }
+            })
+            .collect();
+        Ok(Ok(AppendOutcome {
+            event_ids,
+            duplicate: false,
+            statuses,
+        }))
+    }
+
+    async fn lease_is_current(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT epoch FROM outbox_leases WHERE shard = $1")
+            .bind(lease.shard as i32)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(row) => row.try_get::<i64, _>("epoch")? == lease.epoch,
+            None => false,
+        })
+    }
+}
+
+/// Names the first caller-chosen event id of `batch` that is already stored.
+pub(super) fn event_id_taken(batch: &AppendBatch, taken: &[Uuid]) -> AppendRejection {
+    let index = batch
+        .events
+        .iter()
+        .position(|e| e.event_id.is_some_and(|id| taken.contains(&id.0)))
+        .unwrap_or(0);
+    AppendRejection::EventIdTaken(FieldViolation::new(
+        format!("events[{index}].event_id"),
+        "an event with this id already exists",
+    ))
+}
+
+pub(super) fn mode_name(code: i16) -> &'static str {
+    match code {
+        1 => "immediate",
+        2 => "two_phase",
+        3 => "postgres_xid",
+        _ => "unknown",
+    }
+}
+
+fn status_from_row(row: &PgRow) -> Result<EventStatus, StoreError> {
+    let state: i16 = row.try_get("state")?;
+    let attempts: i32 = row.try_get("attempts")?;
+    Ok(EventStatus {
+        event_id: EventId(row.try_get("event_id")?),
+        producer: row.try_get("producer")?,
+        transaction_id: row.try_get("transaction_id")?,
+        sequence: row.try_get::<i64, _>("append_sequence")? as u64,
+        topic: row.try_get("topic")?,
+        state: EventState::from_stored(state)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown event state {state}")))?,
+        partition: row.try_get("kafka_partition")?,
+        offset: row.try_get("kafka_offset")?,
+        attempts: attempts as u32,
+        reason: row
+            .try_get::<Option<String>, _>("last_error")?
+            .unwrap_or_default(),
+        updated_at: row.try_get("updated_at")?,
+        cursor: row.try_get::<i64, _>("change_seq")? as u64,
+    })
+}
+
+const STATUS_COLUMNS: &str = include_str!("sql/postgres/status_columns.sql");
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("migrations/postgres").run(&self.pool).await?;
+        let wanted = self.shard_count();
+        let mut tx = self.pool.begin().await?;
+        // Serialises concurrent first starts of several instances.
+        sqlx::query("LOCK TABLE outbox_meta IN EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        let stored: Option<String> =
+            sqlx::query_scalar("SELECT value FROM outbox_meta WHERE key = 'shard_count'")
+                .fetch_optional(&mut *tx)
+                .await?;
+        let shard_count = match stored {
+            Some(value) => value
+                .parse::<u32>()
+                .map_err(|_| StoreError::Corrupt(format!("stored shard_count {value:?}")))?,
+            None => {
+                sqlx::query("INSERT INTO outbox_meta (key, value) VALUES ('shard_count', $1)")
+                    .bind(wanted.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO outbox_leases (shard) SELECT generate_series(0, $1 - 1) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(wanted as i32)
+                .execute(&mut *tx)
+                .await?;
+                wanted
+            }
+        };
+        tx.commit().await?;
+        if shard_count != wanted {
+            tracing::warn!(
+                stored = shard_count,
+                configured = wanted,
+                "shard count is fixed at first migration; using the stored one"
+            );
+        }
+        self.shard_count
+            .store(shard_count, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn shard_count(&self) -> u32 {
+        self.shard_count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn append(
+        &self,
+        batches: &[AppendBatch],
+    ) -> Result<Vec<Result<AppendOutcome, AppendRejection>>, StoreError> {
+        let shard_count = self.shard_count();
+        let mut tx = self.pool.begin().await?;
+        let mut results = Vec::with_capacity(batches.len());
+        for batch in batches {
+            // A savepoint per append: one bad append fails only itself.
+            sqlx::query("SAVEPOINT append").execute(&mut *tx).await?;
+            let result = match Self::append_one(&mut tx, batch, shard_count).await {
+                Ok(result) => result,
+                Err(error) if is_unique_violation(&error) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT append")
+                        .execute(&mut *tx)
+                        .await?;
+                    let caller_ids: Vec<Uuid> =
+                        batch.events.iter().filter_map(|e| e.event_id).map(|id| id.0).collect();
+                    let taken: Vec<Uuid> =
+                        sqlx::query_scalar("SELECT event_id FROM outbox_events WHERE event_id = ANY($1)")
+                            .bind(&caller_ids)
+                            .fetch_all(&mut *tx)
+                            .await?;
+                    Err(event_id_taken(batch, &taken))
+                }
+                Err(error) => return Err(error.into()),
+            };
+            if result.is_err() {
+                sqlx::query("ROLLBACK TO SAVEPOINT append")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query("RELEASE SAVEPOINT append")
+                .execute(&mut *tx)
+                .await?;
+            results.push(result);
+        }
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    async fn acquire_leases(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        max_shards: u32,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let rows = sqlx::query(ACQUIRE_LEASES)
+            .bind(owner)
+            .bind(ttl.as_secs_f64())
+            .bind(max_shards as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut leases = rows
+            .iter()
+            .map(|row| {
+                Ok(Lease {
+                    shard: row.try_get::<i32, _>("shard")? as u32,
+                    owner: row.try_get("owner")?,
+                    epoch: row.try_get("epoch")?,
+                    expires_at: row.try_get("expires_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        leases.sort_by_key(|l| l.shard);
+        Ok(leases)
+    }
+
+    async fn release_leases(&self, owner: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox_leases SET owner = NULL, expires_at = '-infinity' WHERE owner = $1",
+        )
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn read_relay_rows(
+        &self,
+        shard: u32,
+        after: RelayCursor,
+        limit: u32,
+    ) -> Result<Vec<RelayRow>, StoreError> {
+        let rows = sqlx::query(READ_RELAY_ROWS)
+            .bind(shard as i32)
+            .bind(after.writer_xid.to_string())
+            .bind(after.seq)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let state: i16 = row.try_get("state")?;
+                let headers: Vec<u8> = row.try_get("headers")?;
+                Ok(RelayRow {
+                    seq: row.try_get("seq")?,
+                    writer_xid: row.try_get("writer_xid")?,
+                    event_id: EventId(row.try_get("event_id")?),
+                    producer: row.try_get("producer")?,
+                    transaction_id: row.try_get("transaction_id")?,
+                    topic: row.try_get("topic")?,
+                    kafka_key: row.try_get("kafka_key")?,
+                    payload: row.try_get("payload")?,
+                    headers: decode_headers(&headers)
+                        .ok_or_else(|| StoreError::Corrupt("undecodable headers".into()))?,
+                    aggregate_type: row.try_get("aggregate_type")?,
+                    aggregate_id: row.try_get("aggregate_id")?,
+                    event_type: row.try_get("event_type")?,
+                    state: EventState::from_stored(state)
+                        .ok_or_else(|| StoreError::Corrupt(format!("unknown state {state}")))?,
+                    attempts: row.try_get::<i32, _>("attempts")? as u32,
+                    next_attempt_at: row.try_get("next_attempt_at")?,
+                    occurred_at: row.try_get("occurred_at")?,
+                    traceparent: row.try_get("traceparent")?,
+                    tracestate: row.try_get("tracestate")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_delivered(
+        &self,
+        lease: &Lease,
+        delivered: &[Delivered],
+    ) -> Result<Vec<EventStatus>, StoreError> {
+        if delivered.is_empty() {
+            return Ok(Vec::new());
+        }
+        let seqs: Vec<i64> = delivered.iter().map(|d| d.seq).collect();
+        let partitions: Vec<i32> = delivered.iter().map(|d| d.partition).collect();
+        let offsets: Vec<i64> = delivered.iter().map(|d| d.offset).collect();
+        let rows = sqlx::query(RECORD_DELIVERED)
+            .bind(lease.shard as i32)
+            .bind(lease.epoch)
+            .bind(&seqs)
+            .bind(&partitions)
+            .bind(&offsets)
+            .fetch_all(&self.pool)
+            .await?;
+        if rows.is_empty() && !self.lease_is_current(lease).await? {
+            return Err(StoreError::LeaseLost {
+                shard: lease.shard,
+                epoch: lease.epoch,
+            });
+        }
+        rows.iter().map(status_from_row).collect()
+    }
+
+    async fn record_failed(
+        &self,
+        lease: &Lease,
+        failed: &[DeliveryFailed],
+    ) -> Result<Vec<EventStatus>, StoreError> {
+        if failed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let seqs: Vec<i64> = failed.iter().map(|f| f.seq).collect();
+        let errors: Vec<&str> = failed.iter().map(|f| f.error.as_str()).collect();
+        let retry_at: Vec<Option<DateTime<Utc>>> = failed.iter().map(|f| f.retry_at).collect();
+        let rows = sqlx::query(RECORD_FAILED)
+            .bind(lease.shard as i32)
+            .bind(lease.epoch)
+            .bind(&seqs)
+            .bind(&errors)
+            .bind(&retry_at)
+            .fetch_all(&self.pool)
+            .await?;
+        if rows.is_empty() && !self.lease_is_current(lease).await? {
+            return Err(StoreError::LeaseLost {
+                shard: lease.shard,
+                epoch: lease.epoch,
+            });
+        }
+        rows.iter().map(status_from_row).collect()
+    }
+
+    async fn status_by_ids(&self, ids: &[EventId]) -> Result<Vec<EventStatus>, StoreError> {
+        let uuids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+        let sql = format!(
+            "SELECT {STATUS_COLUMNS} FROM outbox_events WHERE event_id = ANY($1) ORDER BY seq"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&uuids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(status_from_row).collect()
+    }
+
+    async fn status_by_transactions(
+        &self,
+        transactions: &[TransactionRef],
+    ) -> Result<Vec<EventStatus>, StoreError> {
+        let producers: Vec<&str> = transactions.iter().map(|t| t.producer.as_str()).collect();
+        let ids: Vec<&str> = transactions
+            .iter()
+            .map(|t| t.transaction_id.as_str())
+            .collect();
+        let sql = format!(
+            "SELECT {STATUS_COLUMNS} FROM outbox_events \
+             WHERE (producer, transaction_id) IN (SELECT * FROM UNNEST($1::text[], $2::text[])) \
+             ORDER BY producer, transaction_id, append_sequence, batch_index"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&producers)
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(status_from_row).collect()
+    }
+
+    async fn status_changes(
+        &self,
+        producer: &str,
+        after_cursor: u64,
+        limit: u32,
+    ) -> Result<Vec<EventStatus>, StoreError> {
+        let sql = format!(
+            "SELECT {STATUS_COLUMNS} FROM outbox_events \
+             WHERE producer = $1 AND change_seq > $2 ORDER BY change_seq LIMIT $3"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(producer)
+            .bind(after_cursor as i64)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(status_from_row).collect()
+    }
+}

@@ -1,0 +1,646 @@
+//! The embedded store: one SQLite file through sqlx. Serves `outboxd dev`,
+//! single-node sidecars and first runs.
+//!
+//! SQLite serialises writers, so rows become visible in `seq` order and the
+//! relay needs no visibility gate; `writer_xid` is always 0 here.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use uuid::Uuid;
+
+use super::error::is_unique_violation;
+use super::postgres::{event_id_taken, mode_name};
+use super::{
+    AppendRejection, Delivered, DeliveryFailed, Lease, RelayCursor, RelayRow, Store, StoreError,
+};
+use crate::domain::{
+    AppendBatch, AppendOutcome, EventId, EventState, EventStatus, TokenMode, TransactionRef,
+    decode_headers, encode_headers, shard_of,
+};
+
+const TRANSACTION_OPEN: i16 = 1;
+const TRANSACTION_COMMITTED: i16 = 2;
+
+const STATUS_COLUMNS: &str = "event_id, producer, transaction_id, append_sequence, topic, state, \
+     kafka_partition, kafka_offset, attempts, last_error, updated_at, change_seq";
+
+/// SQLite-backed [`Store`].
+pub struct SqliteStore {
+    pool: SqlitePool,
+    shard_count: AtomicU32,
+}
+
+fn micros(time: DateTime<Utc>) -> i64 {
+    time.timestamp_micros()
+}
+
+fn from_micros(value: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(value).unwrap_or_default()
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database file named by `url`
+    /// (`sqlite://path` or `sqlite::memory:`).
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        shard_count: u32,
+    ) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Config(format!("bad sqlite url: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // Durable ack: a commit is on disk before Append returns.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_with(options)
+            .await?;
+        Ok(SqliteStore {
+            pool,
+            shard_count: AtomicU32::new(shard_count),
+        })
+    }
+
+    /// Takes `count` values of the change feed counter; returns the first.
+    async fn next_changes(
+        tx: &mut Transaction<'_, Sqlite>,
+        count: usize,
+    ) -> Result<i64, sqlx::Error> {
+        let last: i64 = sqlx::query_scalar(
+            "UPDATE outbox_counters SET value = value + ?1 WHERE name = 'change_seq' RETURNING value",
+        )
+        .bind(count as i64)
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(last - count as i64 + 1)
+    }
+
+    async fn append_one(
+        tx: &mut Transaction<'_, Sqlite>,
+        batch: &AppendBatch,
+        shard_count: u32,
+    ) -> Result<Result<AppendOutcome, AppendRejection>, sqlx::Error> {
+        let token = &batch.token;
+        let now = Utc::now();
+        let (caller_xid, caller_system_id, expires_at) = match &token.mode {
+            TokenMode::Immediate => (None, None, None),
+            TokenMode::TwoPhase { timeout } => (
+                None,
+                None,
+                Some(micros(now) + timeout.as_micros() as i64),
+            ),
+            TokenMode::PostgresXid {
+                caller_xid,
+                system_id,
+            } => (Some(*caller_xid as i64), Some(*system_id as i64), None),
+        };
+        let initial_state = match token.mode {
+            TokenMode::Immediate => TRANSACTION_COMMITTED,
+            _ => TRANSACTION_OPEN,
+        };
+        sqlx::query(
+            "INSERT INTO outbox_transactions \
+                 (producer, transaction_id, mode, state, caller_xid, caller_system_id, expires_at, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
+        )
+        .bind(&token.producer)
+        .bind(&token.transaction_id)
+        .bind(token.mode.code())
+        .bind(initial_state)
+        .bind(caller_xid)
+        .bind(caller_system_id)
+        .bind(expires_at)
+        .bind(micros(now))
+        .execute(&mut **tx)
+        .await?;
+        let existing_mode: i16 = sqlx::query_scalar(
+            "SELECT mode FROM outbox_transactions WHERE producer = ?1 AND transaction_id = ?2",
+        )
+        .bind(&token.producer)
+        .bind(&token.transaction_id)
+        .fetch_one(&mut **tx)
+        .await?;
+        if existing_mode != token.mode.code() {
+            return Ok(Err(AppendRejection::ModeMismatch {
+                transaction_id: token.transaction_id.clone(),
+                existing: mode_name(existing_mode),
+                requested: token.mode.name(),
+            }));
+        }
+
+        let content_hash = batch.content_hash();
+        let event_ids: Vec<EventId> = batch
+            .events
+            .iter()
+            .map(|e| e.event_id.unwrap_or_else(EventId::generate))
+            .collect();
+        let packed_ids: Vec<u8> = event_ids
+            .iter()
+            .flat_map(|id| id.0.as_bytes().to_vec())
+            .collect();
+        let inserted = sqlx::query(
+            "INSERT INTO outbox_appends (producer, transaction_id, sequence, content_hash, event_ids, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+        )
+        .bind(&token.producer)
+        .bind(&token.transaction_id)
+        .bind(batch.sequence as i64)
+        .bind(&content_hash[..])
+        .bind(&packed_ids)
+        .bind(micros(now))
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            let stored = sqlx::query(
+                "SELECT content_hash, event_ids FROM outbox_appends \
+                 WHERE producer = ?1 AND transaction_id = ?2 AND sequence = ?3",
+            )
+            .bind(&token.producer)
+            .bind(&token.transaction_id)
+            .bind(batch.sequence as i64)
+            .fetch_one(&mut **tx)
+            .await?;
+            let stored_hash: Vec<u8> = stored.try_get("content_hash")?;
+            if stored_hash != content_hash {
+                return Ok(Err(AppendRejection::ConflictingRetry {
+                    transaction_id: token.transaction_id.clone(),
+                    sequence: batch.sequence,
+                }));
+            }
+            let stored_ids: Vec<u8> = stored.try_get("event_ids")?;
+            let event_ids = stored_ids
+                .chunks_exact(16)
+                .map(|chunk| EventId(Uuid::from_slice(chunk).unwrap_or_default()))
+                .collect();
+            return Ok(Ok(AppendOutcome {
+                event_ids,
+                duplicate: true,
+                statuses: Vec::new(),
+            }));
+        }
+
+        let state = match token.mode {
+            TokenMode::Immediate => EventState::Ready,
+            _ => EventState::Pending,
+        };
+        let first_change = Self::next_changes(tx, batch.events.len()).await?;
+        let mut statuses = Vec::with_capacity(batch.events.len());
+        for (index, (event, id)) in batch.events.iter().zip(&event_ids).enumerate() {
+            let ordering_key = event.ordering_key();
+            let change = first_change + index as i64;
+            sqlx::query(
+                "INSERT INTO outbox_events (event_id, shard, producer, transaction_id, append_sequence, \
+                     batch_index, topic, kafka_key, payload, headers, aggregate_type, aggregate_id, \
+                     event_type, occurred_at, appended_at, state, traceparent, tracestate, change_seq, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?15)",
+            )
+            .bind(&id.0.as_bytes()[..])
+            .bind(shard_of(ordering_key, *id, shard_count) as i64)
+            .bind(&token.producer)
+            .bind(&token.transaction_id)
+            .bind(batch.sequence as i64)
+            .bind(index as i64)
+            .bind(&event.topic)
+            .bind(ordering_key)
+            .bind(&event.payload)
+            .bind(encode_headers(&event.headers))
+            .bind(&event.aggregate_type)
+            .bind(&event.aggregate_id)
+            .bind(&event.event_type)
+            .bind(micros(event.occurred_at.unwrap_or(now)))
+            .bind(micros(now))
+            .bind(state as i16)
+            .bind(batch.trace.traceparent.as_deref())
+            .bind(batch.trace.tracestate.as_deref())
+            .bind(change)
+            .execute(&mut **tx)
+            .await?;
+            statuses.push(EventStatus {
+                event_id: *id,
+                producer: token.producer.clone(),
+                transaction_id: token.transaction_id.clone(),
+                sequence: batch.sequence,
+                topic: event.topic.clone(),
+                state,
+                partition: None,
+                offset: None,
+                attempts: 0,
+                reason: String::new(),
+                updated_at: from_micros(micros(now)),
+                cursor: change as u64,
+            });
+        }
+        Ok(Ok(AppendOutcome {
+            event_ids,
+            duplicate: false,
+            statuses,
+        }))
+    }
+
+    /// Runs `update` for each row of a relay outcome batch inside one
+    /// transaction fenced by the lease epoch.
+    async fn record<T>(
+        &self,
+        lease: &Lease,
+        items: &[T],
+        update: impl for<'q> Fn(&'q T, i64, i64) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>,
+        seq_of: impl Fn(&T) -> i64,
+    ) -> Result<Vec<EventStatus>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        let epoch: Option<i64> =
+            sqlx::query_scalar("SELECT epoch FROM outbox_leases WHERE shard = ?1")
+                .bind(lease.shard as i64)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if epoch != Some(lease.epoch) {
+            return Err(StoreError::LeaseLost {
+                shard: lease.shard,
+                epoch: lease.epoch,
+            });
+        }
+        let first_change = Self::next_changes(&mut tx, items.len()).await?;
+        let now = micros(Utc::now());
+        let mut changed = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            let done = update(item, first_change + index as i64, now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if done > 0 {
+                changed.push(seq_of(item));
+            }
+        }
+        let mut statuses = Vec::with_capacity(changed.len());
+        for seq in changed {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {STATUS_COLUMNS} FROM outbox_events WHERE seq = ?1"
+            )))
+            .bind(seq)
+            .fetch_one(&mut *tx)
+            .await?;
+            statuses.push(status_from_row(&row)?);
+        }
+        tx.commit().await?;
+        Ok(statuses)
+    }
+
+    async fn fetch_statuses(
+        &self,
+        sql: String,
+        binds: Vec<String>,
+    ) -> Result<Vec<EventStatus>, StoreError> {
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for value in binds {
+            query = query.bind(value);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(status_from_row).collect()
+    }
+}
+
+fn status_from_row(row: &SqliteRow) -> Result<EventStatus, StoreError> {
+    let state: i16 = row.try_get("state")?;
+    let id: Vec<u8> = row.try_get("event_id")?;
+    Ok(EventStatus {
+        event_id: EventId(
+            Uuid::from_slice(&id).map_err(|_| StoreError::Corrupt("event id".into()))?,
+        ),
+        producer: row.try_get("producer")?,
+        transaction_id: row.try_get("transaction_id")?,
+        sequence: row.try_get::<i64, _>("append_sequence")? as u64,
+        topic: row.try_get("topic")?,
+        state: EventState::from_stored(state)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown event state {state}")))?,
+        partition: row
+            .try_get::<Option<i64>, _>("kafka_partition")?
+            .map(|p| p as i32),
+        offset: row.try_get("kafka_offset")?,
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        reason: row
+            .try_get::<Option<String>, _>("last_error")?
+            .unwrap_or_default(),
+        updated_at: from_micros(row.try_get("updated_at")?),
+        cursor: row.try_get::<i64, _>("change_seq")? as u64,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("migrations/sqlite").run(&self.pool).await?;
+        let wanted = self.shard_count();
+        let mut tx = self.pool.begin().await?;
+        let stored: Option<String> =
+            sqlx::query_scalar("SELECT value FROM outbox_meta WHERE key = 'shard_count'")
+                .fetch_optional(&mut *tx)
+                .await?;
+        let shard_count = match stored {
+            Some(value) => value
+                .parse::<u32>()
+                .map_err(|_| StoreError::Corrupt(format!("stored shard_count {value:?}")))?,
+            None => {
+                sqlx::query("INSERT INTO outbox_meta (key, value) VALUES ('shard_count', ?1)")
+                    .bind(wanted.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                for shard in 0..wanted {
+                    sqlx::query("INSERT OR IGNORE INTO outbox_leases (shard) VALUES (?1)")
+                        .bind(shard as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                wanted
+            }
+        };
+        tx.commit().await?;
+        if shard_count != wanted {
+            tracing::warn!(
+                stored = shard_count,
+                configured = wanted,
+                "shard count is fixed at first migration; using the stored one"
+            );
+        }
+        self.shard_count.store(shard_count, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn shard_count(&self) -> u32 {
+        self.shard_count.load(Ordering::Relaxed)
+    }
+
+    async fn append(
+        &self,
+        batches: &[AppendBatch],
+    ) -> Result<Vec<Result<AppendOutcome, AppendRejection>>, StoreError> {
+        let shard_count = self.shard_count();
+        let mut tx = self.pool.begin().await?;
+        let mut results = Vec::with_capacity(batches.len());
+        for batch in batches {
+            sqlx::query("SAVEPOINT append").execute(&mut *tx).await?;
+            let result = match Self::append_one(&mut tx, batch, shard_count).await {
+                Ok(result) => result,
+                Err(error) if is_unique_violation(&error) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT append")
+                        .execute(&mut *tx)
+                        .await?;
+                    let mut taken = Vec::new();
+                    for id in batch.events.iter().filter_map(|e| e.event_id) {
+                        let exists: Option<i64> =
+                            sqlx::query_scalar("SELECT 1 FROM outbox_events WHERE event_id = ?1")
+                                .bind(&id.0.as_bytes()[..])
+                                .fetch_optional(&mut *tx)
+                                .await?;
+                        if exists.is_some() {
+                            taken.push(id.0);
+                        }
+                    }
+                    Err(event_id_taken(batch, &taken))
+                }
+                Err(error) => return Err(error.into()),
+            };
+            if result.is_err() {
+                sqlx::query("ROLLBACK TO SAVEPOINT append")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query("RELEASE SAVEPOINT append")
+                .execute(&mut *tx)
+                .await?;
+            results.push(result);
+        }
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    async fn acquire_leases(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        max_shards: u32,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let now = micros(Utc::now());
+        let expires_at = now + ttl.as_micros() as i64;
+        let mut tx = self.pool.begin().await?;
+        let candidates: Vec<(i64, Option<String>, i64)> = sqlx::query_as(
+            "SELECT shard, owner, epoch FROM outbox_leases \
+             WHERE owner = ?1 OR owner IS NULL OR expires_at < ?2 \
+             ORDER BY (owner IS ?1) DESC, shard LIMIT ?3",
+        )
+        .bind(owner)
+        .bind(now)
+        .bind(max_shards as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut leases = Vec::with_capacity(candidates.len());
+        for (shard, current_owner, epoch) in candidates {
+            let epoch = if current_owner.as_deref() == Some(owner) {
+                epoch
+            } else {
+                epoch + 1
+            };
+            sqlx::query(
+                "UPDATE outbox_leases SET owner = ?1, epoch = ?2, expires_at = ?3 WHERE shard = ?4",
+            )
+            .bind(owner)
+            .bind(epoch)
+            .bind(expires_at)
+            .bind(shard)
+            .execute(&mut *tx)
+            .await?;
+            leases.push(Lease {
+                shard: shard as u32,
+                owner: owner.to_owned(),
+                epoch,
+                expires_at: from_micros(expires_at),
+            });
+        }
+        tx.commit().await?;
+        Ok(leases)
+    }
+
+    async fn release_leases(&self, owner: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE outbox_leases SET owner = NULL, expires_at = 0 WHERE owner = ?1")
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn read_relay_rows(
+        &self,
+        shard: u32,
+        after: RelayCursor,
+        limit: u32,
+    ) -> Result<Vec<RelayRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, event_id, producer, transaction_id, topic, kafka_key, payload, headers, \
+                 aggregate_type, aggregate_id, event_type, state, attempts, next_attempt_at, \
+                 occurred_at, traceparent, tracestate \
+             FROM outbox_events WHERE shard = ?1 AND state < 4 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )
+        .bind(shard as i64)
+        .bind(after.seq)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let state: i16 = row.try_get("state")?;
+                let headers: Vec<u8> = row.try_get("headers")?;
+                let id: Vec<u8> = row.try_get("event_id")?;
+                Ok(RelayRow {
+                    seq: row.try_get("seq")?,
+                    writer_xid: 0,
+                    event_id: EventId(
+                        Uuid::from_slice(&id)
+                            .map_err(|_| StoreError::Corrupt("event id".into()))?,
+                    ),
+                    producer: row.try_get("producer")?,
+                    transaction_id: row.try_get("transaction_id")?,
+                    topic: row.try_get("topic")?,
+                    kafka_key: row.try_get("kafka_key")?,
+                    payload: row.try_get("payload")?,
+                    headers: decode_headers(&headers)
+                        .ok_or_else(|| StoreError::Corrupt("undecodable headers".into()))?,
+                    aggregate_type: row.try_get("aggregate_type")?,
+                    aggregate_id: row.try_get("aggregate_id")?,
+                    event_type: row.try_get("event_type")?,
+                    state: EventState::from_stored(state)
+                        .ok_or_else(|| StoreError::Corrupt(format!("unknown state {state}")))?,
+                    attempts: row.try_get::<i64, _>("attempts")? as u32,
+                    next_attempt_at: row
+                        .try_get::<Option<i64>, _>("next_attempt_at")?
+                        .map(from_micros),
+                    occurred_at: from_micros(row.try_get("occurred_at")?),
+                    traceparent: row.try_get("traceparent")?,
+                    tracestate: row.try_get("tracestate")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_delivered(
+        &self,
+        lease: &Lease,
+        delivered: &[Delivered],
+    ) -> Result<Vec<EventStatus>, StoreError> {
+        self.record(
+            lease,
+            delivered,
+            |d, change, now| {
+                sqlx::query(
+                    "UPDATE outbox_events SET state = 4, kafka_partition = ?1, kafka_offset = ?2, \
+                         published_at = ?3, last_error = NULL, next_attempt_at = NULL, \
+                         change_seq = ?4, updated_at = ?3 \
+                     WHERE seq = ?5 AND state < 4",
+                )
+                .bind(d.partition as i64)
+                .bind(d.offset)
+                .bind(now)
+                .bind(change)
+                .bind(d.seq)
+            },
+            |d| d.seq,
+        )
+        .await
+    }
+
+    async fn record_failed(
+        &self,
+        lease: &Lease,
+        failed: &[DeliveryFailed],
+    ) -> Result<Vec<EventStatus>, StoreError> {
+        self.record(
+            lease,
+            failed,
+            |f, change, now| {
+                sqlx::query(
+                    "UPDATE outbox_events SET state = CASE WHEN ?1 IS NULL THEN 5 ELSE 3 END, \
+                         attempts = attempts + 1, last_error = ?2, next_attempt_at = ?1, \
+                         change_seq = ?3, updated_at = ?4 \
+                     WHERE seq = ?5 AND state < 4",
+                )
+                .bind(f.retry_at.map(micros))
+                .bind(&f.error)
+                .bind(change)
+                .bind(now)
+                .bind(f.seq)
+            },
+            |f| f.seq,
+        )
+        .await
+    }
+
+    async fn status_by_ids(&self, ids: &[EventId]) -> Result<Vec<EventStatus>, StoreError> {
+        let mut statuses = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {STATUS_COLUMNS} FROM outbox_events WHERE event_id = ?1"
+            )))
+            .bind(&id.0.as_bytes()[..])
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(row) = row {
+                statuses.push(status_from_row(&row)?);
+            }
+        }
+        Ok(statuses)
+    }
+
+    async fn status_by_transactions(
+        &self,
+        transactions: &[TransactionRef],
+    ) -> Result<Vec<EventStatus>, StoreError> {
+        let mut statuses = Vec::new();
+        for transaction in transactions {
+            statuses.extend(
+                self.fetch_statuses(
+                    format!(
+                        "SELECT {STATUS_COLUMNS} FROM outbox_events \
+                         WHERE producer = ?1 AND transaction_id = ?2 \
+                         ORDER BY append_sequence, batch_index"
+                    ),
+                    vec![
+                        transaction.producer.clone(),
+                        transaction.transaction_id.clone(),
+                    ],
+                )
+                .await?,
+            );
+        }
+        Ok(statuses)
+    }
+
+    async fn status_changes(
+        &self,
+        producer: &str,
+        after_cursor: u64,
+        limit: u32,
+    ) -> Result<Vec<EventStatus>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {STATUS_COLUMNS} FROM outbox_events \
+             WHERE producer = ?1 AND change_seq > ?2 ORDER BY change_seq LIMIT ?3"
+        )))
+        .bind(producer)
+        .bind(after_cursor as i64)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(status_from_row).collect()
+    }
+}
