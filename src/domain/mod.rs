@@ -315,6 +315,8 @@ pub struct AppendOutcome {
     pub duplicate: bool,
     /// The states of the new events (empty for a duplicate), for the status bus.
     pub statuses: Vec<EventStatus>,
+    /// The shards the new events went to, so that their relays are woken.
+    pub shards: Vec<u32>,
 }
 
 #[cfg(test)]

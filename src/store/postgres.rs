@@ -146,6 +146,7 @@ impl PostgresStore {
                 event_ids: stored_ids.into_iter().map(EventId).collect(),
                 duplicate: true,
                 statuses: Vec::new(),
+                shards: Vec::new(),
             }));
         }
 
@@ -231,6 +232,7 @@ impl PostgresStore {
             event_ids,
             duplicate: false,
             statuses,
+            shards: shards.iter().map(|&s| s as u32).collect(),
         }))
     }
 

@@ -188,6 +188,7 @@ impl SqliteStore {
                 event_ids,
                 duplicate: true,
                 statuses: Vec::new(),
+                shards: Vec::new(),
             }));
         }
 
@@ -197,8 +198,11 @@ impl SqliteStore {
         };
         let first_change = Self::next_changes(tx, batch.events.len()).await?;
         let mut statuses = Vec::with_capacity(batch.events.len());
+        let mut shards = Vec::with_capacity(batch.events.len());
         for (index, (event, id)) in batch.events.iter().zip(&event_ids).enumerate() {
             let ordering_key = event.ordering_key();
+            let shard = shard_of(ordering_key, *id, shard_count);
+            shards.push(shard);
             let change = first_change + index as i64;
             sqlx::query(
                 "INSERT INTO outbox_events (event_id, shard, producer, transaction_id, append_sequence, \
@@ -207,7 +211,7 @@ impl SqliteStore {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?15)",
             )
             .bind(&id.0.as_bytes()[..])
-            .bind(shard_of(ordering_key, *id, shard_count) as i64)
+            .bind(shard as i64)
             .bind(&token.producer)
             .bind(&token.transaction_id)
             .bind(batch.sequence as i64)
@@ -246,6 +250,7 @@ impl SqliteStore {
             event_ids,
             duplicate: false,
             statuses,
+            shards,
         }))
     }
 

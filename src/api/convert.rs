@@ -1,0 +1,289 @@
+//! proto ↔ domain conversions. Everything a caller sent is checked here or in
+//! `domain::validate_batch` before anything is stored.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tonic::metadata::MetadataMap;
+
+use super::error::ApiError;
+use crate::domain::{
+    AppendBatch, AppendOutcome, EventId, EventState, EventStatus, FieldViolation, Header, Limits,
+    NewEvent, TokenMode, TraceContext, TransactionRef, TransactionToken, validate_batch,
+};
+use crate::proto;
+
+/// Most ids or transactions one status request may name.
+pub const MAX_STATUS_TARGETS: usize = 10_000;
+
+/// The caller's W3C trace context, from gRPC metadata.
+pub fn trace_context(metadata: &MetadataMap) -> TraceContext {
+    let text = |name: &str| {
+        metadata
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    };
+    TraceContext {
+        traceparent: text("traceparent"),
+        tracestate: text("tracestate"),
+    }
+}
+
+fn timestamp_to_utc(timestamp: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    let nanos = u32::try_from(timestamp.nanos).ok()?;
+    DateTime::from_timestamp(timestamp.seconds, nanos)
+}
+
+pub fn utc_to_timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: time.timestamp(),
+        nanos: time.timestamp_subsec_nanos() as i32,
+    }
+}
+
+fn token_mode(
+    token: &proto::TransactionToken,
+    violations: &mut Vec<FieldViolation>,
+) -> TokenMode {
+    match proto::TokenMode::try_from(token.mode) {
+        Ok(proto::TokenMode::Unspecified | proto::TokenMode::Immediate) => TokenMode::Immediate,
+        Ok(proto::TokenMode::TwoPhase) => {
+            let timeout = token
+                .timeout
+                .as_ref()
+                .and_then(|d| {
+                    (d.seconds >= 0 && d.nanos >= 0)
+                        .then(|| Duration::new(d.seconds as u64, d.nanos as u32))
+                })
+                .unwrap_or_default();
+            TokenMode::TwoPhase { timeout }
+        }
+        Ok(proto::TokenMode::PostgresXid) => {
+            if token.postgres_xid == 0 {
+                violations.push(FieldViolation::new(
+                    "token.postgres_xid",
+                    "postgres_xid tokens need the caller's pg_current_xact_id()",
+                ));
+            }
+            if token.postgres_system_id == 0 {
+                violations.push(FieldViolation::new(
+                    "token.postgres_system_id",
+                    "postgres_xid tokens need the caller's cluster system_identifier",
+                ));
+            }
+            TokenMode::PostgresXid {
+                caller_xid: token.postgres_xid,
+                system_id: token.postgres_system_id,
+            }
+        }
+        Err(_) => {
+            violations.push(FieldViolation::new(
+                "token.mode",
+                format!("unknown token mode {}", token.mode),
+            ));
+            TokenMode::Immediate
+        }
+    }
+}
+
+/// Converts and validates one append request.
+pub fn append_batch(
+    request: proto::AppendRequest,
+    trace: TraceContext,
+    limits: &Limits,
+) -> Result<AppendBatch, ApiError> {
+    let mut violations = Vec::new();
+    let token = request.token.unwrap_or_default();
+    let mode = token_mode(&token, &mut violations);
+    let mut events = Vec::with_capacity(request.events.len());
+    for (index, event) in request.events.into_iter().enumerate() {
+        let event_id = if event.event_id.is_empty() {
+            None
+        } else {
+            match EventId::parse(&event.event_id) {
+                Some(id) => Some(id),
+                None => {
+                    violations.push(FieldViolation::new(
+                        format!("events[{index}].event_id"),
+                        "must be a UUID (e.g. 0190f1c2-7d3e-7a4b-8c5d-6e7f80910203) or empty",
+                    ));
+                    None
+                }
+            }
+        };
+        let occurred_at = match &event.occurred_at {
+            None => None,
+            Some(timestamp) => match timestamp_to_utc(timestamp) {
+                Some(time) => Some(time),
+                None => {
+                    violations.push(FieldViolation::new(
+                        format!("events[{index}].occurred_at"),
+                        "is not a valid timestamp",
+                    ));
+                    None
+                }
+            },
+        };
+        events.push(NewEvent {
+            event_id,
+            topic: event.topic,
+            key: event.key.map(|key| key.to_vec()),
+            payload: event.payload.to_vec(),
+            headers: event
+                .headers
+                .into_iter()
+                .map(|h| Header {
+                    key: h.key,
+                    value: h.value.to_vec(),
+                })
+                .collect(),
+            aggregate_type: event.aggregate_type,
+            aggregate_id: event.aggregate_id,
+            event_type: event.event_type,
+            occurred_at,
+        });
+    }
+    let batch = AppendBatch {
+        token: TransactionToken {
+            producer: token.producer,
+            transaction_id: token.transaction_id,
+            mode,
+        },
+        sequence: request.sequence,
+        events,
+        trace,
+    };
+    violations.extend(validate_batch(&batch, limits));
+    if violations.is_empty() {
+        Ok(batch)
+    } else {
+        Err(ApiError::invalid(violations))
+    }
+}
+
+pub fn append_response(outcome: AppendOutcome, correlation: u64) -> proto::AppendResponse {
+    proto::AppendResponse {
+        event_ids: outcome.event_ids.iter().map(ToString::to_string).collect(),
+        duplicate: outcome.duplicate,
+        correlation,
+        failure: None,
+    }
+}
+
+/// The in-stream form of a failed append.
+pub fn append_failure(error: &ApiError, correlation: u64) -> proto::AppendResponse {
+    proto::AppendResponse {
+        event_ids: Vec::new(),
+        duplicate: false,
+        correlation,
+        failure: Some(proto::AppendFailure {
+            code: error.code() as i32,
+            message: match error {
+                ApiError::Internal(_) => "internal error".into(),
+                other => other.to_string(),
+            },
+            field_violations: error
+                .violations()
+                .iter()
+                .map(|v| proto::FieldViolation {
+                    field: v.field.clone(),
+                    description: v.description.clone(),
+                })
+                .collect(),
+        }),
+    }
+}
+
+pub fn event_state(state: EventState) -> proto::EventState {
+    match state {
+        EventState::Pending => proto::EventState::Pending,
+        EventState::Ready => proto::EventState::Ready,
+        EventState::Retrying => proto::EventState::Retrying,
+        EventState::Published => proto::EventState::Published,
+        EventState::DeadLettered => proto::EventState::DeadLettered,
+        EventState::Discarded => proto::EventState::Discarded,
+    }
+}
+
+pub fn event_status(status: &EventStatus) -> proto::EventStatus {
+    proto::EventStatus {
+        event_id: status.event_id.to_string(),
+        producer: status.producer.clone(),
+        transaction_id: status.transaction_id.clone(),
+        sequence: status.sequence,
+        topic: status.topic.clone(),
+        state: event_state(status.state) as i32,
+        partition: status.partition,
+        offset: status.offset,
+        attempts: status.attempts,
+        reason: status.reason.clone(),
+        updated_at: Some(utc_to_timestamp(status.updated_at)),
+        cursor: status.cursor,
+    }
+}
+
+pub fn event_ids(ids: &[String], field: &str) -> Result<Vec<EventId>, ApiError> {
+    let mut violations = Vec::new();
+    let mut parsed = Vec::with_capacity(ids.len());
+    for (index, id) in ids.iter().enumerate() {
+        match EventId::parse(id) {
+            Some(id) => parsed.push(id),
+            None => violations.push(FieldViolation::new(
+                format!("{field}[{index}]"),
+                "must be a UUID",
+            )),
+        }
+    }
+    if ids.len() > MAX_STATUS_TARGETS {
+        violations.push(FieldViolation::new(
+            field,
+            format!("names {} events; the limit is {MAX_STATUS_TARGETS}", ids.len()),
+        ));
+    }
+    if violations.is_empty() {
+        Ok(parsed)
+    } else {
+        Err(ApiError::invalid(violations))
+    }
+}
+
+pub fn transaction_refs(
+    refs: Vec<proto::TransactionRef>,
+    field: &str,
+) -> Result<Vec<TransactionRef>, ApiError> {
+    let mut violations = Vec::new();
+    if refs.len() > MAX_STATUS_TARGETS {
+        violations.push(FieldViolation::new(
+            field,
+            format!(
+                "names {} transactions; the limit is {MAX_STATUS_TARGETS}",
+                refs.len()
+            ),
+        ));
+    }
+    for (index, r) in refs.iter().enumerate() {
+        if r.producer.is_empty() {
+            violations.push(FieldViolation::new(
+                format!("{field}[{index}].producer"),
+                "must not be empty",
+            ));
+        }
+        if r.transaction_id.is_empty() {
+            violations.push(FieldViolation::new(
+                format!("{field}[{index}].transaction_id"),
+                "must not be empty",
+            ));
+        }
+    }
+    if !violations.is_empty() {
+        return Err(ApiError::invalid(violations));
+    }
+    Ok(refs
+        .into_iter()
+        .map(|r| TransactionRef {
+            producer: r.producer,
+            transaction_id: r.transaction_id,
+        })
+        .collect())
+}

@@ -1,0 +1,157 @@
+//! The one place where outboxd's errors become gRPC statuses.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::domain::FieldViolation;
+use crate::ingest::IngestError;
+use crate::status::WatchError;
+use crate::store::{AppendRejection, StoreError};
+
+/// An error as the API reports it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    InvalidArgument {
+        message: String,
+        violations: Vec<FieldViolation>,
+    },
+    #[error("{message}")]
+    AlreadyExists {
+        message: String,
+        violations: Vec<FieldViolation>,
+    },
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The store cannot be reached: the caller must not commit.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Unimplemented(&'static str),
+    /// Details go to the log, never to the client.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A bad request, naming every field at fault.
+    pub fn invalid(violations: Vec<FieldViolation>) -> Self {
+        let message = match violations.as_slice() {
+            [only] => format!("invalid {}: {}", only.field, only.description),
+            many => format!(
+                "invalid request: {}",
+                many.iter()
+                    .map(|v| format!("{}: {}", v.field, v.description))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        };
+        ApiError::InvalidArgument {
+            message,
+            violations,
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            ApiError::InvalidArgument { .. } => Code::InvalidArgument,
+            ApiError::AlreadyExists { .. } => Code::AlreadyExists,
+            ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ApiError::NotFound(_) => Code::NotFound,
+            ApiError::Unavailable(_) => Code::Unavailable,
+            ApiError::Unimplemented(_) => Code::Unimplemented,
+            ApiError::Internal(_) => Code::Internal,
+        }
+    }
+
+    pub fn violations(&self) -> &[FieldViolation] {
+        match self {
+            ApiError::InvalidArgument { violations, .. }
+            | ApiError::AlreadyExists { violations, .. } => violations,
+            _ => &[],
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Self {
+        if let ApiError::Internal(detail) = &error {
+            tracing::error!(%detail, "request failed");
+        }
+        let violations = error.violations();
+        if violations.is_empty() {
+            return Status::new(error.code(), error.to_string());
+        }
+        let mut details = ErrorDetails::new();
+        for violation in violations {
+            details.add_bad_request_violation(&violation.field, &violation.description);
+        }
+        Status::with_error_details(error.code(), error.to_string(), details)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable(_) => ApiError::Unavailable(
+                "the store is unavailable; nothing was stored, retry later".into(),
+            ),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(error: IngestError) -> Self {
+        match error {
+            IngestError::Rejected(AppendRejection::ConflictingRetry {
+                transaction_id,
+                sequence,
+            }) => ApiError::AlreadyExists {
+                message: format!(
+                    "append {sequence} of transaction {transaction_id:?} was stored with different content"
+                ),
+                violations: vec![FieldViolation::new(
+                    "sequence",
+                    "this (producer, transaction id, sequence) exists with another body",
+                )],
+            },
+            IngestError::Rejected(AppendRejection::EventIdTaken(violation)) => {
+                ApiError::AlreadyExists {
+                    message: format!("{}: {}", violation.field, violation.description),
+                    violations: vec![violation],
+                }
+            }
+            IngestError::Rejected(AppendRejection::ModeMismatch {
+                transaction_id,
+                existing,
+                requested,
+            }) => ApiError::FailedPrecondition(format!(
+                "transaction {transaction_id:?} is a {existing} transaction; this append asked for {requested}"
+            )),
+            IngestError::Unavailable(detail) => {
+                tracing::warn!(%detail, "append failed: store unavailable");
+                ApiError::Unavailable(
+                    "the store is unavailable; nothing was stored, retry later".into(),
+                )
+            }
+            IngestError::Store(detail) => ApiError::Internal(detail),
+            IngestError::ShuttingDown => {
+                ApiError::Unavailable("outboxd is shutting down; retry on another instance".into())
+            }
+        }
+    }
+}
+
+impl From<WatchError> for ApiError {
+    fn from(error: WatchError) -> Self {
+        match error {
+            WatchError::UnknownEvents(_) | WatchError::UnknownTransactions(_) => {
+                ApiError::NotFound(error.to_string())
+            }
+            WatchError::Store(store) => store.into(),
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! gRPC adapters: each RPC extracts, calls the domain, converts the result.
+//! Errors become `tonic::Status` only in `error.rs`.
+
+mod convert;
+mod error;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::stream::FuturesOrdered;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+pub use error::ApiError;
+
+use crate::domain::{AppendOutcome, FieldViolation, Limits};
+use crate::ingest::Ingest;
+use crate::proto;
+use crate::status::{StatusBus, WatchSettings, WatchTarget};
+use crate::store::Store;
+
+/// Appends one AppendStream may have in flight before it stops reading.
+const MAX_PIPELINED_APPENDS: usize = 1_024;
+
+/// The `Outbox` service.
+#[derive(Clone)]
+pub struct OutboxApi {
+    pub ingest: Ingest,
+    pub store: Arc<dyn Store>,
+    pub bus: StatusBus,
+    pub limits: Limits,
+    pub watch: WatchSettings,
+    /// Ends streams (AppendStream, WatchStatus) at shutdown.
+    pub shutdown: CancellationToken,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+type PendingAck = Pin<Box<dyn Future<Output = (u64, Result<AppendOutcome, ApiError>)> + Send>>;
+
+#[tonic::async_trait]
+impl proto::outbox_server::Outbox for OutboxApi {
+    async fn append(
+        &self,
+        request: Request<proto::AppendRequest>,
+    ) -> Result<Response<proto::AppendResponse>, Status> {
+        let trace = convert::trace_context(request.metadata());
+        let request = request.into_inner();
+        let correlation = request.correlation;
+        let batch = convert::append_batch(request, trace, &self.limits)?;
+        let outcome = self.ingest.append(batch).await.map_err(ApiError::from)?;
+        Ok(Response::new(convert::append_response(outcome, correlation)))
+    }
+
+    type AppendStreamStream = BoxStream<proto::AppendResponse>;
+
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<proto::AppendRequest>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let trace = convert::trace_context(request.metadata());
+        let mut inbound = request.into_inner();
+        // One writer lane per stream: its appends commit in stream order.
+        let lane = self.ingest.lane();
+        let limits = self.limits.clone();
+        let shutdown = self.shutdown.clone();
+        let (tx, rx) = mpsc::channel(MAX_PIPELINED_APPENDS);
+        tokio::spawn(async move {
+            let mut acks: FuturesOrdered<PendingAck> = FuturesOrdered::new();
+            let mut reading = true;
+            loop {
+                if !reading && acks.is_empty() {
+                    break;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled(), if reading => reading = false,
+                    message = inbound.message(), if reading && acks.len() < MAX_PIPELINED_APPENDS => {
+                        match message {
+                            Ok(Some(request)) => {
+                                let correlation = request.correlation;
+                                let pending: PendingAck = match convert::append_batch(request, trace.clone(), &limits) {
+                                    Err(error) => Box::pin(async move { (correlation, Err(error)) }),
+                                    Ok(batch) => match lane.submit(batch).await {
+                                        Ok(ack) => Box::pin(async move {
+                                            (correlation, ack.await.map_err(ApiError::from))
+                                        }),
+                                        Err(error) => {
+                                            let error = ApiError::from(error);
+                                            Box::pin(async move { (correlation, Err(error)) })
+                                        }
+                                    },
+                                };
+                                acks.push_back(pending);
+                            }
+                            Ok(None) => reading = false,
+                            Err(status) => {
+                                tracing::debug!(%status, "append stream broke");
+                                reading = false;
+                            }
+                        }
+                    }
+                    Some((correlation, result)) = acks.next(), if !acks.is_empty() => {
+                        let response = match result {
+                            Ok(outcome) => convert::append_response(outcome, correlation),
+                            Err(error) => convert::append_failure(&error, correlation),
+                        };
+                        if tx.send(Ok(response)).await.is_err() {
+                            // The caller went away; its appends still commit.
+                            reading = false;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn commit(
+        &self,
+        _request: Request<proto::CommitRequest>,
+    ) -> Result<Response<proto::CommitResponse>, Status> {
+        Err(ApiError::Unimplemented("two_phase tokens are not available yet").into())
+    }
+
+    async fn abort(
+        &self,
+        _request: Request<proto::AbortRequest>,
+    ) -> Result<Response<proto::AbortResponse>, Status> {
+        Err(ApiError::Unimplemented("two_phase tokens are not available yet").into())
+    }
+
+    async fn get_status(
+        &self,
+        request: Request<proto::GetStatusRequest>,
+    ) -> Result<Response<proto::GetStatusResponse>, Status> {
+        let request = request.into_inner();
+        let statuses = match (request.event_ids.is_empty(), request.transactions.is_empty()) {
+            (false, true) => {
+                let ids = convert::event_ids(&request.event_ids, "event_ids")?;
+                self.store.status_by_ids(&ids).await.map_err(ApiError::from)?
+            }
+            (true, false) => {
+                let refs = convert::transaction_refs(request.transactions, "transactions")?;
+                self.store
+                    .status_by_transactions(&refs)
+                    .await
+                    .map_err(ApiError::from)?
+            }
+            _ => {
+                return Err(ApiError::invalid(vec![FieldViolation::new(
+                    "event_ids",
+                    "give event_ids or transactions (exactly one of them)",
+                )])
+                .into());
+            }
+        };
+        Ok(Response::new(proto::GetStatusResponse {
+            events: statuses.iter().map(convert::event_status).collect(),
+        }))
+    }
+
+    type WatchStatusStream = BoxStream<proto::StatusUpdate>;
+
+    async fn watch_status(
+        &self,
+        request: Request<proto::WatchStatusRequest>,
+    ) -> Result<Response<Self::WatchStatusStream>, Status> {
+        let request = request.into_inner();
+        let targets = [
+            !request.event_ids.is_empty(),
+            !request.transactions.is_empty(),
+            !request.producer.is_empty(),
+        ];
+        if targets.iter().filter(|t| **t).count() != 1 {
+            return Err(ApiError::invalid(vec![FieldViolation::new(
+                "event_ids",
+                "give exactly one of event_ids, transactions or producer",
+            )])
+            .into());
+        }
+        let target = if targets[0] {
+            WatchTarget::Events(convert::event_ids(&request.event_ids, "event_ids")?)
+        } else if targets[1] {
+            WatchTarget::Transactions(convert::transaction_refs(
+                request.transactions,
+                "transactions",
+            )?)
+        } else {
+            WatchTarget::Producer {
+                producer: request.producer,
+                after_cursor: request.after_cursor,
+            }
+        };
+        let updates = crate::status::watch(
+            self.store.clone(),
+            &self.bus,
+            target,
+            self.watch,
+            self.shutdown.clone(),
+        );
+        let stream = ReceiverStream::new(updates).map(|update| match update {
+            Ok(update) => Ok(proto::StatusUpdate {
+                status: Some(convert::event_status(&update.status)),
+                snapshot: update.snapshot,
+            }),
+            Err(error) => Err(Status::from(ApiError::from(error))),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// The `OutboxAdmin` service; its operations arrive with the relay's
+/// dead-letter and lease management.
+#[derive(Clone, Default)]
+pub struct AdminApi;
+
+fn not_yet<T>() -> Result<Response<T>, Status> {
+    Err(ApiError::Unimplemented("this admin operation is not available yet").into())
+}
+
+#[tonic::async_trait]
+impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
+    async fn list_dead_letters(
+        &self,
+        _: Request<proto::ListDeadLettersRequest>,
+    ) -> Result<Response<proto::ListDeadLettersResponse>, Status> {
+        not_yet()
+    }
+    async fn redrive(
+        &self,
+        _: Request<proto::RedriveRequest>,
+    ) -> Result<Response<proto::RedriveResponse>, Status> {
+        not_yet()
+    }
+    async fn pause_relay(
+        &self,
+        _: Request<proto::PauseRelayRequest>,
+    ) -> Result<Response<proto::PauseRelayResponse>, Status> {
+        not_yet()
+    }
+    async fn resume_relay(
+        &self,
+        _: Request<proto::ResumeRelayRequest>,
+    ) -> Result<Response<proto::ResumeRelayResponse>, Status> {
+        not_yet()
+    }
+    async fn get_backlog(
+        &self,
+        _: Request<proto::GetBacklogRequest>,
+    ) -> Result<Response<proto::GetBacklogResponse>, Status> {
+        not_yet()
+    }
+    async fn list_leases(
+        &self,
+        _: Request<proto::ListLeasesRequest>,
+    ) -> Result<Response<proto::ListLeasesResponse>, Status> {
+        not_yet()
+    }
+    async fn list_prepared(
+        &self,
+        _: Request<proto::ListPreparedRequest>,
+    ) -> Result<Response<proto::ListPreparedResponse>, Status> {
+        not_yet()
+    }
+}

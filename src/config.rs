@@ -1,0 +1,228 @@
+//! Configuration, layered once: defaults < TOML file < `OUTBOXD_*`
+//! environment < command-line flags, and validated before any port is bound.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::Limits;
+use crate::ingest::IngestConfig;
+use crate::relay::{KafkaConfig, RelayConfig};
+use crate::status::WatchSettings;
+
+/// Where events are stored (`[store]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgres://user:pass@host/db` or `sqlite://path/to/file.db`.
+    pub url: String,
+    /// Connection pool size.
+    pub max_connections: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: "sqlite://outboxd.db".into(),
+            max_connections: 16,
+        }
+    }
+}
+
+/// Status watch settings (`[watch]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WatchConfig {
+    /// How often a watch re-reads the store for changes made elsewhere.
+    #[serde(with = "humantime_serde")]
+    pub resync_interval: Duration,
+    /// Status changes buffered for slow watchers before they re-sync.
+    pub bus_capacity: usize,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            resync_interval: Duration::from_secs(1),
+            bus_capacity: 65_536,
+        }
+    }
+}
+
+impl WatchConfig {
+    pub fn settings(&self) -> WatchSettings {
+        WatchSettings {
+            resync_interval: self.resync_interval,
+            ..WatchSettings::default()
+        }
+    }
+}
+
+/// The whole configuration of `outboxd serve`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// How long shutdown may take before outboxd stops anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    pub store: StoreConfig,
+    pub kafka: KafkaConfig,
+    pub relay: RelayConfig,
+    pub ingest: IngestConfig,
+    pub limits: Limits,
+    pub watch: WatchConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            shutdown_timeout: Duration::from_secs(30),
+            store: StoreConfig::default(),
+            kafka: KafkaConfig::default(),
+            relay: RelayConfig::default(),
+            ingest: IngestConfig::default(),
+            limits: Limits::default(),
+            watch: WatchConfig::default(),
+        }
+    }
+}
+
+/// Values from the environment and the command line; each set one wins over
+/// the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub store_url: Option<String>,
+    pub brokers: Option<String>,
+    pub shard_count: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration file {path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Layers the file (if any) and the overrides on the defaults, and validates.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    source: Box::new(source),
+                })?
+            }
+            None => Config::default(),
+        };
+        if let Some(listen) = overrides.listen {
+            config.listen = listen;
+        }
+        if let Some(url) = &overrides.store_url {
+            config.store.url = url.clone();
+        }
+        if let Some(brokers) = &overrides.brokers {
+            config.kafka.brokers = brokers.clone();
+        }
+        if let Some(shards) = overrides.shard_count {
+            config.relay.shard_count = shards;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: &str| Err(ConfigError::Invalid(message.to_owned()));
+        if !(self.store.url.starts_with("postgres://")
+            || self.store.url.starts_with("postgresql://")
+            || self.store.url.starts_with("sqlite:"))
+        {
+            return invalid("store.url must start with postgres://, postgresql:// or sqlite:");
+        }
+        if self.store.max_connections < 2 {
+            return invalid("store.max_connections must be at least 2");
+        }
+        self.kafka.validate().map_err(ConfigError::Invalid)?;
+        if !(1..=4096).contains(&self.relay.shard_count) {
+            return invalid("relay.shard_count must be between 1 and 4096");
+        }
+        if self.relay.read_batch == 0 || self.relay.max_in_flight_per_shard == 0 {
+            return invalid("relay.read_batch and relay.max_in_flight_per_shard must be positive");
+        }
+        if self.relay.lease_ttl < Duration::from_secs(1) {
+            return invalid("relay.lease_ttl must be at least 1s");
+        }
+        if self.relay.poll_interval.is_zero() {
+            return invalid("relay.poll_interval must be positive");
+        }
+        if self.ingest.writers == 0 || self.ingest.writers > 64 {
+            return invalid("ingest.writers must be between 1 and 64");
+        }
+        if self.limits.max_batch_events == 0 {
+            return invalid("limits.max_batch_events must be positive");
+        }
+        if self.watch.resync_interval.is_zero() {
+            return invalid("watch.resync_interval must be positive");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outboxd.toml");
+        std::fs::write(
+            &path,
+            "listen = \"0.0.0.0:7000\"\n[store]\nurl = \"postgres://db/outbox\"\n[relay]\npoll_interval = \"250ms\"\n",
+        )
+        .unwrap();
+        let config = Config::load(
+            Some(&path),
+            &Overrides {
+                brokers: Some("k1:9092".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(config.listen, "0.0.0.0:7000".parse().unwrap());
+        assert_eq!(config.store.url, "postgres://db/outbox");
+        assert_eq!(config.kafka.brokers, "k1:9092");
+        assert_eq!(config.relay.poll_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn rejects_what_would_break_ordering_or_is_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outboxd.toml");
+        std::fs::write(&path, "[kafka.producer]\n\"enable.idempotence\" = \"false\"\n").unwrap();
+        let error = Config::load(Some(&path), &Overrides::default()).unwrap_err();
+        assert!(error.to_string().contains("enable.idempotence"), "{error}");
+        std::fs::write(&path, "[relay]\nshards = 3\n").unwrap();
+        let error = Config::load(Some(&path), &Overrides::default()).unwrap_err();
+        assert!(error.to_string().contains("shards"), "{error}");
+    }
+}

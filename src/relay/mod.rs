@@ -1,0 +1,223 @@
+//! The relay engine: shard leases, shard workers and the Kafka publisher.
+//!
+//! The supervisor holds this instance's shard leases (owner, expiry, epoch)
+//! and runs one worker per leased shard. A worker reads its shard's rows in
+//! relay order behind the store's visibility gate, pipelines them to the
+//! producer, and records outcomes in batches fenced by the lease epoch.
+
+mod backoff;
+pub mod publisher;
+mod shard;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use backoff::retry_delay;
+pub use publisher::{KafkaConfig, Publisher};
+
+use crate::status::StatusBus;
+use crate::store::Store;
+
+/// Relay settings (`[relay]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Number of shards, fixed when the store is first migrated.
+    pub shard_count: u32,
+    /// Fallback poll period when no wake-up arrives.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Rows read per store query.
+    pub read_batch: u32,
+    /// Records handed to the producer and not yet recorded, per shard.
+    pub max_in_flight_per_shard: usize,
+    /// Lease lifetime; renewed every third of it.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// First retry delay of a failed delivery.
+    #[serde(with = "humantime_serde")]
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    #[serde(with = "humantime_serde")]
+    pub retry_cap: Duration,
+    /// How long shutdown waits for records in flight.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            shard_count: 16,
+            poll_interval: Duration::from_secs(1),
+            read_batch: 1_000,
+            max_in_flight_per_shard: 5_000,
+            lease_ttl: Duration::from_secs(10),
+            retry_base: Duration::from_millis(200),
+            retry_cap: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Wakes shard workers when new rows are committed in this process.
+#[derive(Clone)]
+pub struct RelayWaker {
+    shards: Arc<Vec<Notify>>,
+}
+
+impl RelayWaker {
+    pub fn new(shard_count: u32) -> Self {
+        RelayWaker {
+            shards: Arc::new((0..shard_count).map(|_| Notify::new()).collect()),
+        }
+    }
+
+    /// Wakes the workers of these shards; a worker that is busy keeps the
+    /// wake-up (a permit) and reads again when it next waits.
+    pub fn wake_shards(&self, shards: impl IntoIterator<Item = u32>) {
+        let unique: HashSet<u32> = shards.into_iter().collect();
+        for shard in unique {
+            if let Some(notify) = self.shards.get(shard as usize) {
+                notify.notify_one();
+            }
+        }
+    }
+
+    pub fn wake_all(&self) {
+        for notify in self.shards.iter() {
+            notify.notify_one();
+        }
+    }
+
+    fn shard(&self, shard: u32) -> Option<&Notify> {
+        self.shards.get(shard as usize)
+    }
+}
+
+/// What the relay reports about itself, for health checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayHealth {
+    /// No lease held yet, or the store could not be reached for leases.
+    Starting,
+    /// Relaying the shards it holds.
+    Serving { shards: usize },
+    Stopped,
+}
+
+/// Runs the relay until `shutdown`; then drains records in flight, flushes
+/// the producer and releases its leases.
+pub struct Relay {
+    pub store: Arc<dyn Store>,
+    pub publisher: Arc<Publisher>,
+    pub bus: StatusBus,
+    pub waker: RelayWaker,
+    pub config: RelayConfig,
+    /// This instance's name in the lease table; unique per process.
+    pub owner: String,
+    pub health: watch::Sender<RelayHealth>,
+}
+
+impl Relay {
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let shard_count = self.store.shard_count();
+        let mut workers: HashMap<u32, (i64, CancellationToken)> = HashMap::new();
+        let mut running: JoinSet<(u32, i64, Result<(), shard::ShardError>)> = JoinSet::new();
+        let mut renew = tokio::time::interval(self.config.lease_ttl / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = renew.tick() => {
+                    match self
+                        .store
+                        .acquire_leases(&self.owner, self.config.lease_ttl, shard_count)
+                        .await
+                    {
+                        Ok(leases) => {
+                            let held: HashSet<u32> = leases.iter().map(|l| l.shard).collect();
+                            workers.retain(|shard, (_, token)| {
+                                let keep = held.contains(shard);
+                                if !keep {
+                                    tracing::info!(shard, "lease lost; stopping shard");
+                                    token.cancel();
+                                }
+                                keep
+                            });
+                            for lease in leases {
+                                let current = workers.get(&lease.shard).map(|(epoch, _)| *epoch);
+                                if current == Some(lease.epoch) {
+                                    continue;
+                                }
+                                if let Some((_, token)) = workers.remove(&lease.shard) {
+                                    token.cancel();
+                                }
+                                let token = shutdown.child_token();
+                                let worker = shard::ShardWorker::new(
+                                    lease.clone(),
+                                    self.store.clone(),
+                                    self.publisher.clone(),
+                                    self.bus.clone(),
+                                    self.config.clone(),
+                                );
+                                let wake = self.waker.clone();
+                                let (shard, epoch) = (lease.shard, lease.epoch);
+                                let worker_token = token.clone();
+                                running.spawn(async move {
+                                    let notify = wake.shard(shard).expect("a waker per shard");
+                                    (shard, epoch, worker.run(notify, worker_token).await)
+                                });
+                                tracing::info!(shard, epoch, "relaying shard");
+                                workers.insert(shard, (epoch, token));
+                            }
+                            let _ = self.health.send(RelayHealth::Serving { shards: workers.len() });
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "lease renewal failed");
+                        }
+                    }
+                }
+                Some(finished) = running.join_next(), if !running.is_empty() => {
+                    match finished {
+                        Ok((shard, epoch, result)) => {
+                            if let Err(error) = result {
+                                tracing::warn!(shard, epoch, %error, "shard worker stopped");
+                            }
+                            if workers.get(&shard).is_some_and(|(e, _)| *e == epoch) {
+                                workers.remove(&shard);
+                                // Take it again at the next renewal if it is still ours.
+                            }
+                        }
+                        Err(join_error) => {
+                            return Err(anyhow::anyhow!("shard worker panicked: {join_error}"));
+                        }
+                    }
+                }
+            }
+        }
+        // Shutdown: workers see the cancelled parent token and drain.
+        while let Some(finished) = running.join_next().await {
+            if let Ok((shard, _, Err(error))) = finished {
+                tracing::warn!(shard, %error, "shard worker stopped during shutdown");
+            }
+        }
+        let publisher = self.publisher.clone();
+        let drain = self.config.drain_timeout;
+        match tokio::task::spawn_blocking(move || publisher.flush(drain)).await? {
+            Ok(()) => {}
+            // What is left is recorded as not published: the next owner sends it.
+            Err(error) => tracing::warn!(%error, "producer flush at shutdown incomplete"),
+        }
+        if let Err(error) = self.store.release_leases(&self.owner).await {
+            tracing::warn!(%error, "could not release leases; they expire by themselves");
+        }
+        let _ = self.health.send(RelayHealth::Stopped);
+        Ok(())
+    }
+}

@@ -1,0 +1,357 @@
+//! One shard's relay loop (DESIGN §7).
+//!
+//! Rows are read in relay order after a cursor. Walking them with a set of
+//! blocked keys: a key is blocked once one of its rows is PENDING, waiting
+//! for a retry, or failed in flight; no later row of a blocked key is sent,
+//! every other READY row is handed to the producer without waiting. Outcomes
+//! are recorded in batches fenced by the lease epoch. Blocked rows are passed
+//! by the cursor, so the worker rewinds to the start of the shard when one
+//! of them may have become sendable.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::publisher::Publisher;
+use super::{RelayConfig, retry_delay};
+use crate::domain::EventState;
+use crate::status::StatusBus;
+use crate::store::{Delivered, DeliveryFailed, Lease, RelayCursor, RelayRow, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error(transparent)]
+    LeaseLost(StoreError),
+}
+
+/// The result of one record's delivery.
+struct Outcome {
+    seq: i64,
+    key: Option<Vec<u8>>,
+    attempts: u32,
+    result: Result<(i32, i64), String>,
+}
+
+type Pending = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+pub(super) struct ShardWorker {
+    lease: Lease,
+    store: Arc<dyn Store>,
+    publisher: Arc<Publisher>,
+    bus: StatusBus,
+    config: RelayConfig,
+    /// Rows up to here were looked at since the last rewind.
+    cursor: RelayCursor,
+    /// Ordering keys that must not be sent past until the next rewind.
+    blocked: HashSet<Vec<u8>>,
+    /// Earliest time a blocked row may become sendable (a retry falls due).
+    rewind_at: Option<Instant>,
+    /// Something is blocked that only a rewind can release (a PENDING row).
+    blocked_pending: bool,
+    /// Seqs handed to the producer and not yet recorded; skipped by reads.
+    sent: HashSet<i64>,
+    in_flight: FuturesUnordered<Pending>,
+    delivered: Vec<Delivered>,
+    failed: Vec<DeliveryFailed>,
+    /// The last read filled its page: read again at once.
+    want_read: bool,
+    /// The last read stopped because too much is in flight: read again once
+    /// outcomes come back.
+    capacity_limited: bool,
+}
+
+impl ShardWorker {
+    pub(super) fn new(
+        lease: Lease,
+        store: Arc<dyn Store>,
+        publisher: Arc<Publisher>,
+        bus: StatusBus,
+        config: RelayConfig,
+    ) -> Self {
+        ShardWorker {
+            lease,
+            store,
+            publisher,
+            bus,
+            config,
+            cursor: RelayCursor::default(),
+            blocked: HashSet::new(),
+            rewind_at: None,
+            blocked_pending: false,
+            sent: HashSet::new(),
+            in_flight: FuturesUnordered::new(),
+            delivered: Vec::new(),
+            failed: Vec::new(),
+            want_read: true,
+            capacity_limited: false,
+        }
+    }
+
+    pub(super) async fn run(
+        mut self,
+        wake: &Notify,
+        shutdown: CancellationToken,
+    ) -> Result<(), ShardError> {
+        let shard = self.lease.shard;
+        let mut next_poll = Instant::now() + self.config.poll_interval;
+        while !shutdown.is_cancelled() {
+            if self.rewind_at.is_some_and(|at| at <= Instant::now()) {
+                self.rewind();
+            }
+            if let Err(error) = self.record().await {
+                self.on_store_error(error, &shutdown).await?;
+                continue;
+            }
+            if self.want_read && self.sent.len() < self.config.max_in_flight_per_shard {
+                if let Err(error) = self.dispatch().await {
+                    self.on_store_error(error, &shutdown).await?;
+                    continue;
+                }
+                if self.want_read && self.sent.len() < self.config.max_in_flight_per_shard {
+                    continue;
+                }
+            }
+            let deadline = match self.rewind_at {
+                Some(at) => at.min(next_poll),
+                None => next_poll,
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = wake.notified() => self.want_read = true,
+                Some(outcome) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    self.absorb(outcome);
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    if Instant::now() >= next_poll {
+                        next_poll = Instant::now() + self.config.poll_interval;
+                        self.want_read = true;
+                        if self.blocked_pending {
+                            self.rewind();
+                        }
+                    }
+                }
+            }
+            // Take every outcome that is already there, to record them together.
+            while let Some(Some(outcome)) = self.in_flight.next().now_or_never() {
+                self.absorb(outcome);
+            }
+            if self.capacity_limited
+                && self.sent.len() <= self.config.max_in_flight_per_shard / 2
+            {
+                self.capacity_limited = false;
+                self.want_read = true;
+            }
+        }
+        self.drain(shard).await
+    }
+
+    /// On shutdown: wait (bounded) for records in flight and record them.
+    async fn drain(mut self, shard: u32) -> Result<(), ShardError> {
+        let deadline = Instant::now() + self.config.drain_timeout;
+        while !self.in_flight.is_empty() {
+            match tokio::time::timeout_at(deadline, self.in_flight.next()).await {
+                Ok(Some(outcome)) => self.absorb(outcome),
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(shard, left = self.in_flight.len(), "drain timed out");
+                    break;
+                }
+            }
+        }
+        match self.record().await {
+            Ok(()) => Ok(()),
+            Err(StoreError::LeaseLost { .. }) => Ok(()),
+            Err(error) => {
+                tracing::warn!(shard, %error, "could not record the last outcomes; they will be sent again");
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_store_error(
+        &mut self,
+        error: StoreError,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ShardError> {
+        if matches!(error, StoreError::LeaseLost { .. }) {
+            return Err(ShardError::LeaseLost(error));
+        }
+        tracing::warn!(shard = self.lease.shard, %error, "relay store access failed; retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        Ok(())
+    }
+
+    /// Back to the start of the shard, forgetting blocked keys: rows that were
+    /// passed while blocked are looked at again.
+    fn rewind(&mut self) {
+        self.cursor = RelayCursor::default();
+        self.blocked.clear();
+        self.rewind_at = None;
+        self.blocked_pending = false;
+        self.want_read = true;
+    }
+
+    fn block(&mut self, key: Option<Vec<u8>>) {
+        if let Some(key) = key {
+            self.blocked.insert(key);
+        }
+    }
+
+    fn rewind_no_later_than(&mut self, at: Instant) {
+        self.rewind_at = Some(self.rewind_at.map_or(at, |current| current.min(at)));
+    }
+
+    fn instant_of(time: DateTime<Utc>) -> Instant {
+        let wait = (time - Utc::now()).to_std().unwrap_or_default();
+        Instant::now() + wait
+    }
+
+    /// Reads the next page after the cursor and sends what may be sent.
+    async fn dispatch(&mut self) -> Result<(), StoreError> {
+        let rows = self
+            .store
+            .read_relay_rows(self.lease.shard, self.cursor, self.config.read_batch)
+            .await?;
+        let full_page = rows.len() as u32 == self.config.read_batch;
+        let now = Utc::now();
+        for row in rows {
+            if self.sent.len() >= self.config.max_in_flight_per_shard {
+                // The cursor stays before this row; read on when capacity frees.
+                self.want_read = false;
+                self.capacity_limited = true;
+                return Ok(());
+            }
+            if self.sent.contains(&row.seq) {
+                self.cursor = row.cursor();
+                continue;
+            }
+            let key_blocked = row
+                .kafka_key
+                .as_ref()
+                .is_some_and(|key| self.blocked.contains(key));
+            let sendable = match row.state {
+                EventState::Ready => true,
+                EventState::Retrying => match row.next_attempt_at {
+                    Some(at) if at > now => {
+                        self.rewind_no_later_than(Self::instant_of(at));
+                        false
+                    }
+                    _ => true,
+                },
+                EventState::Pending => {
+                    self.blocked_pending = true;
+                    false
+                }
+                _ => false,
+            };
+            if key_blocked || !sendable {
+                self.block(row.kafka_key.clone());
+                self.cursor = row.cursor();
+                continue;
+            }
+            match self.send(&row) {
+                Ok(()) => {}
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                    // The producer's queue is shared by all shards: wait for
+                    // outcomes, or the next poll if none of them are ours.
+                    self.want_read = false;
+                    self.capacity_limited = !self.in_flight.is_empty();
+                    return Ok(());
+                }
+                Err(error) => {
+                    let attempts = row.attempts + 1;
+                    self.fail(row.seq, row.kafka_key.clone(), attempts, error.to_string());
+                }
+            }
+            self.cursor = row.cursor();
+        }
+        self.want_read = full_page;
+        Ok(())
+    }
+
+    fn send(&mut self, row: &RelayRow) -> Result<(), KafkaError> {
+        let delivery = self.publisher.send(row)?;
+        let seq = row.seq;
+        let key = row.kafka_key.clone();
+        let attempts = row.attempts + 1;
+        self.sent.insert(seq);
+        self.in_flight.push(Box::pin(async move {
+            let result = match delivery.await {
+                Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
+                Ok(Err((error, _message))) => Err(error.to_string()),
+                Err(_canceled) => Err("producer dropped the record".to_owned()),
+            };
+            Outcome {
+                seq,
+                key,
+                attempts,
+                result,
+            }
+        }));
+        Ok(())
+    }
+
+    fn absorb(&mut self, outcome: Outcome) {
+        match outcome.result {
+            Ok((partition, offset)) => self.delivered.push(Delivered {
+                seq: outcome.seq,
+                partition,
+                offset,
+            }),
+            Err(error) => self.fail(outcome.seq, outcome.key, outcome.attempts, error),
+        }
+    }
+
+    /// A delivery failed: retry later, and hold the key until then.
+    fn fail(&mut self, seq: i64, key: Option<Vec<u8>>, attempts: u32, error: String) {
+        let delay = retry_delay(
+            attempts,
+            self.config.retry_base,
+            self.config.retry_cap,
+            &mut rand::rng(),
+        );
+        tracing::warn!(shard = self.lease.shard, seq, attempts, %error, ?delay, "delivery failed; will retry");
+        self.sent.insert(seq);
+        self.block(key);
+        self.rewind_no_later_than(Instant::now() + delay);
+        self.failed.push(DeliveryFailed {
+            seq,
+            error,
+            retry_at: Some(Utc::now() + delay),
+        });
+    }
+
+    /// Records collected outcomes, one statement per kind.
+    async fn record(&mut self) -> Result<(), StoreError> {
+        if !self.delivered.is_empty() {
+            let statuses = self
+                .store
+                .record_delivered(&self.lease, &self.delivered)
+                .await?;
+            for delivered in self.delivered.drain(..) {
+                self.sent.remove(&delivered.seq);
+            }
+            self.bus.publish(statuses);
+        }
+        if !self.failed.is_empty() {
+            let statuses = self.store.record_failed(&self.lease, &self.failed).await?;
+            for failed in self.failed.drain(..) {
+                self.sent.remove(&failed.seq);
+            }
+            self.bus.publish(statuses);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,185 @@
+//! Wiring of one gateway instance: store, ingest writers, relay, gRPC server,
+//! and the order in which they stop.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+
+use crate::api::{AdminApi, OutboxApi};
+use crate::config::Config;
+use crate::ingest::Ingest;
+use crate::proto;
+use crate::relay::{Publisher, Relay, RelayHealth, RelayWaker};
+use crate::status::StatusBus;
+
+/// Health service name of the relay (the ingest path reports under
+/// `outboxd.v1.Outbox`): "Kafka down" shows as relay NOT_SERVING while
+/// ingest stays SERVING.
+pub const RELAY_HEALTH_SERVICE: &str = "outboxd.relay";
+
+/// Serves on `listener` until `shutdown`, then stops in order: stop taking
+/// requests and let in-flight ones finish, commit what the writers hold,
+/// drain the relay's records in flight, release leases.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = crate::store::connect(
+        &config.store.url,
+        config.store.max_connections,
+        config.relay.shard_count,
+    )
+    .await
+    .context("connecting to the store")?;
+    store.migrate().await.context("migrating the store")?;
+    let publisher =
+        Arc::new(Publisher::new(&config.kafka).context("creating the Kafka producer")?);
+
+    let bus = StatusBus::new(config.watch.bus_capacity);
+    let waker = RelayWaker::new(store.shard_count());
+    let mut writers = JoinSet::new();
+    let ingest = Ingest::start(
+        store.clone(),
+        bus.clone(),
+        waker.clone(),
+        &config.ingest,
+        &mut writers,
+    );
+
+    let relay_shutdown = CancellationToken::new();
+    let (relay_health, mut relay_health_rx) = watch::channel(RelayHealth::Starting);
+    let relay = Relay {
+        store: store.clone(),
+        publisher,
+        bus: bus.clone(),
+        waker,
+        config: config.relay.clone(),
+        owner: format!(
+            "{}-{}-{}",
+            hostname(),
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ),
+        health: relay_health,
+    };
+    let relay_task = tokio::spawn(relay.run(relay_shutdown.clone()));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<proto::outbox_server::OutboxServer<OutboxApi>>()
+        .await;
+    health_reporter
+        .set_service_status(RELAY_HEALTH_SERVICE, ServingStatus::NotServing)
+        .await;
+    let health_task = {
+        let reporter = health_reporter.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let status = match *relay_health_rx.borrow_and_update() {
+                    RelayHealth::Serving { .. } => ServingStatus::Serving,
+                    RelayHealth::Starting | RelayHealth::Stopped => ServingStatus::NotServing,
+                };
+                reporter
+                    .set_service_status(RELAY_HEALTH_SERVICE, status)
+                    .await;
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    changed = relay_health_rx.changed() => if changed.is_err() { break },
+                }
+            }
+        })
+    };
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+
+    let api = OutboxApi {
+        ingest: ingest.clone(),
+        store: store.clone(),
+        bus,
+        limits: config.limits.clone(),
+        watch: config.watch.settings(),
+        shutdown: shutdown.clone(),
+    };
+    let max_message = config.limits.max_request_bytes;
+    tracing::info!(address = %listener.local_addr()?, store = %redact(&config.store.url), brokers = %config.kafka.brokers, "outboxd serving");
+    let serve = tonic::transport::Server::builder()
+        // Bounds work per connection; a slow client cannot hold unbounded requests.
+        .concurrency_limit_per_connection(1_024)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            proto::outbox_server::OutboxServer::new(api)
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(proto::outbox_admin_server::OutboxAdminServer::new(AdminApi))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled());
+
+    let served = serve.await;
+    tracing::info!("gRPC server stopped; draining");
+    // Every request has returned; the writers finish their queues and stop.
+    drop(ingest);
+    let drained = tokio::time::timeout(config.shutdown_timeout, async {
+        while let Some(result) = writers.join_next().await {
+            if let Err(error) = result {
+                tracing::error!(%error, "append writer failed");
+            }
+        }
+        relay_shutdown.cancel();
+        relay_task.await
+    })
+    .await;
+    health_task.abort();
+    served.context("gRPC server failed")?;
+    match drained {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(error))) => Err(error.context("relay failed")),
+        Ok(Err(join_error)) => Err(anyhow::anyhow!("relay task failed: {join_error}")),
+        Err(_) => Err(anyhow::anyhow!(
+            "shutdown took longer than {:?}",
+            config.shutdown_timeout
+        )),
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "outboxd".into())
+}
+
+/// The store URL without its password, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &credentials[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}

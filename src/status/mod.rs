@@ -1,0 +1,394 @@
+//! The status bus and `WatchStatus` fan-out.
+//!
+//! Every state change is announced on an in-process broadcast bus. A watcher
+//! subscribes first, then reads the current state from the store, then
+//! follows the bus. A watcher that falls behind the bus (or misses a change
+//! made by another instance) is re-synced from the store, never silently
+//! skipped: the store is the truth, the bus only makes it quick.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{EventId, EventStatus, TransactionRef};
+use crate::store::{Store, StoreError};
+
+/// In-process announcements of state changes.
+#[derive(Clone)]
+pub struct StatusBus {
+    sender: broadcast::Sender<Arc<EventStatus>>,
+}
+
+impl StatusBus {
+    /// `capacity` bounds how far a watcher may lag before it is re-synced.
+    pub fn new(capacity: usize) -> Self {
+        let (sender, _) = broadcast::channel(capacity.max(16));
+        StatusBus { sender }
+    }
+
+    pub fn publish(&self, statuses: impl IntoIterator<Item = EventStatus>) {
+        if self.sender.receiver_count() == 0 {
+            return;
+        }
+        for status in statuses {
+            // An error only means nobody listens right now.
+            let _ = self.sender.send(Arc::new(status));
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<EventStatus>> {
+        self.sender.subscribe()
+    }
+}
+
+/// What a watch follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchTarget {
+    /// These events, until all are final.
+    Events(Vec<EventId>),
+    /// Every event of these transactions, until all are final.
+    Transactions(Vec<TransactionRef>),
+    /// Every event of a producer, until cancelled, after a change cursor.
+    Producer { producer: String, after_cursor: u64 },
+}
+
+/// One message of a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchUpdate {
+    pub status: EventStatus,
+    /// Part of the initial current-state report.
+    pub snapshot: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("unknown event ids: {0}")]
+    UnknownEvents(String),
+    #[error("no events for transactions: {0}")]
+    UnknownTransactions(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How a watch behaves; from configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchSettings {
+    /// How often a watch re-reads the store, to learn of changes made by
+    /// other instances.
+    pub resync_interval: Duration,
+    /// Page size of store reads.
+    pub page_size: u32,
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        WatchSettings {
+            resync_interval: Duration::from_secs(1),
+            page_size: 1_000,
+        }
+    }
+}
+
+/// Tracks what a watch has sent, so that a change is sent once and never
+/// regresses (the bus and a re-sync may both report it).
+struct Progress {
+    /// Last cursor sent per event that is not final yet.
+    last_cursor: HashMap<EventId, u64>,
+    /// Events already final (ids/transactions watches).
+    finished: HashSet<EventId>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            last_cursor: HashMap::new(),
+            finished: HashSet::new(),
+        }
+    }
+
+    /// Whether `status` is news; records it when it is.
+    fn admit(&mut self, status: &EventStatus) -> bool {
+        if self.finished.contains(&status.event_id) {
+            return false;
+        }
+        if let Some(last) = self.last_cursor.get(&status.event_id)
+            && *last >= status.cursor
+        {
+            return false;
+        }
+        if status.state.is_final() {
+            self.last_cursor.remove(&status.event_id);
+            self.finished.insert(status.event_id);
+        } else {
+            self.last_cursor.insert(status.event_id, status.cursor);
+        }
+        true
+    }
+
+    fn open_events(&self) -> Vec<EventId> {
+        self.last_cursor.keys().copied().collect()
+    }
+}
+
+/// Starts a watch; updates arrive on the returned receiver, which closes when
+/// the watch ends (all final, cancelled, or failed with the error sent last).
+pub fn watch(
+    store: Arc<dyn Store>,
+    bus: &StatusBus,
+    target: WatchTarget,
+    settings: WatchSettings,
+    shutdown: CancellationToken,
+) -> mpsc::Receiver<Result<WatchUpdate, WatchError>> {
+    let (tx, rx) = mpsc::channel(256);
+    // Subscribe before the first store read, so no change falls in between.
+    let bus_rx = bus.subscribe();
+    tokio::spawn(async move {
+        let watcher = Watcher {
+            store,
+            tx,
+            settings,
+            progress: Progress::new(),
+        };
+        watcher.run(target, bus_rx, shutdown).await;
+    });
+    rx
+}
+
+struct Watcher {
+    store: Arc<dyn Store>,
+    tx: mpsc::Sender<Result<WatchUpdate, WatchError>>,
+    settings: WatchSettings,
+    progress: Progress,
+}
+
+impl Watcher {
+    async fn run(
+        mut self,
+        target: WatchTarget,
+        mut bus: broadcast::Receiver<Arc<EventStatus>>,
+        shutdown: CancellationToken,
+    ) {
+        let tx = self.tx.clone();
+        let result = tokio::select! {
+            result = self.follow(&target, &mut bus) => result,
+            _ = shutdown.cancelled() => Ok(()),
+            _ = tx.closed() => Ok(()),
+        };
+        if let Err(error) = result {
+            let _ = tx.send(Err(error)).await;
+        }
+    }
+
+    /// Sends `status` if it is news. `Err(())` when the receiver is gone.
+    async fn offer(&mut self, status: &EventStatus, snapshot: bool) -> Result<(), ()> {
+        if self.progress.admit(status) {
+            self.tx
+                .send(Ok(WatchUpdate {
+                    status: status.clone(),
+                    snapshot,
+                }))
+                .await
+                .map_err(|_| ())?;
+        }
+        Ok(())
+    }
+
+    fn matches(target: &WatchTarget, status: &EventStatus, known: &HashSet<EventId>) -> bool {
+        match target {
+            WatchTarget::Events(_) => known.contains(&status.event_id),
+            WatchTarget::Transactions(transactions) => transactions.iter().any(|t| {
+                t.producer == status.producer && t.transaction_id == status.transaction_id
+            }),
+            WatchTarget::Producer { producer, .. } => *producer == status.producer,
+        }
+    }
+
+    /// Reads the current state of what `target` covers and sends what is new.
+    /// Returns the highest cursor read (producer watches resume from it).
+    async fn resync(&mut self, target: &WatchTarget, from_cursor: u64) -> Result<u64, WatchError> {
+        let mut max_cursor = from_cursor;
+        let statuses = match target {
+            WatchTarget::Events(ids) => {
+                let open: Vec<EventId> = if self.progress.last_cursor.is_empty()
+                    && self.progress.finished.is_empty()
+                {
+                    ids.clone()
+                } else {
+                    self.progress.open_events()
+                };
+                self.store.status_by_ids(&open).await?
+            }
+            WatchTarget::Transactions(transactions) => {
+                self.store.status_by_transactions(transactions).await?
+            }
+            WatchTarget::Producer { producer, .. } => {
+                let mut cursor = from_cursor;
+                loop {
+                    let page = self
+                        .store
+                        .status_changes(producer, cursor, self.settings.page_size)
+                        .await?;
+                    let full = page.len() as u32 == self.settings.page_size;
+                    for status in &page {
+                        cursor = cursor.max(status.cursor);
+                        if self.offer(status, false).await.is_err() {
+                            return Ok(cursor);
+                        }
+                    }
+                    if !full {
+                        return Ok(cursor);
+                    }
+                }
+            }
+        };
+        for status in &statuses {
+            max_cursor = max_cursor.max(status.cursor);
+            if self.offer(status, false).await.is_err() {
+                break;
+            }
+        }
+        Ok(max_cursor)
+    }
+
+    fn done(&self, target: &WatchTarget) -> bool {
+        !matches!(target, WatchTarget::Producer { .. }) && self.progress.last_cursor.is_empty()
+    }
+
+    async fn follow(
+        &mut self,
+        target: &WatchTarget,
+        bus: &mut broadcast::Receiver<Arc<EventStatus>>,
+    ) -> Result<(), WatchError> {
+        // The initial snapshot.
+        let mut cursor = 0;
+        let known: HashSet<EventId> = match target {
+            WatchTarget::Events(ids) => {
+                let statuses = self.store.status_by_ids(ids).await?;
+                let found: HashSet<EventId> = statuses.iter().map(|s| s.event_id).collect();
+                let missing: Vec<String> = ids
+                    .iter()
+                    .filter(|id| !found.contains(id))
+                    .map(ToString::to_string)
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(WatchError::UnknownEvents(missing.join(", ")));
+                }
+                for status in &statuses {
+                    if self.offer(status, true).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                found
+            }
+            WatchTarget::Transactions(transactions) => {
+                let statuses = self.store.status_by_transactions(transactions).await?;
+                let missing: Vec<String> = transactions
+                    .iter()
+                    .filter(|t| {
+                        !statuses.iter().any(|s| {
+                            s.producer == t.producer && s.transaction_id == t.transaction_id
+                        })
+                    })
+                    .map(|t| format!("{}/{}", t.producer, t.transaction_id))
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(WatchError::UnknownTransactions(missing.join(", ")));
+                }
+                for status in &statuses {
+                    if self.offer(status, true).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                HashSet::new()
+            }
+            WatchTarget::Producer {
+                producer,
+                after_cursor,
+            } => {
+                cursor = *after_cursor;
+                loop {
+                    let page = self
+                        .store
+                        .status_changes(producer, cursor, self.settings.page_size)
+                        .await?;
+                    let full = page.len() as u32 == self.settings.page_size;
+                    for status in &page {
+                        cursor = cursor.max(status.cursor);
+                        if self.offer(status, true).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+                HashSet::new()
+            }
+        };
+
+        let mut resync = tokio::time::interval(self.settings.resync_interval);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.reset();
+        while !self.done(target) {
+            tokio::select! {
+                message = bus.recv() => match message {
+                    Ok(status) => {
+                        if Self::matches(target, &status, &known)
+                            && self.offer(&status, false).await.is_err()
+                        {
+                            return Ok(());
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                        tracing::debug!(skipped, "status watcher fell behind; re-syncing from the store");
+                        cursor = self.resync(target, cursor).await?;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+                _ = resync.tick() => {
+                    cursor = self.resync(target, cursor).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::EventState;
+    use chrono::Utc;
+
+    fn status(id: EventId, state: EventState, cursor: u64) -> EventStatus {
+        EventStatus {
+            event_id: id,
+            producer: "p".into(),
+            transaction_id: "t".into(),
+            sequence: 0,
+            topic: "t".into(),
+            state,
+            partition: None,
+            offset: None,
+            attempts: 0,
+            reason: String::new(),
+            updated_at: Utc::now(),
+            cursor,
+        }
+    }
+
+    #[test]
+    fn a_change_is_admitted_once_and_never_regresses() {
+        let id = EventId::generate();
+        let mut progress = Progress::new();
+        assert!(progress.admit(&status(id, EventState::Ready, 5)));
+        assert!(!progress.admit(&status(id, EventState::Ready, 5)));
+        assert!(!progress.admit(&status(id, EventState::Ready, 4)));
+        assert!(progress.admit(&status(id, EventState::Published, 9)));
+        assert!(!progress.admit(&status(id, EventState::Ready, 7)));
+        assert!(progress.open_events().is_empty());
+    }
+}
