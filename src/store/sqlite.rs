@@ -2,7 +2,10 @@
 //! single-node sidecars and first runs.
 //!
 //! SQLite serialises writers, so rows become visible in `seq` order and the
-//! relay needs no visibility gate; `writer_xid` is always 0 here.
+//! relay needs no visibility gate; `writer_xid` is always 0 here. Every write
+//! transaction starts with `BEGIN IMMEDIATE`: it takes the write lock up
+//! front (waiting under the busy timeout) instead of failing with "database
+//! is locked" when a read transaction tries to upgrade.
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -266,7 +269,7 @@ impl SqliteStore {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let epoch: Option<i64> =
             sqlx::query_scalar("SELECT epoch FROM outbox_leases WHERE shard = ?1")
                 .bind(lease.shard as i64)
@@ -349,7 +352,7 @@ impl Store for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("migrations/sqlite").run(&self.pool).await?;
         let wanted = self.shard_count();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let stored: Option<String> =
             sqlx::query_scalar("SELECT value FROM outbox_meta WHERE key = 'shard_count'")
                 .fetch_optional(&mut *tx)
@@ -393,7 +396,7 @@ impl Store for SqliteStore {
         batches: &[AppendBatch],
     ) -> Result<Vec<Result<AppendOutcome, AppendRejection>>, StoreError> {
         let shard_count = self.shard_count();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut results = Vec::with_capacity(batches.len());
         for batch in batches {
             sqlx::query("SAVEPOINT append").execute(&mut *tx).await?;
@@ -440,7 +443,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Lease>, StoreError> {
         let now = micros(Utc::now());
         let expires_at = now + ttl.as_micros() as i64;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let candidates: Vec<(i64, Option<String>, i64)> = sqlx::query_as(
             "SELECT shard, owner, epoch FROM outbox_leases \
              WHERE owner = ?1 OR owner IS NULL OR expires_at < ?2 \
