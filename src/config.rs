@@ -218,7 +218,11 @@ mod tests {
     fn rejects_what_would_break_ordering_or_is_unknown() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outboxd.toml");
-        std::fs::write(&path, "[kafka.producer]\n\"enable.idempotence\" = \"false\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[kafka.producer]\n\"enable.idempotence\" = \"false\"\n",
+        )
+        .unwrap();
         let error = Config::load(Some(&path), &Overrides::default()).unwrap_err();
         assert!(error.to_string().contains("enable.idempotence"), "{error}");
         std::fs::write(&path, "[relay]\nshards = 3\n").unwrap();

@@ -134,14 +134,20 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     println!("outboxd dev: embedded store and in-process Kafka broker");
     println!("  gRPC      {address}");
     println!("  store     {}", db_path.display());
-    println!("  brokers   {}  (topic {DEV_TOPIC}, {} partitions)", broker.bootstrap, args.partitions);
+    println!(
+        "  brokers   {}  (topic {DEV_TOPIC}, {} partitions)",
+        broker.bootstrap, args.partitions
+    );
     println!();
     println!("Append an event:");
     println!(
         "  grpcurl -plaintext -d '{{\"token\":{{\"producer\":\"shop\",\"transaction_id\":\"tx-1\"}},\"events\":[{{\"topic\":\"{DEV_TOPIC}\",\"aggregate_type\":\"order\",\"aggregate_id\":\"order-1\",\"event_type\":\"created\",\"payload\":\"eyJ0b3RhbCI6NDJ9\"}}]}}' {address} outboxd.v1.Outbox/Append"
     );
     println!("Read the topic:");
-    println!("  outboxd tail --brokers {} --topic {DEV_TOPIC}", broker.bootstrap);
+    println!(
+        "  outboxd tail --brokers {} --topic {DEV_TOPIC}",
+        broker.bootstrap
+    );
     println!();
 
     let result = if args.demo {
@@ -258,7 +264,12 @@ async fn demo(address: SocketAddr, brokers: &str) -> anyhow::Result<()> {
     })
     .await
     .context("events were not published within 60s")??;
-    ensure!(published.len() == ids.len(), "only {} of {} events published", published.len(), ids.len());
+    ensure!(
+        published.len() == ids.len(),
+        "only {} of {} events published",
+        published.len(),
+        ids.len()
+    );
     println!("watched all {} to PUBLISHED", ids.len());
 
     // Read back with a consumer of its own, independent of the relay.
@@ -273,7 +284,10 @@ async fn demo(address: SocketAddr, brokers: &str) -> anyhow::Result<()> {
             seen.push(record);
             let have = seen
                 .iter()
-                .filter(|r| r.header("outbox-event-id").is_some_and(|id| expected.contains(&id)))
+                .filter(|r| {
+                    r.header("outbox-event-id")
+                        .is_some_and(|id| expected.contains(&id))
+                })
                 .count();
             have < expected.len() && std::time::Instant::now() < deadline
         })?;
@@ -284,19 +298,36 @@ async fn demo(address: SocketAddr, brokers: &str) -> anyhow::Result<()> {
     let mut by_order: HashMap<String, Vec<String>> = HashMap::new();
     let mut matched = 0;
     for record in &records {
-        let Some(id) = record.header("outbox-event-id") else { continue };
-        let Some(index) = ids.iter().position(|i| *i == id) else { continue };
+        let Some(id) = record.header("outbox-event-id") else {
+            continue;
+        };
+        let Some(index) = ids.iter().position(|i| *i == id) else {
+            continue;
+        };
         let (order, step, payload) = &samples[index];
-        ensure!(record.key.as_deref() == Some(order.as_bytes()), "event {id}: key differs");
-        ensure!(record.payload.as_deref() == Some(payload.as_bytes()), "event {id}: payload differs");
+        ensure!(
+            record.key.as_deref() == Some(order.as_bytes()),
+            "event {id}: key differs"
+        );
+        ensure!(
+            record.payload.as_deref() == Some(payload.as_bytes()),
+            "event {id}: payload differs"
+        );
         ensure!(
             published.get(&id) == Some(&(record.partition, record.offset)),
             "event {id}: partition/offset differ from its status"
         );
-        by_order.entry(order.clone()).or_default().push((*step).to_owned());
+        by_order
+            .entry(order.clone())
+            .or_default()
+            .push((*step).to_owned());
         matched += 1;
     }
-    ensure!(matched == ids.len(), "the consumer found {matched} of {} events", ids.len());
+    ensure!(
+        matched == ids.len(),
+        "the consumer found {matched} of {} events",
+        ids.len()
+    );
     for (order, steps) in &by_order {
         ensure!(
             steps == &["created", "paid", "packed", "shipped"],

@@ -39,5 +39,6 @@ pub mod proto {
     tonic::include_proto!("outboxd.v1");
 
     /// Encoded descriptors of the API, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("outboxd_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("outboxd_descriptor");
 }

@@ -8,7 +8,11 @@ use outboxd::config::{Config, Overrides};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "outboxd", version, about = "gRPC outbox ingestion gateway: durable appends, ordered relay to Kafka")]
+#[command(
+    name = "outboxd",
+    version,
+    about = "gRPC outbox ingestion gateway: durable appends, ordered relay to Kafka"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

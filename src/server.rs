@@ -39,8 +39,7 @@ pub async fn run(
     .await
     .context("connecting to the store")?;
     store.migrate().await.context("migrating the store")?;
-    let publisher =
-        Arc::new(Publisher::new(&config.kafka).context("creating the Kafka producer")?);
+    let publisher = Arc::new(Publisher::new(&config.kafka).context("creating the Kafka producer")?);
 
     let bus = StatusBus::new(config.watch.bus_capacity);
     let waker = RelayWaker::new(store.shard_count());
@@ -120,8 +119,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
-            proto::outbox_server::OutboxServer::new(api)
-                .max_decoding_message_size(max_message),
+            proto::outbox_server::OutboxServer::new(api).max_decoding_message_size(max_message),
         )
         .add_service(proto::outbox_admin_server::OutboxAdminServer::new(AdminApi))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled());

@@ -46,7 +46,12 @@ impl TailRecord {
             .map(|headers| {
                 headers
                     .iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -93,7 +98,11 @@ pub fn assigned_consumer(
         assignment.add_partition_offset(
             topic,
             partition,
-            if from_end { Offset::End } else { Offset::Beginning },
+            if from_end {
+                Offset::End
+            } else {
+                Offset::Beginning
+            },
         )?;
     }
     consumer.assign(&assignment)?;
@@ -131,7 +140,10 @@ pub fn read_records(
 fn printable(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(text) => text.to_owned(),
-        Err(_) => format!("0x{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+        Err(_) => format!(
+            "0x{}",
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ),
     }
 }
 
@@ -146,7 +158,11 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<
                 args.topic,
                 record.partition,
                 record.offset,
-                record.key.as_deref().map(printable).unwrap_or_else(|| "null".into()),
+                record
+                    .key
+                    .as_deref()
+                    .map(printable)
+                    .unwrap_or_else(|| "null".into()),
                 record
                     .headers
                     .iter()
@@ -156,7 +172,11 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<
             );
             println!(
                 "  {}",
-                record.payload.as_deref().map(printable).unwrap_or_else(|| "null".into())
+                record
+                    .payload
+                    .as_deref()
+                    .map(printable)
+                    .unwrap_or_else(|| "null".into())
             );
             args.count.is_none_or(|count| seen < count)
         })

@@ -42,10 +42,7 @@ pub fn utc_to_timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
-fn token_mode(
-    token: &proto::TransactionToken,
-    violations: &mut Vec<FieldViolation>,
-) -> TokenMode {
+fn token_mode(token: &proto::TransactionToken, violations: &mut Vec<FieldViolation>) -> TokenMode {
     match proto::TokenMode::try_from(token.mode) {
         Ok(proto::TokenMode::Unspecified | proto::TokenMode::Immediate) => TokenMode::Immediate,
         Ok(proto::TokenMode::TwoPhase) => {
@@ -155,11 +152,16 @@ pub fn append_batch(
         trace,
     };
     violations.extend(validate_batch(&batch, limits));
-    if violations.is_empty() {
-        Ok(batch)
-    } else {
-        Err(ApiError::invalid(violations))
+    if !violations.is_empty() {
+        return Err(ApiError::invalid(violations));
     }
+    if batch.token.mode != TokenMode::Immediate {
+        // The store keeps such events PENDING, but nothing resolves them yet.
+        return Err(ApiError::Unimplemented(
+            "only immediate tokens are accepted so far; two_phase and postgres_xid are not available yet",
+        ));
+    }
+    Ok(batch)
 }
 
 pub fn append_response(outcome: AppendOutcome, correlation: u64) -> proto::AppendResponse {
@@ -238,7 +240,10 @@ pub fn event_ids(ids: &[String], field: &str) -> Result<Vec<EventId>, ApiError> 
     if ids.len() > MAX_STATUS_TARGETS {
         violations.push(FieldViolation::new(
             field,
-            format!("names {} events; the limit is {MAX_STATUS_TARGETS}", ids.len()),
+            format!(
+                "names {} events; the limit is {MAX_STATUS_TARGETS}",
+                ids.len()
+            ),
         ));
     }
     if violations.is_empty() {

@@ -51,7 +51,10 @@ impl proto::outbox_server::Outbox for OutboxApi {
         let correlation = request.correlation;
         let batch = convert::append_batch(request, trace, &self.limits)?;
         let outcome = self.ingest.append(batch).await.map_err(ApiError::from)?;
-        Ok(Response::new(convert::append_response(outcome, correlation)))
+        Ok(Response::new(convert::append_response(
+            outcome,
+            correlation,
+        )))
     }
 
     type AppendStreamStream = BoxStream<proto::AppendResponse>;
@@ -136,10 +139,16 @@ impl proto::outbox_server::Outbox for OutboxApi {
         request: Request<proto::GetStatusRequest>,
     ) -> Result<Response<proto::GetStatusResponse>, Status> {
         let request = request.into_inner();
-        let statuses = match (request.event_ids.is_empty(), request.transactions.is_empty()) {
+        let statuses = match (
+            request.event_ids.is_empty(),
+            request.transactions.is_empty(),
+        ) {
             (false, true) => {
                 let ids = convert::event_ids(&request.event_ids, "event_ids")?;
-                self.store.status_by_ids(&ids).await.map_err(ApiError::from)?
+                self.store
+                    .status_by_ids(&ids)
+                    .await
+                    .map_err(ApiError::from)?
             }
             (true, false) => {
                 let refs = convert::transaction_refs(request.transactions, "transactions")?;

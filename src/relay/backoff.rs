@@ -29,7 +29,10 @@ mod tests {
             for _ in 0..100 {
                 let delay = retry_delay(attempt, base, cap, &mut rng);
                 let full = Duration::from_millis(full);
-                assert!(delay >= full / 2 && delay <= full, "attempt {attempt}: {delay:?}");
+                assert!(
+                    delay >= full / 2 && delay <= full,
+                    "attempt {attempt}: {delay:?}"
+                );
             }
         }
     }

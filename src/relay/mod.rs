@@ -107,7 +107,9 @@ pub enum RelayHealth {
     /// No lease held yet, or the store could not be reached for leases.
     Starting,
     /// Relaying the shards it holds.
-    Serving { shards: usize },
+    Serving {
+        shards: usize,
+    },
     Stopped,
 }
 

@@ -144,9 +144,7 @@ impl ShardWorker {
             while let Some(Some(outcome)) = self.in_flight.next().now_or_never() {
                 self.absorb(outcome);
             }
-            if self.capacity_limited
-                && self.sent.len() <= self.config.max_in_flight_per_shard / 2
-            {
+            if self.capacity_limited && self.sent.len() <= self.config.max_in_flight_per_shard / 2 {
                 self.capacity_limited = false;
                 self.want_read = true;
             }

@@ -212,13 +212,12 @@ impl Watcher {
         let mut max_cursor = from_cursor;
         let statuses = match target {
             WatchTarget::Events(ids) => {
-                let open: Vec<EventId> = if self.progress.last_cursor.is_empty()
-                    && self.progress.finished.is_empty()
-                {
-                    ids.clone()
-                } else {
-                    self.progress.open_events()
-                };
+                let open: Vec<EventId> =
+                    if self.progress.last_cursor.is_empty() && self.progress.finished.is_empty() {
+                        ids.clone()
+                    } else {
+                        self.progress.open_events()
+                    };
                 self.store.status_by_ids(&open).await?
             }
             WatchTarget::Transactions(transactions) => {

@@ -23,7 +23,9 @@ pub use error::StoreError;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AppendRejection {
     /// The same (producer, transaction id, sequence) was stored with another body.
-    #[error("append {sequence} of transaction {transaction_id:?} already exists with different content")]
+    #[error(
+        "append {sequence} of transaction {transaction_id:?} already exists with different content"
+    )]
     ConflictingRetry {
         transaction_id: String,
         sequence: u64,

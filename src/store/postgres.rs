@@ -297,7 +297,9 @@ const STATUS_COLUMNS: &str = include_str!("sql/postgres/status_columns.sql");
 #[async_trait]
 impl Store for PostgresStore {
     async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("migrations/postgres").run(&self.pool).await?;
+        sqlx::migrate!("migrations/postgres")
+            .run(&self.pool)
+            .await?;
         let wanted = self.shard_count();
         let mut tx = self.pool.begin().await?;
         // Serialises concurrent first starts of several instances.
@@ -360,13 +362,18 @@ impl Store for PostgresStore {
                     sqlx::query("ROLLBACK TO SAVEPOINT append")
                         .execute(&mut *tx)
                         .await?;
-                    let caller_ids: Vec<Uuid> =
-                        batch.events.iter().filter_map(|e| e.event_id).map(|id| id.0).collect();
-                    let taken: Vec<Uuid> =
-                        sqlx::query_scalar("SELECT event_id FROM outbox_events WHERE event_id = ANY($1)")
-                            .bind(&caller_ids)
-                            .fetch_all(&mut *tx)
-                            .await?;
+                    let caller_ids: Vec<Uuid> = batch
+                        .events
+                        .iter()
+                        .filter_map(|e| e.event_id)
+                        .map(|id| id.0)
+                        .collect();
+                    let taken: Vec<Uuid> = sqlx::query_scalar(
+                        "SELECT event_id FROM outbox_events WHERE event_id = ANY($1)",
+                    )
+                    .bind(&caller_ids)
+                    .fetch_all(&mut *tx)
+                    .await?;
                     Err(event_id_taken(batch, &taken))
                 }
                 Err(error) => return Err(error.into()),

@@ -98,11 +98,9 @@ impl SqliteStore {
         let now = Utc::now();
         let (caller_xid, caller_system_id, expires_at) = match &token.mode {
             TokenMode::Immediate => (None, None, None),
-            TokenMode::TwoPhase { timeout } => (
-                None,
-                None,
-                Some(micros(now) + timeout.as_micros() as i64),
-            ),
+            TokenMode::TwoPhase { timeout } => {
+                (None, None, Some(micros(now) + timeout.as_micros() as i64))
+            }
             TokenMode::PostgresXid {
                 caller_xid,
                 system_id,
@@ -263,7 +261,12 @@ impl SqliteStore {
         &self,
         lease: &Lease,
         items: &[T],
-        update: impl for<'q> Fn(&'q T, i64, i64) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>,
+        update: impl for<'q> Fn(
+            &'q T,
+            i64,
+            i64,
+        )
+            -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>,
         seq_of: impl Fn(&T) -> i64,
     ) -> Result<Vec<EventStatus>, StoreError> {
         if items.is_empty() {
