@@ -1,0 +1,480 @@
+//! One behavioural suite, run against every `Store` implementation: a real
+//! PostgreSQL database of the harness cluster and a SQLite file.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use outboxd::domain::{
+    AppendBatch, EventId, EventState, NewEvent, TokenMode, TraceContext, TransactionRef,
+    TransactionToken,
+};
+use outboxd::store::{AppendRejection, Delivered, DeliveryFailed, RelayRow, Store, StoreError};
+
+const SHARDS: u32 = 4;
+
+async fn postgres_store() -> Arc<dyn Store> {
+    let store = outboxd::store::connect(&support::fresh_database().await, 4, SHARDS)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    store
+}
+
+async fn sqlite_store() -> Arc<dyn Store> {
+    let store = outboxd::store::connect(&support::sqlite_url(), 4, SHARDS)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    store
+}
+
+fn event(key: &str, payload: &str) -> NewEvent {
+    NewEvent {
+        event_id: None,
+        topic: "accounts".into(),
+        key: Some(key.as_bytes().to_vec()),
+        payload: payload.as_bytes().to_vec(),
+        headers: vec![],
+        aggregate_type: "account".into(),
+        aggregate_id: key.into(),
+        event_type: "changed".into(),
+        occurred_at: None,
+    }
+}
+
+fn batch(transaction_id: &str, sequence: u64, events: Vec<NewEvent>) -> AppendBatch {
+    AppendBatch {
+        token: TransactionToken {
+            producer: "ledger".into(),
+            transaction_id: transaction_id.into(),
+            mode: TokenMode::Immediate,
+        },
+        sequence,
+        events,
+        trace: TraceContext::default(),
+    }
+}
+
+/// Every not-final row of every shard, as the relay would read them, once
+/// all of `expected` are readable (the visibility gate may hold rows back
+/// while other transactions of the cluster run).
+async fn relay_rows(store: &Arc<dyn Store>, expected: usize) -> Vec<RelayRow> {
+    support::eventually(
+        "rows to pass the visibility gate",
+        Duration::from_secs(30),
+        || {
+            let store = store.clone();
+            async move {
+                let mut rows = Vec::new();
+                for shard in 0..store.shard_count() {
+                    rows.extend(
+                        store
+                            .read_relay_rows(shard, Default::default(), 10_000)
+                            .await
+                            .unwrap(),
+                    );
+                }
+                (rows.len() >= expected).then_some(rows)
+            }
+        },
+    )
+    .await
+}
+
+async fn append_is_atomic_and_idempotent(store: Arc<dyn Store>) {
+    let first = batch(
+        "t1",
+        0,
+        vec![event("a", "1"), event("b", "2"), event("a", "3")],
+    );
+    let outcome = store
+        .append(std::slice::from_ref(&first))
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert!(!outcome.duplicate);
+    assert_eq!(outcome.event_ids.len(), 3);
+    assert!(
+        outcome
+            .statuses
+            .iter()
+            .all(|s| s.state == EventState::Ready)
+    );
+
+    let retry = store
+        .append(std::slice::from_ref(&first))
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(retry.event_ids, outcome.event_ids);
+    assert!(retry.statuses.is_empty(), "a duplicate announces nothing");
+
+    let stored = store
+        .status_by_transactions(&[TransactionRef {
+            producer: "ledger".into(),
+            transaction_id: "t1".into(),
+        }])
+        .await
+        .unwrap();
+    let ids: Vec<EventId> = stored.iter().map(|s| s.event_id).collect();
+    assert_eq!(ids, outcome.event_ids, "stored once, in append order");
+}
+
+async fn one_bad_append_fails_only_itself(store: Arc<dyn Store>) {
+    let taken = EventId::generate();
+    let mut with_id = event("k", "original");
+    with_id.event_id = Some(taken);
+    store
+        .append(&[batch("t0", 0, vec![with_id])])
+        .await
+        .unwrap()[0]
+        .as_ref()
+        .unwrap();
+
+    let mut reuses_id = event("k", "other");
+    reuses_id.event_id = Some(taken);
+    let results = store
+        .append(&[
+            batch("t1", 0, vec![event("a", "1")]),
+            batch("t0", 0, vec![event("k", "changed body")]),
+            batch("t2", 0, vec![event("b", "2"), reuses_id]),
+            batch("t3", 0, vec![event("c", "3")]),
+        ])
+        .await
+        .unwrap();
+    assert!(results[0].is_ok());
+    assert!(matches!(
+        results[1],
+        Err(AppendRejection::ConflictingRetry { sequence: 0, .. })
+    ));
+    match &results[2] {
+        Err(AppendRejection::EventIdTaken(violation)) => {
+            assert_eq!(violation.field, "events[1].event_id")
+        }
+        other => panic!("expected EventIdTaken, got {other:?}"),
+    }
+    assert!(results[3].is_ok());
+    let refs: Vec<TransactionRef> = ["t0", "t1", "t2", "t3"]
+        .iter()
+        .map(|t| TransactionRef {
+            producer: "ledger".into(),
+            transaction_id: (*t).into(),
+        })
+        .collect();
+    let stored = store.status_by_transactions(&refs).await.unwrap();
+    let transactions: Vec<&str> = stored.iter().map(|s| s.transaction_id.as_str()).collect();
+    assert_eq!(
+        transactions,
+        vec!["t0", "t1", "t3"],
+        "t2 stored nothing, not even its good event"
+    );
+}
+
+async fn a_transaction_keeps_its_mode(store: Arc<dyn Store>) {
+    store
+        .append(&[batch("t1", 0, vec![event("a", "1")])])
+        .await
+        .unwrap()[0]
+        .as_ref()
+        .unwrap();
+    let mut two_phase = batch("t1", 1, vec![event("a", "2")]);
+    two_phase.token.mode = TokenMode::TwoPhase {
+        timeout: Duration::from_secs(30),
+    };
+    let result = store.append(&[two_phase]).await.unwrap().remove(0);
+    assert!(
+        matches!(result, Err(AppendRejection::ModeMismatch { .. })),
+        "{result:?}"
+    );
+}
+
+async fn relay_reads_each_shard_in_append_order(store: Arc<dyn Store>) {
+    let mut appended = Vec::new();
+    for n in 0..20 {
+        let events = (0..5)
+            .map(|k| event(&format!("key-{k}"), &n.to_string()))
+            .collect();
+        let outcome = store
+            .append(&[batch(&format!("t{n}"), 0, events)])
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        appended.extend(outcome.event_ids);
+    }
+    let rows = relay_rows(&store, 100).await;
+    assert_eq!(rows.len(), 100);
+    for shard in 0..SHARDS {
+        let shard_rows: Vec<&RelayRow> = rows
+            .iter()
+            .filter(|r| {
+                outboxd::domain::shard_of(r.kafka_key.as_deref(), r.event_id, SHARDS) == shard
+            })
+            .collect();
+        let order: Vec<usize> = shard_rows
+            .iter()
+            .map(|r| appended.iter().position(|id| *id == r.event_id).unwrap())
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted, "shard {shard} reads in append order");
+    }
+    // Paging: after a cursor, only later rows.
+    let shard = outboxd::domain::shard_of(Some(b"key-0"), appended[0], SHARDS);
+    let all = store
+        .read_relay_rows(shard, Default::default(), 1_000)
+        .await
+        .unwrap();
+    let first_page = store
+        .read_relay_rows(shard, Default::default(), 3)
+        .await
+        .unwrap();
+    let rest = store
+        .read_relay_rows(shard, first_page[2].cursor(), 1_000)
+        .await
+        .unwrap();
+    let paged: Vec<EventId> = first_page.iter().chain(&rest).map(|r| r.event_id).collect();
+    assert_eq!(paged, all.iter().map(|r| r.event_id).collect::<Vec<_>>());
+}
+
+async fn relay_writes_are_fenced_by_the_lease_epoch(store: Arc<dyn Store>) {
+    let outcome = store
+        .append(&[batch("t1", 0, vec![event("a", "1")])])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let row = relay_rows(&store, 1).await.remove(0);
+    let shard = outboxd::domain::shard_of(row.kafka_key.as_deref(), row.event_id, SHARDS);
+
+    let ttl = Duration::from_secs(60);
+    let old = store
+        .acquire_leases("instance-a", ttl, SHARDS)
+        .await
+        .unwrap();
+    assert_eq!(old.len(), SHARDS as usize);
+    assert!(
+        store
+            .acquire_leases("instance-b", ttl, SHARDS)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a held lease is not taken"
+    );
+    let renewed = store
+        .acquire_leases("instance-a", ttl, SHARDS)
+        .await
+        .unwrap();
+    assert_eq!(
+        renewed,
+        renewed
+            .iter()
+            .map(|l| {
+                let before = old.iter().find(|o| o.shard == l.shard).unwrap();
+                assert_eq!(before.epoch, l.epoch, "renewal keeps the epoch");
+                l.clone()
+            })
+            .collect::<Vec<_>>()
+    );
+    let old_lease = old.iter().find(|l| l.shard == shard).unwrap().clone();
+
+    // instance-a pauses; its lease goes to instance-b.
+    store.release_leases("instance-a").await.unwrap();
+    let new = store
+        .acquire_leases("instance-b", ttl, SHARDS)
+        .await
+        .unwrap();
+    let new_lease = new.iter().find(|l| l.shard == shard).unwrap().clone();
+    assert!(
+        new_lease.epoch > old_lease.epoch,
+        "a new owner gets a new epoch"
+    );
+
+    let delivered = [Delivered {
+        seq: row.seq,
+        partition: 2,
+        offset: 41,
+    }];
+    match store.record_delivered(&old_lease, &delivered).await {
+        Err(StoreError::LeaseLost { shard: lost, .. }) => assert_eq!(lost, shard),
+        other => panic!("a zombie's write must be refused, got {other:?}"),
+    }
+    let failed = [DeliveryFailed {
+        seq: row.seq,
+        error: "zombie".into(),
+        retry_at: None,
+    }];
+    assert!(matches!(
+        store.record_failed(&old_lease, &failed).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    let status = store
+        .status_by_ids(&outcome.event_ids)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        status.state,
+        EventState::Ready,
+        "the zombie changed nothing"
+    );
+
+    let published = store
+        .record_delivered(&new_lease, &delivered)
+        .await
+        .unwrap();
+    assert_eq!(published.len(), 1);
+    assert_eq!(published[0].state, EventState::Published);
+    assert_eq!(
+        (published[0].partition, published[0].offset),
+        (Some(2), Some(41))
+    );
+    assert!(
+        published[0].cursor > outcome.statuses[0].cursor,
+        "the change feed moves on"
+    );
+    assert!(
+        store
+            .read_relay_rows(shard, Default::default(), 100)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a published row leaves the relay's view"
+    );
+}
+
+async fn failed_deliveries_retry_then_dead_letter(store: Arc<dyn Store>) {
+    let outcome = store
+        .append(&[batch("t1", 0, vec![event("a", "1")])])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let row = relay_rows(&store, 1).await.remove(0);
+    let leases = store
+        .acquire_leases("me", Duration::from_secs(60), SHARDS)
+        .await
+        .unwrap();
+    let shard = outboxd::domain::shard_of(row.kafka_key.as_deref(), row.event_id, SHARDS);
+    let lease = leases.iter().find(|l| l.shard == shard).unwrap();
+    let retry_at = Utc::now() + chrono::Duration::seconds(30);
+    let retrying = store
+        .record_failed(
+            lease,
+            &[DeliveryFailed {
+                seq: row.seq,
+                error: "broker said no".into(),
+                retry_at: Some(retry_at),
+            }],
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(retrying.state, EventState::Retrying);
+    assert_eq!(retrying.attempts, 1);
+    assert_eq!(retrying.reason, "broker said no");
+    let again = store
+        .read_relay_rows(shard, Default::default(), 10)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(again.state, EventState::Retrying);
+    let due = again.next_attempt_at.unwrap();
+    assert!(
+        (due - retry_at).num_milliseconds().abs() < 5,
+        "retry time kept: {due} vs {retry_at}"
+    );
+
+    let dead = store
+        .record_failed(
+            lease,
+            &[DeliveryFailed {
+                seq: row.seq,
+                error: "record too large".into(),
+                retry_at: None,
+            }],
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(dead.state, EventState::DeadLettered);
+    assert_eq!(dead.attempts, 2);
+    assert_eq!(
+        store.status_by_ids(&outcome.event_ids).await.unwrap()[0].state,
+        EventState::DeadLettered
+    );
+}
+
+async fn the_change_feed_resumes_after_a_cursor(store: Arc<dyn Store>) {
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let outcome = store
+            .append(&[batch(
+                &format!("t{n}"),
+                0,
+                vec![event("a", "x"), event("b", "y")],
+            )])
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        ids.extend(outcome.event_ids);
+    }
+    let all = store.status_changes("ledger", 0, 100).await.unwrap();
+    assert_eq!(all.iter().map(|s| s.event_id).collect::<Vec<_>>(), ids);
+    assert!(all.windows(2).all(|w| w[0].cursor < w[1].cursor));
+    let after = store
+        .status_changes("ledger", all[3].cursor, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        after.iter().map(|s| s.event_id).collect::<Vec<_>>(),
+        ids[4..]
+    );
+    let page = store.status_changes("ledger", 0, 2).await.unwrap();
+    assert_eq!(page.len(), 2);
+    assert!(
+        store
+            .status_changes("someone-else", 0, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+macro_rules! store_suite {
+    ($($case:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::postgres_store().await).await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::sqlite_store().await).await;
+                }
+            )*
+        }
+    };
+}
+
+store_suite!(
+    append_is_atomic_and_idempotent,
+    one_bad_append_fails_only_itself,
+    a_transaction_keeps_its_mode,
+    relay_reads_each_shard_in_append_order,
+    relay_writes_are_fenced_by_the_lease_epoch,
+    failed_deliveries_retry_then_dead_letter,
+    the_change_feed_resumes_after_a_cursor,
+);
