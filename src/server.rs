@@ -97,10 +97,17 @@ pub async fn run(
         })
     };
 
+    // Both reflection versions: grpcurl before 1.8.8 and many tools still
+    // speak only v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
+        .context("building the reflection service")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
         .context("building the reflection service")?;
 
     let api = OutboxApi {
@@ -118,6 +125,7 @@ pub async fn run(
         .concurrency_limit_per_connection(1_024)
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             proto::outbox_server::OutboxServer::new(api).max_decoding_message_size(max_message),
         )

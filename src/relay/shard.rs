@@ -152,25 +152,51 @@ impl ShardWorker {
         self.drain(shard).await
     }
 
-    /// On shutdown: wait (bounded) for records in flight and record them.
+    /// On shutdown: publish what is already committed and record the
+    /// outcomes, bounded by the drain timeout. What is left stays in the store
+    /// for the next owner.
     async fn drain(mut self, shard: u32) -> Result<(), ShardError> {
         let deadline = Instant::now() + self.config.drain_timeout;
-        while !self.in_flight.is_empty() {
-            match tokio::time::timeout_at(deadline, self.in_flight.next()).await {
-                Ok(Some(outcome)) => self.absorb(outcome),
-                Ok(None) => break,
-                Err(_) => {
-                    tracing::warn!(shard, left = self.in_flight.len(), "drain timed out");
-                    break;
+        self.want_read = true;
+        loop {
+            match self.record().await {
+                Ok(()) => {}
+                Err(StoreError::LeaseLost { .. }) => return Ok(()),
+                Err(error) => {
+                    tracing::warn!(shard, %error, "could not record outcomes at shutdown; they will be sent again");
+                    return Ok(());
                 }
             }
-        }
-        match self.record().await {
-            Ok(()) => Ok(()),
-            Err(StoreError::LeaseLost { .. }) => Ok(()),
-            Err(error) => {
-                tracing::warn!(shard, %error, "could not record the last outcomes; they will be sent again");
-                Ok(())
+            if self.want_read && self.sent.len() < self.config.max_in_flight_per_shard {
+                if let Err(error) = self.dispatch().await {
+                    tracing::warn!(shard, %error, "could not read the shard at shutdown");
+                    self.want_read = false;
+                }
+                continue;
+            }
+            if self.in_flight.is_empty() {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, self.in_flight.next()).await {
+                Ok(Some(outcome)) => {
+                    self.absorb(outcome);
+                    while let Some(Some(outcome)) = self.in_flight.next().now_or_never() {
+                        self.absorb(outcome);
+                    }
+                    if self.capacity_limited
+                        && self.sent.len() <= self.config.max_in_flight_per_shard / 2
+                    {
+                        self.capacity_limited = false;
+                        self.want_read = true;
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => {
+                    tracing::warn!(shard, left = self.in_flight.len(), "drain timed out");
+                    self.want_read = false;
+                    let _ = self.record().await;
+                    return Ok(());
+                }
             }
         }
     }
