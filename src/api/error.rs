@@ -131,6 +131,10 @@ impl From<IngestError> for ApiError {
             }) => ApiError::FailedPrecondition(format!(
                 "transaction {transaction_id:?} is a {existing} transaction; this append asked for {requested}"
             )),
+            IngestError::Rejected(
+                rejection @ (AppendRejection::TransactionResolved { .. }
+                | AppendRejection::TokenMismatch { .. }),
+            ) => ApiError::FailedPrecondition(rejection.to_string()),
             IngestError::Unavailable(detail) => {
                 tracing::warn!(%detail, "append failed: store unavailable");
                 ApiError::Unavailable(

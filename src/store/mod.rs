@@ -6,6 +6,8 @@
 mod error;
 pub mod postgres;
 pub mod sqlite;
+mod tokens;
+pub mod xid;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +42,89 @@ pub enum AppendRejection {
         existing: &'static str,
         requested: &'static str,
     },
+    /// The transaction is already resolved (committed, aborted, expired…).
+    #[error("transaction {transaction_id:?} is already {resolution}")]
+    TransactionResolved {
+        transaction_id: String,
+        resolution: String,
+    },
+    /// The token of a later append disagrees with the transaction's first one.
+    #[error("transaction {transaction_id:?}: {detail}")]
+    TokenMismatch {
+        transaction_id: String,
+        detail: String,
+    },
+}
+
+/// What became of a `Commit` or `Abort`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Done now.
+    Done,
+    /// It already was so; nothing changed (Commit and Abort are idempotent).
+    AlreadyDone,
+    NotFound,
+    /// Not a two_phase transaction.
+    WrongMode(&'static str),
+    /// Resolved the other way: the resolution ("aborted", "expired", "committed").
+    Refused(String),
+}
+
+/// The outcome of resolving one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    pub verdict: Verdict,
+    /// Events of the transaction.
+    pub events: u64,
+    /// State changes made now, for the status bus.
+    pub changed: Vec<EventStatus>,
+    /// Shards of the changed events, whose relays must look again.
+    pub shards: Vec<u32>,
+}
+
+/// State changes made by a background resolution, and their shards.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolved {
+    pub changed: Vec<EventStatus>,
+    pub shards: Vec<u32>,
+}
+
+impl Resolved {
+    pub fn extend(&mut self, other: Resolved) {
+        self.changed.extend(other.changed);
+        self.shards.extend(other.shards);
+    }
+}
+
+/// An open two_phase transaction, for recovery after a caller crash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedTransaction {
+    pub producer: String,
+    pub transaction_id: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub events: u64,
+}
+
+/// An open postgres_xid token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XidToken {
+    pub transaction: TransactionRef,
+    pub caller_xid: u64,
+    pub system_id: u64,
+}
+
+/// What the caller's cluster said about a postgres_xid token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XidVerdict {
+    Committed,
+    /// Rolled back (or its session died before commit).
+    Aborted,
+    /// Too old to resolve: dead-letter with this reason.
+    TooOld(String),
+    /// Cannot be resolved now (wrong cluster, unreachable): stays PENDING,
+    /// with this reason in its status.
+    Unresolvable(String),
 }
 
 /// A shard's lease: the right to relay it, fenced by `epoch`.
@@ -164,6 +249,45 @@ pub trait Store: Send + Sync + 'static {
         lease: &Lease,
         failed: &[DeliveryFailed],
     ) -> Result<Vec<EventStatus>, StoreError>;
+
+    /// Makes a two_phase transaction's events publishable.
+    async fn commit_transaction(
+        &self,
+        transaction: &TransactionRef,
+    ) -> Result<Resolution, StoreError>;
+
+    /// Discards a two_phase transaction's events.
+    async fn abort_transaction(
+        &self,
+        transaction: &TransactionRef,
+    ) -> Result<Resolution, StoreError>;
+
+    /// Discards the events of up to `limit` two_phase transactions whose
+    /// timeout has passed.
+    async fn expire_transactions(&self, limit: u32) -> Result<Resolved, StoreError>;
+
+    /// Open two_phase transactions of `producer` older than `older_than`.
+    async fn list_prepared(
+        &self,
+        producer: &str,
+        older_than: Duration,
+        limit: u32,
+    ) -> Result<Vec<PreparedTransaction>, StoreError>;
+
+    /// Up to `limit` open postgres_xid tokens, oldest first.
+    async fn open_xid_tokens(&self, limit: u32) -> Result<Vec<XidToken>, StoreError>;
+
+    /// Applies what the callers' clusters said about postgres_xid tokens.
+    async fn resolve_xid_tokens(
+        &self,
+        verdicts: &[(TransactionRef, XidVerdict)],
+    ) -> Result<Resolved, StoreError>;
+
+    /// The store's own PostgreSQL cluster, when it can resolve postgres_xid
+    /// tokens of callers on the same cluster.
+    fn own_xid_source(&self) -> Option<xid::XidSource> {
+        None
+    }
 
     /// Current state of the given events; unknown ids are left out.
     async fn status_by_ids(&self, ids: &[EventId]) -> Result<Vec<EventStatus>, StoreError>;

@@ -6,12 +6,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::error::is_unique_violation;
+use super::tokens::{ExistingTransaction, two_phase_step, xid_step};
+use super::xid::XidSource;
 use super::{
-    AppendRejection, Delivered, DeliveryFailed, Lease, RelayCursor, RelayRow, Store, StoreError,
+    AppendRejection, Delivered, DeliveryFailed, Lease, PreparedTransaction, RelayCursor, RelayRow,
+    Resolution, Resolved, Store, StoreError, Verdict, XidToken, XidVerdict,
 };
 use crate::domain::{
     AppendBatch, AppendOutcome, EventId, EventState, EventStatus, FieldViolation, TokenMode,
@@ -25,8 +28,18 @@ const RECORD_FAILED: &str = include_str!("sql/postgres/record_failed.sql");
 const ACQUIRE_LEASES: &str = include_str!("sql/postgres/acquire_leases.sql");
 
 /// Transaction states in `outbox_transactions.state`.
-const TRANSACTION_OPEN: i16 = 1;
-const TRANSACTION_COMMITTED: i16 = 2;
+pub(super) const TRANSACTION_OPEN: i16 = 1;
+pub(super) const TRANSACTION_COMMITTED: i16 = 2;
+pub(super) const TRANSACTION_ABORTED: i16 = 3;
+
+/// Registers a writer before its transaction takes an xid (migration 0002).
+const REGISTER_WRITER: &str = "INSERT INTO outbox_writer_slots (floor_xid, backend_pid, backend_start) \
+     SELECT pg_snapshot_xmax(pg_current_snapshot()), pid, backend_start \
+     FROM pg_stat_activity WHERE pid = pg_backend_pid() \
+     RETURNING id";
+
+/// Moves a transaction's PENDING events to a new state.
+const TRANSITION_PENDING_EVENTS: &str = include_str!("sql/postgres/transition_pending_events.sql");
 
 /// PostgreSQL-backed [`Store`].
 pub struct PostgresStore {
@@ -85,7 +98,8 @@ impl PostgresStore {
                  (producer, transaction_id, mode, state, caller_xid, caller_system_id, expires_at) \
              VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7::double precision)) \
              ON CONFLICT (producer, transaction_id) DO UPDATE SET producer = EXCLUDED.producer \
-             RETURNING mode",
+             RETURNING mode, state, resolution, caller_xid, caller_system_id, \
+                       coalesce(expires_at < now(), false) AS expired",
         )
         .bind(&token.producer)
         .bind(&token.transaction_id)
@@ -96,13 +110,16 @@ impl PostgresStore {
         .bind(expires_in_secs)
         .fetch_one(&mut **tx)
         .await?;
-        let existing_mode: i16 = row.try_get("mode")?;
-        if existing_mode != token.mode.code() {
-            return Ok(Err(AppendRejection::ModeMismatch {
-                transaction_id: token.transaction_id.clone(),
-                existing: mode_name(existing_mode),
-                requested: token.mode.name(),
-            }));
+        let existing = ExistingTransaction {
+            mode: row.try_get("mode")?,
+            state: row.try_get("state")?,
+            resolution: row.try_get("resolution")?,
+            caller_xid: row.try_get("caller_xid")?,
+            caller_system_id: row.try_get("caller_system_id")?,
+            expired: row.try_get("expired")?,
+        };
+        if let Some(rejection) = existing.token_conflict(batch) {
+            return Ok(Err(rejection));
         }
 
         let content_hash = batch.content_hash();
@@ -150,6 +167,9 @@ impl PostgresStore {
             }));
         }
 
+        if let Some(rejection) = existing.resolved(batch) {
+            return Ok(Err(rejection));
+        }
         let state = match token.mode {
             TokenMode::Immediate => EventState::Ready,
             _ => EventState::Pending,
@@ -234,6 +254,153 @@ impl PostgresStore {
             statuses,
             shards: shards.iter().map(|&s| s as u32).collect(),
         }))
+    }
+
+    async fn append_in_transaction(
+        &self,
+        connection: &mut PgConnection,
+        batches: &[AppendBatch],
+    ) -> Result<Vec<Result<AppendOutcome, AppendRejection>>, StoreError> {
+        let shard_count = self.shard_count();
+        let mut tx = connection.begin().await?;
+        let mut results = Vec::with_capacity(batches.len());
+        for batch in batches {
+            // A savepoint per append: one bad append fails only itself.
+            sqlx::query("SAVEPOINT append").execute(&mut *tx).await?;
+            let result = match Self::append_one(&mut tx, batch, shard_count).await {
+                Ok(result) => result,
+                Err(error) if is_unique_violation(&error) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT append")
+                        .execute(&mut *tx)
+                        .await?;
+                    let caller_ids: Vec<Uuid> = batch
+                        .events
+                        .iter()
+                        .filter_map(|e| e.event_id)
+                        .map(|id| id.0)
+                        .collect();
+                    let taken: Vec<Uuid> = sqlx::query_scalar(
+                        "SELECT event_id FROM outbox_events WHERE event_id = ANY($1)",
+                    )
+                    .bind(&caller_ids)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    Err(event_id_taken(batch, &taken))
+                }
+                Err(error) => return Err(error.into()),
+            };
+            if result.is_err() {
+                sqlx::query("ROLLBACK TO SAVEPOINT append")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query("RELEASE SAVEPOINT append")
+                .execute(&mut *tx)
+                .await?;
+            results.push(result);
+        }
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    /// Sets the transaction's state and moves its PENDING events.
+    async fn finish_transaction(
+        tx: &mut PgConnection,
+        transaction: &TransactionRef,
+        transaction_state: i16,
+        resolution: &str,
+        event_state: EventState,
+        reason: Option<&str>,
+    ) -> Result<Resolved, StoreError> {
+        sqlx::query(
+            "UPDATE outbox_transactions SET state = $3, resolution = $4, resolved_at = now() \
+             WHERE producer = $1 AND transaction_id = $2",
+        )
+        .bind(&transaction.producer)
+        .bind(&transaction.transaction_id)
+        .bind(transaction_state)
+        .bind(resolution)
+        .execute(&mut *tx)
+        .await?;
+        Self::transition_pending(tx, transaction, event_state, reason).await
+    }
+
+    async fn transition_pending(
+        tx: &mut PgConnection,
+        transaction: &TransactionRef,
+        event_state: EventState,
+        reason: Option<&str>,
+    ) -> Result<Resolved, StoreError> {
+        let rows = sqlx::query(TRANSITION_PENDING_EVENTS)
+            .bind(&transaction.producer)
+            .bind(&transaction.transaction_id)
+            .bind(event_state as i16)
+            .bind(reason)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut resolved = Resolved::default();
+        for row in &rows {
+            resolved.changed.push(status_from_row(row)?);
+            resolved.shards.push(row.try_get::<i32, _>("shard")? as u32);
+        }
+        Ok(resolved)
+    }
+
+    async fn resolve_two_phase(
+        &self,
+        transaction: &TransactionRef,
+        commit: bool,
+    ) -> Result<Resolution, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT mode, state, resolution, coalesce(expires_at < now(), false) AS expired \
+             FROM outbox_transactions WHERE producer = $1 AND transaction_id = $2 FOR UPDATE",
+        )
+        .bind(&transaction.producer)
+        .bind(&transaction.transaction_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Resolution {
+                verdict: Verdict::NotFound,
+                events: 0,
+                changed: vec![],
+                shards: vec![],
+            });
+        };
+        let mode: i16 = row.try_get("mode")?;
+        let state: i16 = row.try_get("state")?;
+        let resolution: Option<String> = row.try_get("resolution")?;
+        let expired: bool = row.try_get("expired")?;
+        let events: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox_events WHERE producer = $1 AND transaction_id = $2",
+        )
+        .bind(&transaction.producer)
+        .bind(&transaction.transaction_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let step = two_phase_step(mode, state, resolution, expired, commit);
+        let resolved = match &step.finish {
+            Some((txn_state, name, event_state, reason)) => {
+                Self::finish_transaction(
+                    &mut tx,
+                    transaction,
+                    *txn_state,
+                    name,
+                    *event_state,
+                    *reason,
+                )
+                .await?
+            }
+            None => Resolved::default(),
+        };
+        tx.commit().await?;
+        Ok(Resolution {
+            verdict: step.verdict,
+            events: events as u64,
+            changed: resolved.changed,
+            shards: resolved.shards,
+        })
     }
 
     async fn lease_is_current(&self, lease: &Lease) -> Result<bool, StoreError> {
@@ -350,46 +517,21 @@ impl Store for PostgresStore {
         &self,
         batches: &[AppendBatch],
     ) -> Result<Vec<Result<AppendOutcome, AppendRejection>>, StoreError> {
-        let shard_count = self.shard_count();
-        let mut tx = self.pool.begin().await?;
-        let mut results = Vec::with_capacity(batches.len());
-        for batch in batches {
-            // A savepoint per append: one bad append fails only itself.
-            sqlx::query("SAVEPOINT append").execute(&mut *tx).await?;
-            let result = match Self::append_one(&mut tx, batch, shard_count).await {
-                Ok(result) => result,
-                Err(error) if is_unique_violation(&error) => {
-                    sqlx::query("ROLLBACK TO SAVEPOINT append")
-                        .execute(&mut *tx)
-                        .await?;
-                    let caller_ids: Vec<Uuid> = batch
-                        .events
-                        .iter()
-                        .filter_map(|e| e.event_id)
-                        .map(|id| id.0)
-                        .collect();
-                    let taken: Vec<Uuid> = sqlx::query_scalar(
-                        "SELECT event_id FROM outbox_events WHERE event_id = ANY($1)",
-                    )
-                    .bind(&caller_ids)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    Err(event_id_taken(batch, &taken))
-                }
-                Err(error) => return Err(error.into()),
-            };
-            if result.is_err() {
-                sqlx::query("ROLLBACK TO SAVEPOINT append")
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            sqlx::query("RELEASE SAVEPOINT append")
-                .execute(&mut *tx)
-                .await?;
-            results.push(result);
+        let mut connection = self.pool.acquire().await?;
+        let slot: i64 = sqlx::query_scalar(REGISTER_WRITER)
+            .fetch_one(&mut *connection)
+            .await?;
+        let result = self.append_in_transaction(&mut connection, batches).await;
+        // Whatever happened, the slot goes. If the connection broke, its
+        // backend is gone and the slot no longer counts anyway.
+        if let Err(error) = sqlx::query("DELETE FROM outbox_writer_slots WHERE id = $1")
+            .bind(slot)
+            .execute(&mut *connection)
+            .await
+        {
+            tracing::debug!(%error, "could not remove a writer slot");
         }
-        tx.commit().await?;
-        Ok(results)
+        result
     }
 
     async fn acquire_leases(
@@ -526,6 +668,173 @@ impl Store for PostgresStore {
             });
         }
         rows.iter().map(status_from_row).collect()
+    }
+
+    async fn commit_transaction(
+        &self,
+        transaction: &TransactionRef,
+    ) -> Result<Resolution, StoreError> {
+        self.resolve_two_phase(transaction, true).await
+    }
+
+    async fn abort_transaction(
+        &self,
+        transaction: &TransactionRef,
+    ) -> Result<Resolution, StoreError> {
+        self.resolve_two_phase(transaction, false).await
+    }
+
+    async fn expire_transactions(&self, limit: u32) -> Result<Resolved, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let expired: Vec<(String, String)> = sqlx::query_as(
+            "SELECT producer, transaction_id FROM outbox_transactions \
+             WHERE state = 1 AND mode = 2 AND expires_at < now() \
+             ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut resolved = Resolved::default();
+        for (producer, transaction_id) in expired {
+            let transaction = TransactionRef {
+                producer,
+                transaction_id,
+            };
+            let step = two_phase_step(2, TRANSACTION_OPEN, None, true, false);
+            if let Some((txn_state, name, event_state, reason)) = step.finish {
+                resolved.extend(
+                    Self::finish_transaction(
+                        &mut tx,
+                        &transaction,
+                        txn_state,
+                        name,
+                        event_state,
+                        reason,
+                    )
+                    .await?,
+                );
+            }
+        }
+        tx.commit().await?;
+        Ok(resolved)
+    }
+
+    async fn list_prepared(
+        &self,
+        producer: &str,
+        older_than: Duration,
+        limit: u32,
+    ) -> Result<Vec<PreparedTransaction>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT t.producer, t.transaction_id, t.created_at, t.expires_at, \
+                    (SELECT count(*) FROM outbox_events AS e \
+                     WHERE e.producer = t.producer AND e.transaction_id = t.transaction_id) AS events \
+             FROM outbox_transactions AS t \
+             WHERE t.producer = $1 AND t.mode = 2 AND t.state = 1 \
+               AND t.created_at <= now() - make_interval(secs => $2::double precision) \
+             ORDER BY t.created_at LIMIT $3",
+        )
+        .bind(producer)
+        .bind(older_than.as_secs_f64())
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(PreparedTransaction {
+                    producer: row.try_get("producer")?,
+                    transaction_id: row.try_get("transaction_id")?,
+                    created_at: row.try_get("created_at")?,
+                    expires_at: row.try_get("expires_at")?,
+                    events: row.try_get::<i64, _>("events")? as u64,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    async fn open_xid_tokens(&self, limit: u32) -> Result<Vec<XidToken>, StoreError> {
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT producer, transaction_id, caller_xid, caller_system_id FROM outbox_transactions \
+             WHERE state = 1 AND mode = 3 ORDER BY created_at LIMIT $1",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(producer, transaction_id, xid, system_id)| XidToken {
+                transaction: TransactionRef {
+                    producer,
+                    transaction_id,
+                },
+                caller_xid: xid as u64,
+                system_id: system_id as u64,
+            })
+            .collect())
+    }
+
+    async fn resolve_xid_tokens(
+        &self,
+        verdicts: &[(TransactionRef, XidVerdict)],
+    ) -> Result<Resolved, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut resolved = Resolved::default();
+        for (transaction, verdict) in verdicts {
+            // Another instance may have resolved it meanwhile.
+            let open: Option<i16> = sqlx::query_scalar(
+                "SELECT state FROM outbox_transactions \
+                 WHERE producer = $1 AND transaction_id = $2 AND state = 1 FOR UPDATE",
+            )
+            .bind(&transaction.producer)
+            .bind(&transaction.transaction_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if open.is_none() {
+                continue;
+            }
+            match (xid_step(verdict), verdict) {
+                (Some((txn_state, name, event_state, reason)), _) => {
+                    resolved.extend(
+                        Self::finish_transaction(
+                            &mut tx,
+                            transaction,
+                            txn_state,
+                            name,
+                            event_state,
+                            reason.as_deref(),
+                        )
+                        .await?,
+                    );
+                }
+                (None, XidVerdict::Unresolvable(reason)) => {
+                    // Stays PENDING; the reason shows in its status (once).
+                    let rows = sqlx::query(
+                        "UPDATE outbox_events SET last_error = $3, \
+                             change_seq = nextval('outbox_change_seq'), updated_at = now() \
+                         WHERE producer = $1 AND transaction_id = $2 AND state = 1 \
+                           AND last_error IS DISTINCT FROM $3 \
+                         RETURNING event_id, producer, transaction_id, append_sequence, topic, state, \
+                             kafka_partition, kafka_offset, attempts, last_error, updated_at, change_seq",
+                    )
+                    .bind(&transaction.producer)
+                    .bind(&transaction.transaction_id)
+                    .bind(reason)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    for row in &rows {
+                        resolved.changed.push(status_from_row(row)?);
+                    }
+                }
+                (None, _) => {}
+            }
+        }
+        tx.commit().await?;
+        Ok(resolved)
+    }
+
+    fn own_xid_source(&self) -> Option<XidSource> {
+        Some(XidSource::from_pool(self.pool.clone()))
     }
 
     async fn status_by_ids(&self, ids: &[EventId]) -> Result<Vec<EventStatus>, StoreError> {

@@ -20,16 +20,17 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use super::error::is_unique_violation;
-use super::postgres::{event_id_taken, mode_name};
+use super::postgres::{TRANSACTION_OPEN, event_id_taken};
+use super::tokens::{ExistingTransaction, two_phase_step, xid_step};
 use super::{
-    AppendRejection, Delivered, DeliveryFailed, Lease, RelayCursor, RelayRow, Store, StoreError,
+    AppendRejection, Delivered, DeliveryFailed, Lease, PreparedTransaction, RelayCursor, RelayRow,
+    Resolution, Resolved, Store, StoreError, Verdict, XidToken, XidVerdict,
 };
 use crate::domain::{
     AppendBatch, AppendOutcome, EventId, EventState, EventStatus, TokenMode, TransactionRef,
     decode_headers, encode_headers, shard_of,
 };
 
-const TRANSACTION_OPEN: i16 = 1;
 const TRANSACTION_COMMITTED: i16 = 2;
 
 const STATUS_COLUMNS: &str = "event_id, producer, transaction_id, append_sequence, topic, state, \
@@ -125,19 +126,26 @@ impl SqliteStore {
         .bind(micros(now))
         .execute(&mut **tx)
         .await?;
-        let existing_mode: i16 = sqlx::query_scalar(
-            "SELECT mode FROM outbox_transactions WHERE producer = ?1 AND transaction_id = ?2",
+        let row = sqlx::query(
+            "SELECT mode, state, resolution, caller_xid, caller_system_id, \
+                    coalesce(expires_at < ?3, 0) AS expired \
+             FROM outbox_transactions WHERE producer = ?1 AND transaction_id = ?2",
         )
         .bind(&token.producer)
         .bind(&token.transaction_id)
+        .bind(micros(now))
         .fetch_one(&mut **tx)
         .await?;
-        if existing_mode != token.mode.code() {
-            return Ok(Err(AppendRejection::ModeMismatch {
-                transaction_id: token.transaction_id.clone(),
-                existing: mode_name(existing_mode),
-                requested: token.mode.name(),
-            }));
+        let existing = ExistingTransaction {
+            mode: row.try_get("mode")?,
+            state: row.try_get("state")?,
+            resolution: row.try_get("resolution")?,
+            caller_xid: row.try_get("caller_xid")?,
+            caller_system_id: row.try_get("caller_system_id")?,
+            expired: row.try_get::<i64, _>("expired")? != 0,
+        };
+        if let Some(rejection) = existing.token_conflict(batch) {
+            return Ok(Err(rejection));
         }
 
         let content_hash = batch.content_hash();
@@ -193,6 +201,9 @@ impl SqliteStore {
             }));
         }
 
+        if let Some(rejection) = existing.resolved(batch) {
+            return Ok(Err(rejection));
+        }
         let state = match token.mode {
             TokenMode::Immediate => EventState::Ready,
             _ => EventState::Pending,
@@ -253,6 +264,132 @@ impl SqliteStore {
             statuses,
             shards,
         }))
+    }
+
+    /// Sets the transaction's state and moves its PENDING events.
+    async fn finish_transaction(
+        tx: &mut Transaction<'_, Sqlite>,
+        transaction: &TransactionRef,
+        transaction_state: i16,
+        resolution: &str,
+        event_state: EventState,
+        reason: Option<&str>,
+    ) -> Result<Resolved, StoreError> {
+        sqlx::query(
+            "UPDATE outbox_transactions SET state = ?3, resolution = ?4, resolved_at = ?5 \
+             WHERE producer = ?1 AND transaction_id = ?2",
+        )
+        .bind(&transaction.producer)
+        .bind(&transaction.transaction_id)
+        .bind(transaction_state)
+        .bind(resolution)
+        .bind(micros(Utc::now()))
+        .execute(&mut **tx)
+        .await?;
+        Self::transition_pending(tx, transaction, Some(event_state), reason).await
+    }
+
+    /// Moves (or, with `event_state` None, only annotates) the PENDING
+    /// events of a transaction.
+    async fn transition_pending(
+        tx: &mut Transaction<'_, Sqlite>,
+        transaction: &TransactionRef,
+        event_state: Option<EventState>,
+        reason: Option<&str>,
+    ) -> Result<Resolved, StoreError> {
+        let seqs: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT seq, shard FROM outbox_events \
+             WHERE producer = ?1 AND transaction_id = ?2 AND state = 1 \
+               AND (?3 IS NOT NULL OR last_error IS NOT ?4) \
+             ORDER BY seq",
+        )
+        .bind(&transaction.producer)
+        .bind(&transaction.transaction_id)
+        .bind(event_state.map(|s| s as i16))
+        .bind(reason)
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut resolved = Resolved::default();
+        if seqs.is_empty() {
+            return Ok(resolved);
+        }
+        let first_change = Self::next_changes(tx, seqs.len()).await?;
+        let now = micros(Utc::now());
+        for (index, (seq, shard)) in seqs.iter().enumerate() {
+            sqlx::query(
+                "UPDATE outbox_events SET state = coalesce(?1, state), last_error = ?2, \
+                     change_seq = ?3, updated_at = ?4 WHERE seq = ?5",
+            )
+            .bind(event_state.map(|s| s as i16))
+            .bind(reason)
+            .bind(first_change + index as i64)
+            .bind(now)
+            .bind(seq)
+            .execute(&mut **tx)
+            .await?;
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {STATUS_COLUMNS} FROM outbox_events WHERE seq = ?1"
+            )))
+            .bind(seq)
+            .fetch_one(&mut **tx)
+            .await?;
+            resolved.changed.push(status_from_row(&row)?);
+            resolved.shards.push(*shard as u32);
+        }
+        Ok(resolved)
+    }
+
+    async fn resolve_two_phase(
+        &self,
+        transaction: &TransactionRef,
+        commit: bool,
+    ) -> Result<Resolution, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let row = sqlx::query(
+            "SELECT mode, state, resolution, coalesce(expires_at < ?3, 0) AS expired \
+             FROM outbox_transactions WHERE producer = ?1 AND transaction_id = ?2",
+        )
+        .bind(&transaction.producer)
+        .bind(&transaction.transaction_id)
+        .bind(micros(Utc::now()))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Resolution {
+                verdict: Verdict::NotFound,
+                events: 0,
+                changed: vec![],
+                shards: vec![],
+            });
+        };
+        let events: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox_events WHERE producer = ?1 AND transaction_id = ?2",
+        )
+        .bind(&transaction.producer)
+        .bind(&transaction.transaction_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let step = two_phase_step(
+            row.try_get("mode")?,
+            row.try_get("state")?,
+            row.try_get("resolution")?,
+            row.try_get::<i64, _>("expired")? != 0,
+            commit,
+        );
+        let resolved = match step.finish {
+            Some((txn_state, name, event_state, reason)) => {
+                Self::finish_transaction(&mut tx, transaction, txn_state, name, event_state, reason)
+                    .await?
+            }
+            None => Resolved::default(),
+        };
+        tx.commit().await?;
+        Ok(Resolution {
+            verdict: step.verdict,
+            events: events as u64,
+            changed: resolved.changed,
+            shards: resolved.shards,
+        })
     }
 
     /// Runs `update` for each row of a relay outcome batch inside one
@@ -595,6 +732,152 @@ impl Store for SqliteStore {
             |f| f.seq,
         )
         .await
+    }
+
+    async fn commit_transaction(
+        &self,
+        transaction: &TransactionRef,
+    ) -> Result<Resolution, StoreError> {
+        self.resolve_two_phase(transaction, true).await
+    }
+
+    async fn abort_transaction(
+        &self,
+        transaction: &TransactionRef,
+    ) -> Result<Resolution, StoreError> {
+        self.resolve_two_phase(transaction, false).await
+    }
+
+    async fn expire_transactions(&self, limit: u32) -> Result<Resolved, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let expired: Vec<(String, String)> = sqlx::query_as(
+            "SELECT producer, transaction_id FROM outbox_transactions \
+             WHERE state = 1 AND mode = 2 AND expires_at < ?1 ORDER BY expires_at LIMIT ?2",
+        )
+        .bind(micros(Utc::now()))
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut resolved = Resolved::default();
+        for (producer, transaction_id) in expired {
+            let transaction = TransactionRef {
+                producer,
+                transaction_id,
+            };
+            if let Some((txn_state, name, event_state, reason)) =
+                two_phase_step(2, TRANSACTION_OPEN, None, true, false).finish
+            {
+                resolved.extend(
+                    Self::finish_transaction(
+                        &mut tx,
+                        &transaction,
+                        txn_state,
+                        name,
+                        event_state,
+                        reason,
+                    )
+                    .await?,
+                );
+            }
+        }
+        tx.commit().await?;
+        Ok(resolved)
+    }
+
+    async fn list_prepared(
+        &self,
+        producer: &str,
+        older_than: Duration,
+        limit: u32,
+    ) -> Result<Vec<PreparedTransaction>, StoreError> {
+        let rows: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT t.producer, t.transaction_id, t.created_at, t.expires_at, \
+                    (SELECT count(*) FROM outbox_events AS e \
+                     WHERE e.producer = t.producer AND e.transaction_id = t.transaction_id) \
+             FROM outbox_transactions AS t \
+             WHERE t.producer = ?1 AND t.mode = 2 AND t.state = 1 AND t.created_at <= ?2 \
+             ORDER BY t.created_at LIMIT ?3",
+        )
+        .bind(producer)
+        .bind(micros(Utc::now()) - older_than.as_micros() as i64)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(producer, transaction_id, created, expires, events)| PreparedTransaction {
+                    producer,
+                    transaction_id,
+                    created_at: from_micros(created),
+                    expires_at: from_micros(expires),
+                    events: events as u64,
+                },
+            )
+            .collect())
+    }
+
+    async fn open_xid_tokens(&self, limit: u32) -> Result<Vec<XidToken>, StoreError> {
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT producer, transaction_id, caller_xid, caller_system_id FROM outbox_transactions \
+             WHERE state = 1 AND mode = 3 ORDER BY created_at LIMIT ?1",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(producer, transaction_id, xid, system_id)| XidToken {
+                transaction: TransactionRef {
+                    producer,
+                    transaction_id,
+                },
+                caller_xid: xid as u64,
+                system_id: system_id as u64,
+            })
+            .collect())
+    }
+
+    async fn resolve_xid_tokens(
+        &self,
+        verdicts: &[(TransactionRef, XidVerdict)],
+    ) -> Result<Resolved, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut resolved = Resolved::default();
+        for (transaction, verdict) in verdicts {
+            let open: Option<i64> = sqlx::query_scalar(
+                "SELECT state FROM outbox_transactions \
+                 WHERE producer = ?1 AND transaction_id = ?2 AND state = 1",
+            )
+            .bind(&transaction.producer)
+            .bind(&transaction.transaction_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if open.is_none() {
+                continue;
+            }
+            match (xid_step(verdict), verdict) {
+                (Some((txn_state, name, event_state, reason)), _) => resolved.extend(
+                    Self::finish_transaction(
+                        &mut tx,
+                        transaction,
+                        txn_state,
+                        name,
+                        event_state,
+                        reason.as_deref(),
+                    )
+                    .await?,
+                ),
+                (None, XidVerdict::Unresolvable(reason)) => {
+                    let annotated =
+                        Self::transition_pending(&mut tx, transaction, None, Some(reason)).await?;
+                    resolved.changed.extend(annotated.changed);
+                }
+                (None, _) => {}
+            }
+        }
+        tx.commit().await?;
+        Ok(resolved)
     }
 
     async fn status_by_ids(&self, ids: &[EventId]) -> Result<Vec<EventStatus>, StoreError> {

@@ -1,14 +1,23 @@
 -- One shard's not-final rows in (writer_xid, seq) order, behind the
--- visibility gate: only rows whose writing transaction is older than every
--- transaction still running, so that no row can later appear before the
--- cursor (Watermill's scheme). Served by outbox_events_relay.
+-- visibility gate (see migration 0002): only rows whose writing transaction
+-- is older than every outboxd writer still running, so that no row can later
+-- appear before the cursor. Served by outbox_events_relay.
+WITH gate AS (
+    SELECT LEAST(
+        pg_snapshot_xmax(pg_current_snapshot()),
+        (SELECT min(s.floor_xid)
+         FROM outbox_writer_slots AS s
+         JOIN pg_stat_activity AS a
+           ON a.pid = s.backend_pid AND a.backend_start = s.backend_start)
+    ) AS below
+)
 SELECT seq, writer_xid::text::bigint AS writer_xid, event_id, producer, transaction_id,
        topic, kafka_key, payload, headers, aggregate_type, aggregate_id, event_type,
        state, attempts, next_attempt_at, occurred_at, traceparent, tracestate
-FROM outbox_events
+FROM outbox_events, gate
 WHERE shard = $1
   AND state < 4
-  AND writer_xid < pg_snapshot_xmin(pg_current_snapshot())
+  AND writer_xid < gate.below
   AND (writer_xid, seq) > ($2::text::xid8, $3)
 ORDER BY writer_xid, seq
 LIMIT $4
