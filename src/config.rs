@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Limits;
 use crate::ingest::IngestConfig;
-use crate::relay::{KafkaConfig, RelayConfig};
+use crate::relay::{KafkaConfig, RelayConfig, TokenConfig};
 use crate::status::WatchSettings;
 
 /// Where events are stored (`[store]`).
@@ -75,6 +75,7 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub limits: Limits,
     pub watch: WatchConfig,
+    pub tokens: TokenConfig,
 }
 
 impl Default for Config {
@@ -88,6 +89,7 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             limits: Limits::default(),
             watch: WatchConfig::default(),
+            tokens: TokenConfig::default(),
         }
     }
 }
@@ -179,6 +181,16 @@ impl Config {
         }
         if self.limits.max_batch_events == 0 {
             return invalid("limits.max_batch_events must be positive");
+        }
+        if self.tokens.resolve_interval.is_zero() {
+            return invalid("tokens.resolve_interval must be positive");
+        }
+        for (producer, url) in &self.tokens.postgres_xid_clusters {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "tokens.postgres_xid_clusters.{producer} must be a postgres:// URL"
+                )));
+            }
         }
         if self.watch.resync_interval.is_zero() {
             return invalid("watch.resync_interval must be positive");

@@ -13,9 +13,9 @@ use tonic_health::ServingStatus;
 
 use crate::api::{AdminApi, OutboxApi};
 use crate::config::Config;
-use crate::ingest::Ingest;
+use crate::ingest::{Ingest, Transactions};
 use crate::proto;
-use crate::relay::{Publisher, Relay, RelayHealth, RelayWaker};
+use crate::relay::{Publisher, Relay, RelayHealth, RelayWaker, Resolver, XidSources};
 use crate::status::StatusBus;
 
 /// Health service name of the relay (the ingest path reports under
@@ -58,7 +58,7 @@ pub async fn run(
         store: store.clone(),
         publisher,
         bus: bus.clone(),
-        waker,
+        waker: waker.clone(),
         config: config.relay.clone(),
         owner: format!(
             "{}-{}-{}",
@@ -69,6 +69,17 @@ pub async fn run(
         health: relay_health,
     };
     let relay_task = tokio::spawn(relay.run(relay_shutdown.clone()));
+    let xid_sources = XidSources::new(store.as_ref(), &config.tokens)
+        .context("configuring postgres_xid clusters")?;
+    let resolver = Resolver {
+        store: store.clone(),
+        bus: bus.clone(),
+        waker: waker.clone(),
+        sources: xid_sources.clone(),
+        config: config.tokens.clone(),
+        idle_interval: config.relay.poll_interval,
+    };
+    let resolver_task = tokio::spawn(resolver.run(relay_shutdown.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -112,6 +123,12 @@ pub async fn run(
 
     let api = OutboxApi {
         ingest: ingest.clone(),
+        transactions: Transactions {
+            store: store.clone(),
+            bus: bus.clone(),
+            waker: waker.clone(),
+        },
+        xid_sources,
         store: store.clone(),
         bus,
         limits: config.limits.clone(),
@@ -129,7 +146,11 @@ pub async fn run(
         .add_service(
             proto::outbox_server::OutboxServer::new(api).max_decoding_message_size(max_message),
         )
-        .add_service(proto::outbox_admin_server::OutboxAdminServer::new(AdminApi))
+        .add_service(proto::outbox_admin_server::OutboxAdminServer::new(
+            AdminApi {
+                store: store.clone(),
+            },
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled());
 
     let served = serve.await;
@@ -143,6 +164,11 @@ pub async fn run(
             }
         }
         relay_shutdown.cancel();
+        match resolver_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "token resolver failed"),
+            Err(error) => tracing::error!(%error, "token resolver task failed"),
+        }
         relay_task.await
     })
     .await;

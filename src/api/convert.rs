@@ -155,12 +155,6 @@ pub fn append_batch(
     if !violations.is_empty() {
         return Err(ApiError::invalid(violations));
     }
-    if batch.token.mode != TokenMode::Immediate {
-        // The store keeps such events PENDING, but nothing resolves them yet.
-        return Err(ApiError::Unimplemented(
-            "only immediate tokens are accepted so far; two_phase and postgres_xid are not available yet",
-        ));
-    }
     Ok(batch)
 }
 
@@ -250,6 +244,40 @@ pub fn event_ids(ids: &[String], field: &str) -> Result<Vec<EventId>, ApiError> 
         Ok(parsed)
     } else {
         Err(ApiError::invalid(violations))
+    }
+}
+
+/// The (producer, transaction id) of a Commit or Abort.
+pub fn transaction_ref(
+    producer: String,
+    transaction_id: String,
+) -> Result<TransactionRef, ApiError> {
+    let mut violations = Vec::new();
+    if producer.is_empty() {
+        violations.push(FieldViolation::new("producer", "must not be empty"));
+    }
+    if transaction_id.is_empty() {
+        violations.push(FieldViolation::new("transaction_id", "must not be empty"));
+    }
+    if violations.is_empty() {
+        Ok(TransactionRef {
+            producer,
+            transaction_id,
+        })
+    } else {
+        Err(ApiError::invalid(violations))
+    }
+}
+
+pub fn prepared_transaction(
+    prepared: &crate::store::PreparedTransaction,
+) -> proto::PreparedTransaction {
+    proto::PreparedTransaction {
+        producer: prepared.producer.clone(),
+        transaction_id: prepared.transaction_id.clone(),
+        created_at: Some(utc_to_timestamp(prepared.created_at)),
+        expires_at: Some(utc_to_timestamp(prepared.expires_at)),
+        events: prepared.events,
     }
 }
 

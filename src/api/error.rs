@@ -4,7 +4,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::domain::FieldViolation;
-use crate::ingest::IngestError;
+use crate::ingest::{IngestError, ResolveError};
 use crate::status::WatchError;
 use crate::store::{AppendRejection, StoreError};
 
@@ -145,6 +145,18 @@ impl From<IngestError> for ApiError {
             IngestError::ShuttingDown => {
                 ApiError::Unavailable("outboxd is shutting down; retry on another instance".into())
             }
+        }
+    }
+}
+
+impl From<ResolveError> for ApiError {
+    fn from(error: ResolveError) -> Self {
+        match error {
+            ResolveError::NotFound(_) => ApiError::NotFound(error.to_string()),
+            ResolveError::WrongMode { .. } | ResolveError::Refused { .. } => {
+                ApiError::FailedPrecondition(error.to_string())
+            }
+            ResolveError::Store(store) => store.into(),
         }
     }
 }

@@ -16,9 +16,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub use error::ApiError;
 
-use crate::domain::{AppendOutcome, FieldViolation, Limits};
-use crate::ingest::Ingest;
+use crate::domain::{AppendBatch, AppendOutcome, FieldViolation, Limits, TokenMode};
+use crate::ingest::{Ingest, Transactions};
 use crate::proto;
+use crate::relay::XidSources;
 use crate::status::{StatusBus, WatchSettings, WatchTarget};
 use crate::store::Store;
 
@@ -29,6 +30,9 @@ const MAX_PIPELINED_APPENDS: usize = 1_024;
 #[derive(Clone)]
 pub struct OutboxApi {
     pub ingest: Ingest,
+    pub transactions: Transactions,
+    /// Which producers' postgres_xid tokens can be resolved.
+    pub xid_sources: XidSources,
     pub store: Arc<dyn Store>,
     pub bus: StatusBus,
     pub limits: Limits,
@@ -38,6 +42,20 @@ pub struct OutboxApi {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Refuses a postgres_xid token that nothing could ever resolve.
+fn check_resolvable(batch: &AppendBatch, sources: &XidSources) -> Result<(), ApiError> {
+    if matches!(batch.token.mode, TokenMode::PostgresXid { .. })
+        && !sources.can_resolve(&batch.token.producer)
+    {
+        return Err(ApiError::FailedPrecondition(format!(
+            "no PostgreSQL cluster is configured to resolve postgres_xid tokens of producer {:?} \
+             (set tokens.postgres_xid_clusters, or use a PostgreSQL store)",
+            batch.token.producer
+        )));
+    }
+    Ok(())
+}
 type PendingAck = Pin<Box<dyn Future<Output = (u64, Result<AppendOutcome, ApiError>)> + Send>>;
 
 #[tonic::async_trait]
@@ -50,6 +68,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
         let request = request.into_inner();
         let correlation = request.correlation;
         let batch = convert::append_batch(request, trace, &self.limits)?;
+        check_resolvable(&batch, &self.xid_sources)?;
         let outcome = self.ingest.append(batch).await.map_err(ApiError::from)?;
         Ok(Response::new(convert::append_response(
             outcome,
@@ -68,6 +87,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
         // One writer lane per stream: its appends commit in stream order.
         let lane = self.ingest.lane();
         let limits = self.limits.clone();
+        let sources = self.xid_sources.clone();
         let shutdown = self.shutdown.clone();
         let (tx, rx) = mpsc::channel(MAX_PIPELINED_APPENDS);
         tokio::spawn(async move {
@@ -83,7 +103,9 @@ impl proto::outbox_server::Outbox for OutboxApi {
                         match message {
                             Ok(Some(request)) => {
                                 let correlation = request.correlation;
-                                let pending: PendingAck = match convert::append_batch(request, trace.clone(), &limits) {
+                                let batch = convert::append_batch(request, trace.clone(), &limits)
+                                    .and_then(|batch| check_resolvable(&batch, &sources).map(|()| batch));
+                                let pending: PendingAck = match batch {
                                     Err(error) => Box::pin(async move { (correlation, Err(error)) }),
                                     Ok(batch) => match lane.submit(batch).await {
                                         Ok(ack) => Box::pin(async move {
@@ -122,16 +144,30 @@ impl proto::outbox_server::Outbox for OutboxApi {
 
     async fn commit(
         &self,
-        _request: Request<proto::CommitRequest>,
+        request: Request<proto::CommitRequest>,
     ) -> Result<Response<proto::CommitResponse>, Status> {
-        Err(ApiError::Unimplemented("two_phase tokens are not available yet").into())
+        let request = request.into_inner();
+        let transaction = convert::transaction_ref(request.producer, request.transaction_id)?;
+        let events = self
+            .transactions
+            .commit(&transaction)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(proto::CommitResponse { events }))
     }
 
     async fn abort(
         &self,
-        _request: Request<proto::AbortRequest>,
+        request: Request<proto::AbortRequest>,
     ) -> Result<Response<proto::AbortResponse>, Status> {
-        Err(ApiError::Unimplemented("two_phase tokens are not available yet").into())
+        let request = request.into_inner();
+        let transaction = convert::transaction_ref(request.producer, request.transaction_id)?;
+        let events = self
+            .transactions
+            .abort(&transaction)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(proto::AbortResponse { events }))
     }
 
     async fn get_status(
@@ -220,10 +256,15 @@ impl proto::outbox_server::Outbox for OutboxApi {
     }
 }
 
-/// The `OutboxAdmin` service; its operations arrive with the relay's
-/// dead-letter and lease management.
-#[derive(Clone, Default)]
-pub struct AdminApi;
+/// Most prepared transactions one ListPrepared returns.
+const MAX_PREPARED_LISTED: u32 = 10_000;
+
+/// The `OutboxAdmin` service. Dead-letter, pause and lease operations are not
+/// available yet and answer UNIMPLEMENTED.
+#[derive(Clone)]
+pub struct AdminApi {
+    pub store: Arc<dyn Store>,
+}
 
 fn not_yet<T>() -> Result<Response<T>, Status> {
     Err(ApiError::Unimplemented("this admin operation is not available yet").into())
@@ -269,8 +310,36 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
     }
     async fn list_prepared(
         &self,
-        _: Request<proto::ListPreparedRequest>,
+        request: Request<proto::ListPreparedRequest>,
     ) -> Result<Response<proto::ListPreparedResponse>, Status> {
-        not_yet()
+        let request = request.into_inner();
+        if request.producer.is_empty() {
+            return Err(ApiError::invalid(vec![FieldViolation::new(
+                "producer",
+                "must not be empty",
+            )])
+            .into());
+        }
+        let older_than = match request.older_than {
+            None => std::time::Duration::ZERO,
+            Some(d) if d.seconds >= 0 && (0..1_000_000_000).contains(&d.nanos) => {
+                std::time::Duration::new(d.seconds as u64, d.nanos as u32)
+            }
+            Some(_) => {
+                return Err(ApiError::invalid(vec![FieldViolation::new(
+                    "older_than",
+                    "must be a non-negative duration",
+                )])
+                .into());
+            }
+        };
+        let prepared = self
+            .store
+            .list_prepared(&request.producer, older_than, MAX_PREPARED_LISTED)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(proto::ListPreparedResponse {
+            transactions: prepared.iter().map(convert::prepared_transaction).collect(),
+        }))
     }
 }

@@ -13,7 +13,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::domain::{AppendBatch, AppendOutcome};
+mod transactions;
+
+pub use transactions::{ResolveError, Transactions};
+
+use crate::domain::{AppendBatch, AppendOutcome, TokenMode};
 use crate::relay::RelayWaker;
 use crate::status::StatusBus;
 use crate::store::{AppendRejection, Store, StoreError};
@@ -158,6 +162,13 @@ async fn run_writer(
         match store.append(&batches).await {
             Ok(results) => {
                 let mut shards = Vec::new();
+                let pending_xid = batches.iter().zip(&results).any(|(batch, result)| {
+                    matches!(batch.token.mode, TokenMode::PostgresXid { .. })
+                        && result.as_ref().is_ok_and(|outcome| !outcome.duplicate)
+                });
+                if pending_xid {
+                    waker.wake_resolver();
+                }
                 for (reply, result) in replies.into_iter().zip(results) {
                     match result {
                         Ok(mut outcome) => {

@@ -7,10 +7,12 @@
 
 mod backoff;
 pub mod publisher;
+pub mod resolver;
 mod shard;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -20,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use backoff::retry_delay;
 pub use publisher::{KafkaConfig, Publisher};
+pub use resolver::{Resolver, TokenConfig, XidSources};
 
 use crate::status::StatusBus;
 use crate::store::Store;
@@ -66,37 +69,59 @@ impl Default for RelayConfig {
     }
 }
 
-/// Wakes shard workers when new rows are committed in this process.
+/// How a shard worker is told that something changed in its shard.
+#[derive(Default)]
+pub(crate) struct ShardSignal {
+    pub(crate) notify: Notify,
+    /// Rows behind the worker's cursor may have become sendable (a token was
+    /// resolved): it must rewind, not just read on.
+    pub(crate) rewind: AtomicBool,
+}
+
+/// Wakes shard workers (and the token resolver) when this process commits
+/// something they must look at.
 #[derive(Clone)]
 pub struct RelayWaker {
-    shards: Arc<Vec<Notify>>,
+    shards: Arc<Vec<ShardSignal>>,
+    pub(crate) resolver: Arc<Notify>,
 }
 
 impl RelayWaker {
     pub fn new(shard_count: u32) -> Self {
         RelayWaker {
-            shards: Arc::new((0..shard_count).map(|_| Notify::new()).collect()),
+            shards: Arc::new((0..shard_count).map(|_| ShardSignal::default()).collect()),
+            resolver: Arc::new(Notify::new()),
         }
     }
 
-    /// Wakes the workers of these shards; a worker that is busy keeps the
-    /// wake-up (a permit) and reads again when it next waits.
+    /// New rows in these shards. A worker that is busy keeps the wake-up (a
+    /// permit) and reads again when it next waits.
     pub fn wake_shards(&self, shards: impl IntoIterator<Item = u32>) {
         let unique: HashSet<u32> = shards.into_iter().collect();
         for shard in unique {
-            if let Some(notify) = self.shards.get(shard as usize) {
-                notify.notify_one();
+            if let Some(signal) = self.shards.get(shard as usize) {
+                signal.notify.notify_one();
             }
         }
     }
 
-    pub fn wake_all(&self) {
-        for notify in self.shards.iter() {
-            notify.notify_one();
+    /// Rows in these shards changed state behind the workers' cursors.
+    pub fn rewind_shards(&self, shards: impl IntoIterator<Item = u32>) {
+        let unique: HashSet<u32> = shards.into_iter().collect();
+        for shard in unique {
+            if let Some(signal) = self.shards.get(shard as usize) {
+                signal.rewind.store(true, Ordering::Release);
+                signal.notify.notify_one();
+            }
         }
     }
 
-    fn shard(&self, shard: u32) -> Option<&Notify> {
+    /// Pending tokens were appended: the resolver should look soon.
+    pub fn wake_resolver(&self) {
+        self.resolver.notify_one();
+    }
+
+    fn shard(&self, shard: u32) -> Option<&ShardSignal> {
         self.shards.get(shard as usize)
     }
 }
@@ -172,8 +197,8 @@ impl Relay {
                                 let (shard, epoch) = (lease.shard, lease.epoch);
                                 let worker_token = token.clone();
                                 running.spawn(async move {
-                                    let notify = wake.shard(shard).expect("a waker per shard");
-                                    (shard, epoch, worker.run(notify, worker_token).await)
+                                    let signal = wake.shard(shard).expect("a signal per shard");
+                                    (shard, epoch, worker.run(signal, worker_token).await)
                                 });
                                 tracing::info!(shard, epoch, "relaying shard");
                                 workers.insert(shard, (epoch, token));

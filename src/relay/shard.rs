@@ -17,12 +17,13 @@ use chrono::{DateTime, Utc};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use tokio::sync::Notify;
+use std::sync::atomic::Ordering;
+
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::publisher::Publisher;
-use super::{RelayConfig, retry_delay};
+use super::{RelayConfig, ShardSignal, retry_delay};
 use crate::domain::EventState;
 use crate::status::StatusBus;
 use crate::store::{Delivered, DeliveryFailed, Lease, RelayCursor, RelayRow, Store, StoreError};
@@ -98,7 +99,7 @@ impl ShardWorker {
 
     pub(super) async fn run(
         mut self,
-        wake: &Notify,
+        signal: &ShardSignal,
         shutdown: CancellationToken,
     ) -> Result<(), ShardError> {
         let shard = self.lease.shard;
@@ -126,7 +127,12 @@ impl ShardWorker {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = wake.notified() => self.want_read = true,
+                _ = signal.notify.notified() => {
+                    self.want_read = true;
+                    if signal.rewind.swap(false, Ordering::AcqRel) {
+                        self.rewind();
+                    }
+                }
                 Some(outcome) = self.in_flight.next(), if !self.in_flight.is_empty() => {
                     self.absorb(outcome);
                 }

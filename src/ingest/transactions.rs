@@ -1,0 +1,76 @@
+//! `Commit` and `Abort` of two_phase transactions.
+
+use std::sync::Arc;
+
+use crate::domain::TransactionRef;
+use crate::relay::RelayWaker;
+use crate::status::StatusBus;
+use crate::store::{Store, StoreError, Verdict};
+
+/// Why a Commit or Abort was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("transaction {0:?} not found")]
+    NotFound(String),
+    #[error(
+        "transaction {transaction_id:?} is a {mode} transaction; only two_phase transactions are committed or aborted"
+    )]
+    WrongMode {
+        transaction_id: String,
+        mode: &'static str,
+    },
+    #[error("transaction {transaction_id:?} is already {resolution}")]
+    Refused {
+        transaction_id: String,
+        resolution: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Resolves two_phase transactions and tells the relay and watchers.
+#[derive(Clone)]
+pub struct Transactions {
+    pub store: Arc<dyn Store>,
+    pub bus: StatusBus,
+    pub waker: RelayWaker,
+}
+
+impl Transactions {
+    /// Makes the transaction's events publishable; idempotent. Returns the
+    /// number of events in the transaction.
+    pub async fn commit(&self, transaction: &TransactionRef) -> Result<u64, ResolveError> {
+        let resolution = self.store.commit_transaction(transaction).await?;
+        self.finish(transaction, resolution)
+    }
+
+    /// Discards the transaction's events; idempotent.
+    pub async fn abort(&self, transaction: &TransactionRef) -> Result<u64, ResolveError> {
+        let resolution = self.store.abort_transaction(transaction).await?;
+        self.finish(transaction, resolution)
+    }
+
+    fn finish(
+        &self,
+        transaction: &TransactionRef,
+        resolution: crate::store::Resolution,
+    ) -> Result<u64, ResolveError> {
+        // Changes are announced even when the request is refused: an expired
+        // transaction is discarded by the Commit that finds it expired.
+        self.waker.rewind_shards(resolution.shards);
+        self.bus.publish(resolution.changed);
+        let transaction_id = transaction.transaction_id.clone();
+        match resolution.verdict {
+            Verdict::Done | Verdict::AlreadyDone => Ok(resolution.events),
+            Verdict::NotFound => Err(ResolveError::NotFound(transaction_id)),
+            Verdict::WrongMode(mode) => Err(ResolveError::WrongMode {
+                transaction_id,
+                mode,
+            }),
+            Verdict::Refused(resolution) => Err(ResolveError::Refused {
+                transaction_id,
+                resolution,
+            }),
+        }
+    }
+}
