@@ -12,7 +12,7 @@ use outboxd::proto;
 use outboxd::proto::outbox_admin_client::OutboxAdminClient;
 use outboxd::proto::outbox_client::OutboxClient;
 use sqlx::{Connection, PgConnection};
-use support::{Gateway, Tansu, consume_until, first_sightings_by_key};
+use support::{CallerTransaction, Gateway, Tansu, consume_until, first_sightings_by_key};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -397,59 +397,6 @@ async fn two_phase_tokens_publish_exactly_what_was_committed_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_phase_tokens_publish_exactly_what_was_committed_sqlite() {
     two_phase_lifecycle(support::sqlite_url()).await;
-}
-
-/// A caller's open PostgreSQL transaction and its token.
-struct CallerTransaction {
-    connection: PgConnection,
-    pid: i32,
-    xid: u64,
-    system_id: u64,
-}
-
-impl CallerTransaction {
-    async fn begin(url: &str) -> CallerTransaction {
-        let mut connection = PgConnection::connect(url).await.unwrap();
-        sqlx::query("BEGIN").execute(&mut connection).await.unwrap();
-        // Some business write of the caller's own.
-        let (xid, system_id, pid): (String, i64, i32) = sqlx::query_as(
-            "SELECT pg_current_xact_id()::text, (SELECT system_identifier FROM pg_control_system()), pg_backend_pid()",
-        )
-        .fetch_one(&mut connection)
-        .await
-        .unwrap();
-        CallerTransaction {
-            connection,
-            pid,
-            xid: xid.parse().unwrap(),
-            system_id: system_id as u64,
-        }
-    }
-
-    fn token(&self, producer: &str, transaction_id: &str) -> Option<proto::TransactionToken> {
-        Some(proto::TransactionToken {
-            producer: producer.into(),
-            transaction_id: transaction_id.into(),
-            mode: proto::TokenMode::PostgresXid as i32,
-            postgres_xid: self.xid,
-            postgres_system_id: self.system_id,
-            ..Default::default()
-        })
-    }
-
-    async fn commit(mut self) {
-        sqlx::query("COMMIT")
-            .execute(&mut self.connection)
-            .await
-            .unwrap();
-    }
-
-    async fn rollback(mut self) {
-        sqlx::query("ROLLBACK")
-            .execute(&mut self.connection)
-            .await
-            .unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -672,3 +672,61 @@ pub fn first_sightings_by_key(records: &[Consumed]) -> HashMap<Vec<u8>, Vec<Stri
     }
     by_key
 }
+
+/// A caller's open PostgreSQL transaction and its postgres_xid token.
+pub struct CallerTransaction {
+    connection: sqlx::PgConnection,
+    pub pid: i32,
+    pub xid: u64,
+    pub system_id: u64,
+}
+
+impl CallerTransaction {
+    pub async fn begin(url: &str) -> CallerTransaction {
+        use sqlx::Connection;
+        let mut connection = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut connection).await.unwrap();
+        // Some business write of the caller's own.
+        let (xid, system_id, pid): (String, i64, i32) = sqlx::query_as(
+            "SELECT pg_current_xact_id()::text, (SELECT system_identifier FROM pg_control_system()), pg_backend_pid()",
+        )
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+        CallerTransaction {
+            connection,
+            pid,
+            xid: xid.parse().unwrap(),
+            system_id: system_id as u64,
+        }
+    }
+
+    pub fn token(
+        &self,
+        producer: &str,
+        transaction_id: &str,
+    ) -> Option<outboxd::proto::TransactionToken> {
+        Some(outboxd::proto::TransactionToken {
+            producer: producer.into(),
+            transaction_id: transaction_id.into(),
+            mode: outboxd::proto::TokenMode::PostgresXid as i32,
+            postgres_xid: self.xid,
+            postgres_system_id: self.system_id,
+            ..Default::default()
+        })
+    }
+
+    pub async fn commit(mut self) {
+        sqlx::query("COMMIT")
+            .execute(&mut self.connection)
+            .await
+            .unwrap();
+    }
+
+    pub async fn rollback(mut self) {
+        sqlx::query("ROLLBACK")
+            .execute(&mut self.connection)
+            .await
+            .unwrap();
+    }
+}
