@@ -15,6 +15,7 @@
 //! - [`api`]: gRPC adapters only: proto ↔ domain, and errors → status codes.
 //! - [`config`]: layered configuration, validated before anything starts.
 //! - [`server`]: wiring of one instance and its orderly shutdown.
+//! - [`bench`]: `outboxd bench`, outboxd against its baselines in one run.
 //! - [`dev`]: `outboxd dev`, the embedded default with an in-process broker.
 //! - [`tail`]: a small Kafka consumer printing records with their headers.
 //! - [`telemetry`]: logging setup.
@@ -22,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod dev;
 pub mod domain;

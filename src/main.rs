@@ -28,6 +28,8 @@ enum Command {
     Dev(outboxd::dev::DevArgs),
     /// Print the records of a topic with their headers.
     Tail(outboxd::tail::TailArgs),
+    /// Measure outboxd against a direct producer and a naive outbox.
+    Bench(outboxd::bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -91,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Dev(args) => outboxd::dev::run(args, shutdown_on_signal()).await,
         Command::Tail(args) => outboxd::tail::run(args, shutdown_on_signal()).await,
+        Command::Bench(args) => outboxd::bench::run(args).await.map(|_| ()),
     }
 }
 

@@ -1,0 +1,467 @@
+//! `outboxd bench`: outboxd against its baselines, in one run, on the same
+//! store and broker (DESIGN §12).
+//!
+//! - **outboxd**: a real `outboxd serve` process (measured: CPU, peak RSS),
+//!   driven through gRPC by a load generator on its own runtime; an
+//!   independent consumer times each record's arrival in Kafka.
+//! - **direct produce**: a bare rdkafka producer with the same settings
+//!   sending the same number of records: the ceiling of the Kafka side.
+//! - **naive outbox**: the relay services write by hand: select the oldest
+//!   100 unpublished rows, send each and wait, update each row.
+
+mod baselines;
+mod load;
+mod process;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, ensure};
+use clap::Args;
+use hdrhistogram::Histogram;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+pub use load::LoadShape;
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// PostgreSQL database for the store (the bench creates its tables).
+    #[arg(long, env = "OUTBOXD_DATABASE_URL")]
+    pub database_url: String,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "OUTBOXD_KAFKA_BROKERS")]
+    pub brokers: String,
+    /// How long the load runs.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// gRPC connections of the load generator.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Requests in flight in all.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Events per request.
+    #[arg(long, default_value_t = 50)]
+    pub batch: usize,
+    /// Use pipelined AppendStreams instead of unary Appends.
+    #[arg(long)]
+    pub stream: bool,
+    /// Distinct ordering keys.
+    #[arg(long, default_value_t = 1_000)]
+    pub keys: usize,
+    /// Payload size in bytes (at least 8).
+    #[arg(long, default_value_t = 256)]
+    pub payload_bytes: usize,
+    /// Target events per second; 0 runs open throttle.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Partitions of the bench topics.
+    #[arg(long, default_value_t = 6)]
+    pub partitions: i32,
+    /// Skip the direct-produce and naive-outbox baselines.
+    #[arg(long)]
+    pub skip_baselines: bool,
+    /// Where the markdown report goes.
+    #[arg(long, default_value = "target/bench-report.md")]
+    pub report: PathBuf,
+    /// Extra gateway configuration (TOML); store, brokers and listen are set
+    /// by the bench.
+    #[arg(long)]
+    pub gateway_config: Option<PathBuf>,
+    /// Also build a backlog of this many events while the relay cannot reach
+    /// the broker, then time its drain.
+    #[arg(long)]
+    pub backlog: Option<u64>,
+}
+
+/// Microseconds since the epoch: payloads carry their send time, so the
+/// consumer can time each record without a shared table.
+pub(crate) fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+pub(crate) fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+pub(crate) fn quantile_ms(histogram: &Histogram<u64>, q: f64) -> f64 {
+    histogram.value_at_quantile(q) as f64 / 1_000.0
+}
+
+async fn create_topics(brokers: &str, names: &[String], partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    for result in admin
+        .create_topics(
+            &topics,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?
+    {
+        result.map_err(|(topic, code)| anyhow::anyhow!("creating {topic}: {code:?}"))?;
+    }
+    Ok(())
+}
+
+/// Counts a topic's records as they arrive and times each from its send.
+pub(crate) struct Arrivals {
+    pub delivered: Arc<AtomicU64>,
+    pub duplicates: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<Histogram<u64>>>,
+}
+
+impl Arrivals {
+    /// Starts an independent consumer of every partition of `topic`.
+    pub fn start(brokers: &str, topic: &str) -> anyhow::Result<Arrivals> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set(
+                "group.id",
+                format!("outboxd-bench-{}", uuid::Uuid::now_v7()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()?;
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let mut assignment = TopicPartitionList::new();
+        for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                assignment.add_partition_offset(topic, p.id(), Offset::Offset(0))?;
+            }
+        }
+        consumer.assign(&assignment)?;
+        let delivered = Arc::new(AtomicU64::new(0));
+        let duplicates = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, dup, s) = (delivered.clone(), duplicates.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("bench-consumer".into())
+            .spawn(move || {
+                let mut lag = histogram();
+                let mut seen: HashSet<Vec<u8>> = HashSet::new();
+                while !s.load(Ordering::Relaxed) {
+                    let Some(message) = consumer.poll(Duration::from_millis(50)) else {
+                        continue;
+                    };
+                    let message = message?;
+                    let arrived = now_micros();
+                    let id = message
+                        .headers()
+                        .and_then(|h| h.iter().find(|h| h.key == "outbox-event-id"))
+                        .and_then(|h| h.value.map(<[u8]>::to_vec))
+                        .unwrap_or_else(|| {
+                            // Baseline records carry no event id: key + offset.
+                            format!("{}:{}", message.partition(), message.offset()).into_bytes()
+                        });
+                    if !seen.insert(id) {
+                        dup.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    if let Some(payload) = message.payload()
+                        && payload.len() >= 8
+                    {
+                        let sent = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
+                        let _ = lag.record(arrived.saturating_sub(sent).max(1));
+                    }
+                    d.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(lag)
+            })?;
+        Ok(Arrivals {
+            delivered,
+            duplicates,
+            stop,
+            thread,
+        })
+    }
+
+    /// Waits until `count` records arrived or `timeout` passed.
+    pub fn wait_for(&self, count: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.delivered.load(Ordering::Relaxed) < count {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
+    pub fn finish(self) -> anyhow::Result<Histogram<u64>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the bench consumer panicked"))?
+    }
+}
+
+/// Figures of one outboxd run.
+#[derive(Debug, Clone, Default)]
+pub struct OutboxdFigures {
+    pub acked_events: u64,
+    pub failed_requests: u64,
+    pub load_seconds: f64,
+    pub append_rate: f64,
+    pub delivered_during_load: u64,
+    pub end_to_end_rate: f64,
+    pub drain_seconds: f64,
+    pub ack_p50_ms: f64,
+    pub ack_p99_ms: f64,
+    pub ack_p999_ms: f64,
+    pub lag_p50_ms: f64,
+    pub lag_p99_ms: f64,
+    pub duplicates: u64,
+    pub gateway_cpu_percent: f64,
+    pub gateway_rss_mb: f64,
+    pub gateway_peak_rss_mb: f64,
+    pub store_growth_mb: f64,
+    pub bytes_per_event: f64,
+}
+
+/// The whole run's results.
+#[derive(Debug, Clone, Default)]
+pub struct BenchReport {
+    pub outboxd: OutboxdFigures,
+    pub direct_rate: Option<f64>,
+    pub naive_rate: Option<f64>,
+    pub naive_published: Option<u64>,
+    pub backlog: Option<(u64, f64)>,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
+    ensure!(
+        args.payload_bytes >= 8,
+        "--payload-bytes must be at least 8"
+    );
+    ensure!(
+        args.concurrency >= 1 && args.connections >= 1 && args.batch >= 1,
+        "--concurrency, --connections and --batch must be positive"
+    );
+    let run_id = uuid::Uuid::now_v7().simple().to_string();
+    let topic = format!("bench-outboxd-{run_id}");
+    let direct_topic = format!("bench-direct-{run_id}");
+    let naive_topic = format!("bench-naive-{run_id}");
+    create_topics(
+        &args.brokers,
+        &[topic.clone(), direct_topic.clone(), naive_topic.clone()],
+        args.partitions,
+    )
+    .await
+    .context("creating the bench topics")?;
+    let shape = LoadShape {
+        connections: args.connections,
+        concurrency: args.concurrency,
+        batch: args.batch,
+        stream: args.stream,
+        keys: args.keys,
+        payload_bytes: args.payload_bytes,
+        rate: args.rate,
+        duration: args.duration,
+    };
+
+    let mut report = BenchReport {
+        outboxd: outboxd_run(&args, &shape, &topic).await?,
+        ..BenchReport::default()
+    };
+    if let Some(events) = args.backlog {
+        report.backlog = Some(process::backlog_drain(&args, events, &run_id).await?);
+    }
+    if !args.skip_baselines {
+        let records = report.outboxd.acked_events.max(1);
+        println!("baseline: direct produce of {records} records");
+        report.direct_rate =
+            Some(baselines::direct_produce(&args, &shape, &direct_topic, records).await?);
+        println!("baseline: naive outbox for {:?}", args.duration);
+        let (rate, published) = baselines::naive_outbox(&args, &shape, &naive_topic).await?;
+        report.naive_rate = Some(rate);
+        report.naive_published = Some(published);
+    }
+    let markdown = render(&args, &report);
+    if let Some(dir) = args.report.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.report, &markdown)
+        .with_context(|| format!("writing {}", args.report.display()))?;
+    println!("\n{markdown}");
+    println!("report written to {}", args.report.display());
+    Ok(report)
+}
+
+async fn outboxd_run(
+    args: &BenchArgs,
+    shape: &LoadShape,
+    topic: &str,
+) -> anyhow::Result<OutboxdFigures> {
+    let database_size_before = process::database_size(&args.database_url).await?;
+    let gateway = process::Gateway::start(args, None).await?;
+    let arrivals = Arrivals::start(&args.brokers, topic)?;
+    let cpu_before = gateway.cpu_seconds()?;
+    println!(
+        "outboxd: {} for {:?}, {} connections, {} in flight, {} events per request, {} keys, {} B payloads",
+        if shape.stream {
+            "AppendStream"
+        } else {
+            "unary Append"
+        },
+        shape.duration,
+        shape.connections,
+        shape.concurrency,
+        shape.batch,
+        shape.keys,
+        shape.payload_bytes
+    );
+    let started = Instant::now();
+    let load = load::drive(
+        gateway.endpoint(),
+        topic.to_owned(),
+        shape.clone(),
+        arrivals.delivered.clone(),
+    )
+    .await
+    .context("running the load")?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    let delivered_during_load = arrivals.delivered.load(Ordering::Relaxed);
+    let cpu_during_load = gateway.cpu_seconds()? - cpu_before;
+    let rss_mb = gateway.rss_mb()?;
+    let all_arrived = arrivals.wait_for(load.acked_events, Duration::from_secs(300));
+    let total_seconds = started.elapsed().as_secs_f64();
+    let peak_rss_mb = gateway.peak_rss_mb()?;
+    gateway.stop().await?;
+    let duplicates = arrivals.duplicates.load(Ordering::Relaxed);
+    let delivered = arrivals.delivered.load(Ordering::Relaxed);
+    let lag = arrivals.finish()?;
+    ensure!(
+        all_arrived,
+        "only {delivered} of {} acknowledged events reached Kafka",
+        load.acked_events
+    );
+    let database_size_after = process::database_size(&args.database_url).await?;
+    let growth = database_size_after.saturating_sub(database_size_before) as f64;
+    Ok(OutboxdFigures {
+        acked_events: load.acked_events,
+        failed_requests: load.failed_requests,
+        load_seconds,
+        append_rate: load.acked_events as f64 / load_seconds,
+        delivered_during_load,
+        end_to_end_rate: load.acked_events as f64 / total_seconds,
+        drain_seconds: total_seconds - load_seconds,
+        ack_p50_ms: quantile_ms(&load.ack_latency, 0.50),
+        ack_p99_ms: quantile_ms(&load.ack_latency, 0.99),
+        ack_p999_ms: quantile_ms(&load.ack_latency, 0.999),
+        lag_p50_ms: quantile_ms(&lag, 0.50),
+        lag_p99_ms: quantile_ms(&lag, 0.99),
+        duplicates,
+        gateway_cpu_percent: 100.0 * cpu_during_load / load_seconds,
+        gateway_rss_mb: rss_mb,
+        gateway_peak_rss_mb: peak_rss_mb,
+        store_growth_mb: growth / 1_048_576.0,
+        bytes_per_event: growth / load.acked_events.max(1) as f64,
+    })
+}
+
+fn render(args: &BenchArgs, report: &BenchReport) -> String {
+    let o = &report.outboxd;
+    let mut out = String::new();
+    out.push_str("## outboxd bench\n\n");
+    out.push_str(&format!(
+        "Load: {} for {:?}; {} connections, {} requests in flight, {} events per request, {} keys, {} B payloads, {} partitions, rate {}.\n\n",
+        if args.stream { "AppendStream" } else { "unary Append" },
+        args.duration,
+        args.connections,
+        args.concurrency,
+        args.batch,
+        args.keys,
+        args.payload_bytes,
+        args.partitions,
+        if args.rate == 0 { "open".to_owned() } else { format!("{} events/s", args.rate) }
+    ));
+    out.push_str("| figure | value |\n|---|---|\n");
+    let rows: Vec<(&str, String)> = vec![
+        ("events acknowledged", o.acked_events.to_string()),
+        ("failed requests", o.failed_requests.to_string()),
+        (
+            "append rate (acked events/s during load)",
+            format!("{:.0}", o.append_rate),
+        ),
+        (
+            "end-to-end rate (acked → in Kafka, events/s, incl. drain)",
+            format!("{:.0}", o.end_to_end_rate),
+        ),
+        (
+            "in Kafka by the end of the load",
+            o.delivered_during_load.to_string(),
+        ),
+        (
+            "drain after the load (s)",
+            format!("{:.2}", o.drain_seconds),
+        ),
+        (
+            "append ack latency p50 / p99 / p99.9 (ms)",
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                o.ack_p50_ms, o.ack_p99_ms, o.ack_p999_ms
+            ),
+        ),
+        (
+            "publish lag p50 / p99 (append → readable in Kafka, ms)",
+            format!("{:.1} / {:.1}", o.lag_p50_ms, o.lag_p99_ms),
+        ),
+        ("duplicates seen by the consumer", o.duplicates.to_string()),
+        (
+            "gateway CPU during load (% of one core)",
+            format!("{:.0}", o.gateway_cpu_percent),
+        ),
+        (
+            "gateway RSS at end of load / peak (MB)",
+            format!("{:.0} / {:.0}", o.gateway_rss_mb, o.gateway_peak_rss_mb),
+        ),
+        (
+            "store growth (MB; bytes per event)",
+            format!("{:.1}; {:.0}", o.store_growth_mb, o.bytes_per_event),
+        ),
+    ];
+    for (name, value) in rows {
+        out.push_str(&format!("| {name} | {value} |\n"));
+    }
+    if let Some((events, seconds)) = report.backlog {
+        out.push_str(&format!(
+            "| backlog of {events} built while the broker was unreachable: drain time (s); rate (events/s) | {seconds:.1}; {:.0} |\n",
+            events as f64 / seconds
+        ));
+    }
+    if let (Some(direct), Some(naive)) = (report.direct_rate, report.naive_rate) {
+        out.push_str(&format!("| direct produce (records/s) | {direct:.0} |\n"));
+        out.push_str(&format!(
+            "| naive outbox relay (events/s; published in the run) | {naive:.0}; {} |\n",
+            report.naive_published.unwrap_or_default()
+        ));
+        out.push_str(&format!(
+            "| outboxd / direct produce | {:.2} |\n",
+            o.end_to_end_rate / direct
+        ));
+        out.push_str(&format!(
+            "| outboxd / naive outbox | {:.1}× |\n",
+            o.end_to_end_rate / naive.max(f64::MIN_POSITIVE)
+        ));
+    }
+    out
+}
