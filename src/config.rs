@@ -173,6 +173,23 @@ impl Config {
         if self.relay.lease_ttl < Duration::from_secs(1) {
             return invalid("relay.lease_ttl must be at least 1s");
         }
+        if self.relay.max_attempts == 0 {
+            return invalid("relay.max_attempts must be at least 1");
+        }
+        if let Some(topic) = &self.relay.dead_letter_topic
+            && let Some(reason) = crate::domain::validate_topic(topic)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "relay.dead_letter_topic {reason}"
+            )));
+        }
+        if self.relay.breaker_cooldown.is_zero()
+            || self.relay.breaker_max_cooldown < self.relay.breaker_cooldown
+        {
+            return invalid(
+                "relay.breaker_cooldown must be positive and at most relay.breaker_max_cooldown",
+            );
+        }
         if self.relay.poll_interval.is_zero() {
             return invalid("relay.poll_interval must be positive");
         }

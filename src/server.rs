@@ -15,7 +15,9 @@ use crate::api::{AdminApi, OutboxApi};
 use crate::config::Config;
 use crate::ingest::{Ingest, Transactions};
 use crate::proto;
-use crate::relay::{Publisher, Relay, RelayHealth, RelayWaker, Resolver, XidSources};
+use crate::relay::{
+    BreakerState, Publisher, Relay, RelayHealth, RelayWaker, Resolver, SharedBreaker, XidSources,
+};
 use crate::status::StatusBus;
 
 /// Health service name of the relay (the ingest path reports under
@@ -39,7 +41,18 @@ pub async fn run(
     .await
     .context("connecting to the store")?;
     store.migrate().await.context("migrating the store")?;
-    let publisher = Arc::new(Publisher::new(&config.kafka).context("creating the Kafka producer")?);
+    let breaker = Arc::new(SharedBreaker::new(
+        config.relay.breaker_cooldown,
+        config.relay.breaker_max_cooldown,
+    ));
+    let publisher = Arc::new(
+        Publisher::new(
+            &config.kafka,
+            breaker.clone(),
+            config.relay.dead_letter_topic.clone(),
+        )
+        .context("creating the Kafka producer")?,
+    );
 
     let bus = StatusBus::new(config.watch.bus_capacity);
     let waker = RelayWaker::new(store.shard_count());
@@ -54,9 +67,11 @@ pub async fn run(
 
     let relay_shutdown = CancellationToken::new();
     let (relay_health, mut relay_health_rx) = watch::channel(RelayHealth::Starting);
+    let mut breaker_rx = breaker.subscribe();
     let relay = Relay {
         store: store.clone(),
         publisher,
+        breaker,
         bus: bus.clone(),
         waker: waker.clone(),
         config: config.relay.clone(),
@@ -93,9 +108,12 @@ pub async fn run(
         let stop = shutdown.clone();
         tokio::spawn(async move {
             loop {
-                let status = match *relay_health_rx.borrow_and_update() {
-                    RelayHealth::Serving { .. } => ServingStatus::Serving,
-                    RelayHealth::Starting | RelayHealth::Stopped => ServingStatus::NotServing,
+                // Serving: holding shards, and Kafka reachable (breaker closed).
+                let relay = *relay_health_rx.borrow_and_update();
+                let breaker = *breaker_rx.borrow_and_update();
+                let status = match (relay, breaker) {
+                    (RelayHealth::Serving { .. }, BreakerState::Closed) => ServingStatus::Serving,
+                    _ => ServingStatus::NotServing,
                 };
                 reporter
                     .set_service_status(RELAY_HEALTH_SERVICE, status)
@@ -103,6 +121,7 @@ pub async fn run(
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     changed = relay_health_rx.changed() => if changed.is_err() { break },
+                    changed = breaker_rx.changed() => if changed.is_err() { break },
                 }
             }
         })

@@ -6,6 +6,7 @@
 //! producer, and records outcomes in batches fenced by the lease epoch.
 
 mod backoff;
+pub mod breaker;
 pub mod publisher;
 pub mod resolver;
 mod shard;
@@ -21,6 +22,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use backoff::retry_delay;
+pub use breaker::{BreakerState, SharedBreaker};
 pub use publisher::{KafkaConfig, Publisher};
 pub use resolver::{Resolver, TokenConfig, XidSources};
 
@@ -52,6 +54,16 @@ pub struct RelayConfig {
     /// How long shutdown waits for records in flight.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Attempts before a retriable failure dead-letters the event.
+    pub max_attempts: u32,
+    /// Also copy dead-lettered records to this topic.
+    pub dead_letter_topic: Option<String>,
+    /// First wait of the circuit breaker before it probes the broker.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    /// Longest wait between probes.
+    #[serde(with = "humantime_serde")]
+    pub breaker_max_cooldown: Duration,
 }
 
 impl Default for RelayConfig {
@@ -65,6 +77,10 @@ impl Default for RelayConfig {
             retry_base: Duration::from_millis(200),
             retry_cap: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
+            max_attempts: 12,
+            dead_letter_topic: None,
+            breaker_cooldown: Duration::from_secs(1),
+            breaker_max_cooldown: Duration::from_secs(30),
         }
     }
 }
@@ -116,6 +132,13 @@ impl RelayWaker {
         }
     }
 
+    /// Every shard, e.g. when the breaker closes.
+    pub fn wake_all(&self) {
+        for signal in self.shards.iter() {
+            signal.notify.notify_one();
+        }
+    }
+
     /// Pending tokens were appended: the resolver should look soon.
     pub fn wake_resolver(&self) {
         self.resolver.notify_one();
@@ -143,6 +166,7 @@ pub enum RelayHealth {
 pub struct Relay {
     pub store: Arc<dyn Store>,
     pub publisher: Arc<Publisher>,
+    pub breaker: Arc<SharedBreaker>,
     pub bus: StatusBus,
     pub waker: RelayWaker,
     pub config: RelayConfig,
@@ -158,9 +182,31 @@ impl Relay {
         let mut running: JoinSet<(u32, i64, Result<(), shard::ShardError>)> = JoinSet::new();
         let mut renew = tokio::time::interval(self.config.lease_ttl / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probe = tokio::time::interval(Duration::from_millis(100));
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut breaker_state = self.breaker.subscribe();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = probe.tick() => {
+                    if self.breaker.probe_due() {
+                        let publisher = self.publisher.clone();
+                        let reachable = tokio::task::spawn_blocking(move || publisher.probe(Duration::from_secs(2)))
+                            .await
+                            .unwrap_or(false);
+                        if reachable {
+                            self.breaker.success();
+                        } else {
+                            self.breaker.probe_failed();
+                        }
+                    }
+                }
+                Ok(()) = breaker_state.changed() => {
+                    if *breaker_state.borrow_and_update() == BreakerState::Closed {
+                        // Resume every shard at once.
+                        self.waker.wake_all();
+                    }
+                }
                 _ = renew.tick() => {
                     match self
                         .store
@@ -190,6 +236,7 @@ impl Relay {
                                     lease.clone(),
                                     self.store.clone(),
                                     self.publisher.clone(),
+                                    self.breaker.clone(),
                                     self.bus.clone(),
                                     self.config.clone(),
                                 );

@@ -4,12 +4,15 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
+use std::sync::Arc;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header as KafkaHeader, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientConfig, ClientContext, Message};
 use serde::{Deserialize, Serialize};
 
+use super::breaker::SharedBreaker;
 use crate::store::RelayRow;
 
 /// Kafka settings (`[kafka]`).
@@ -79,21 +82,131 @@ impl KafkaConfig {
     }
 }
 
+/// What a failed delivery means for the event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The broker side is unreachable or timing out: open the breaker; the
+    /// event's attempts do not grow.
+    BrokerLevel,
+    /// The record can never be accepted (too large, invalid or unknown
+    /// topic, not authorised): dead-letter at once.
+    Permanent,
+    /// Worth another attempt after a backoff.
+    Retriable,
+    /// The producer dropped it on purpose (purge, shutdown): not a failure.
+    Purged,
+}
+
+/// Sorts a produce error into a [`FailureKind`].
+pub fn classify(error: &KafkaError) -> FailureKind {
+    use RDKafkaErrorCode as Code;
+    let Some(code) = error.rdkafka_error_code() else {
+        return FailureKind::Retriable;
+    };
+    match code {
+        Code::AllBrokersDown
+        | Code::BrokerTransportFailure
+        | Code::MessageTimedOut
+        | Code::RequestTimedOut
+        | Code::NetworkException
+        | Code::OperationTimedOut
+        | Code::Resolve => FailureKind::BrokerLevel,
+        Code::MessageSizeTooLarge
+        | Code::MessageBatchTooLarge
+        | Code::InvalidMessageSize
+        | Code::InvalidMessage
+        | Code::InvalidRecord
+        | Code::InvalidTopic
+        | Code::UnknownTopic
+        | Code::UnknownTopicOrPartition
+        | Code::TopicAuthorizationFailed
+        | Code::ClusterAuthorizationFailed
+        | Code::UnsupportedForMessageFormat => FailureKind::Permanent,
+        Code::PurgeQueue | Code::PurgeInflight => FailureKind::Purged,
+        _ => FailureKind::Retriable,
+    }
+}
+
+/// Sees librdkafka's client-level errors: "all brokers down" opens the breaker.
+pub struct RelayContext {
+    breaker: Arc<SharedBreaker>,
+}
+
+impl ClientContext for RelayContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if classify(&error) == FailureKind::BrokerLevel {
+            self.breaker.trip();
+        }
+        tracing::warn!(%error, reason, "kafka client error");
+    }
+}
+
 /// Publishes relay rows as Kafka records.
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: FutureProducer<RelayContext>,
+    /// Where dead letters are also copied, when configured.
+    dead_letter_topic: Option<String>,
 }
 
 impl Publisher {
-    pub fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
+    pub fn new(
+        config: &KafkaConfig,
+        breaker: Arc<SharedBreaker>,
+        dead_letter_topic: Option<String>,
+    ) -> Result<Self, KafkaError> {
         Ok(Publisher {
-            producer: config.producer_config().create()?,
+            producer: config
+                .producer_config()
+                .create_with_context(RelayContext { breaker })?,
+            dead_letter_topic,
         })
     }
 
+    /// Whether the cluster answers a metadata request (blocking).
+    pub fn probe(&self, timeout: Duration) -> bool {
+        self.producer.client().fetch_metadata(None, timeout).is_ok()
+    }
+
+    /// Copies a dead-lettered record to the dead-letter topic, with the
+    /// reason in `outbox-dead-letter-reason`. Best effort: a copy that fails
+    /// is logged; the event is dead-lettered in the store either way.
+    pub fn copy_to_dead_letter_topic(&self, message: &OwnedMessage, reason: &str) {
+        let Some(topic) = &self.dead_letter_topic else {
+            return;
+        };
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = message.headers() {
+            for header in original.iter() {
+                headers = headers.insert(KafkaHeader {
+                    key: header.key,
+                    value: header.value,
+                });
+            }
+        }
+        headers = headers
+            .insert(KafkaHeader {
+                key: "outbox-dead-letter-reason",
+                value: Some(reason),
+            })
+            .insert(KafkaHeader {
+                key: "outbox-original-topic",
+                value: Some(message.topic()),
+            });
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+            .payload(message.payload().unwrap_or_default())
+            .headers(headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        if let Err((error, _)) = self.producer.send_result(record) {
+            tracing::warn!(%error, %topic, "could not copy a dead letter to the dead-letter topic");
+        }
+    }
+
     /// Hands the record of `row` to the producer without waiting for Kafka.
-    /// Fails at once when the local queue is full or the record is invalid.
-    pub fn send(&self, row: &RelayRow) -> Result<DeliveryFuture, KafkaError> {
+    /// Fails at once when the local queue is full or the record is invalid
+    /// (then with the record as a message, for the dead-letter topic).
+    pub fn send(&self, row: &RelayRow) -> Result<DeliveryFuture, (KafkaError, Box<OwnedMessage>)> {
         let event_id = row.event_id.to_string();
         let mut headers = OwnedHeaders::new_with_capacity(row.headers.len() + 8);
         for header in &row.headers {
@@ -129,7 +242,18 @@ impl Publisher {
         }
         self.producer
             .send_result(record)
-            .map_err(|(error, _record)| error)
+            .map_err(|(error, record)| {
+                let message = Box::new(OwnedMessage::new(
+                    Some(record.payload.map(<[u8]>::to_vec).unwrap_or_default()),
+                    record.key.map(<[u8]>::to_vec),
+                    record.topic.to_owned(),
+                    rdkafka::Timestamp::NotAvailable,
+                    -1,
+                    -1,
+                    record.headers,
+                ));
+                (error, message)
+            })
     }
 
     /// Waits up to `timeout` for queued records to be delivered.

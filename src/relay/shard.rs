@@ -17,12 +17,14 @@ use chrono::{DateTime, Utc};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedMessage;
 use std::sync::atomic::Ordering;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::publisher::Publisher;
+use super::breaker::SharedBreaker;
+use super::publisher::{FailureKind, Publisher, classify};
 use super::{RelayConfig, ShardSignal, retry_delay};
 use crate::domain::EventState;
 use crate::status::StatusBus;
@@ -38,8 +40,9 @@ pub enum ShardError {
 struct Outcome {
     seq: i64,
     key: Option<Vec<u8>>,
+    /// Attempts including this one.
     attempts: u32,
-    result: Result<(i32, i64), String>,
+    result: Result<(i32, i64), (KafkaError, Option<OwnedMessage>)>,
 }
 
 type Pending = Pin<Box<dyn Future<Output = Outcome> + Send>>;
@@ -48,6 +51,7 @@ pub(super) struct ShardWorker {
     lease: Lease,
     store: Arc<dyn Store>,
     publisher: Arc<Publisher>,
+    breaker: Arc<SharedBreaker>,
     bus: StatusBus,
     config: RelayConfig,
     /// Rows up to here were looked at since the last rewind.
@@ -75,6 +79,7 @@ impl ShardWorker {
         lease: Lease,
         store: Arc<dyn Store>,
         publisher: Arc<Publisher>,
+        breaker: Arc<SharedBreaker>,
         bus: StatusBus,
         config: RelayConfig,
     ) -> Self {
@@ -82,6 +87,7 @@ impl ShardWorker {
             lease,
             store,
             publisher,
+            breaker,
             bus,
             config,
             cursor: RelayCursor::default(),
@@ -112,7 +118,10 @@ impl ShardWorker {
                 self.on_store_error(error, &shutdown).await?;
                 continue;
             }
-            if self.want_read && self.sent.len() < self.config.max_in_flight_per_shard {
+            if self.want_read
+                && self.sent.len() < self.config.max_in_flight_per_shard
+                && self.breaker.allows_claims()
+            {
                 if let Err(error) = self.dispatch().await {
                     self.on_store_error(error, &shutdown).await?;
                     continue;
@@ -293,16 +302,22 @@ impl ShardWorker {
             }
             match self.send(&row) {
                 Ok(()) => {}
-                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     // The producer's queue is shared by all shards: wait for
                     // outcomes, or the next poll if none of them are ours.
                     self.want_read = false;
                     self.capacity_limited = !self.in_flight.is_empty();
                     return Ok(());
                 }
-                Err(error) => {
+                Err((error, message)) => {
                     let attempts = row.attempts + 1;
-                    self.fail(row.seq, row.kafka_key.clone(), attempts, error.to_string());
+                    self.fail(
+                        row.seq,
+                        row.kafka_key.clone(),
+                        attempts,
+                        error,
+                        Some(*message),
+                    );
                 }
             }
             self.cursor = row.cursor();
@@ -311,7 +326,7 @@ impl ShardWorker {
         Ok(())
     }
 
-    fn send(&mut self, row: &RelayRow) -> Result<(), KafkaError> {
+    fn send(&mut self, row: &RelayRow) -> Result<(), (KafkaError, Box<OwnedMessage>)> {
         let delivery = self.publisher.send(row)?;
         let seq = row.seq;
         let key = row.kafka_key.clone();
@@ -320,8 +335,12 @@ impl ShardWorker {
         self.in_flight.push(Box::pin(async move {
             let result = match delivery.await {
                 Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
-                Ok(Err((error, _message))) => Err(error.to_string()),
-                Err(_canceled) => Err("producer dropped the record".to_owned()),
+                Ok(Err((error, message))) => Err((error, Some(message))),
+                // The producer went away with the record: as if purged.
+                Err(_canceled) => Err((
+                    KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue),
+                    None,
+                )),
             };
             Outcome {
                 seq,
@@ -335,31 +354,83 @@ impl ShardWorker {
 
     fn absorb(&mut self, outcome: Outcome) {
         match outcome.result {
-            Ok((partition, offset)) => self.delivered.push(Delivered {
-                seq: outcome.seq,
-                partition,
-                offset,
-            }),
-            Err(error) => self.fail(outcome.seq, outcome.key, outcome.attempts, error),
+            Ok((partition, offset)) => {
+                self.breaker.success();
+                self.delivered.push(Delivered {
+                    seq: outcome.seq,
+                    partition,
+                    offset,
+                })
+            }
+            Err((error, message)) => {
+                self.fail(outcome.seq, outcome.key, outcome.attempts, error, message)
+            }
         }
     }
 
-    /// A delivery failed: retry later, and hold the key until then.
-    fn fail(&mut self, seq: i64, key: Option<Vec<u8>>, attempts: u32, error: String) {
-        let delay = retry_delay(
-            attempts,
-            self.config.retry_base,
-            self.config.retry_cap,
-            &mut rand::rng(),
-        );
-        tracing::warn!(shard = self.lease.shard, seq, attempts, %error, ?delay, "delivery failed; will retry");
-        self.sent.insert(seq);
+    /// A delivery failed. The key is held either way; what happens to the
+    /// event depends on the kind of failure.
+    fn fail(
+        &mut self,
+        seq: i64,
+        key: Option<Vec<u8>>,
+        attempts: u32,
+        error: KafkaError,
+        message: Option<OwnedMessage>,
+    ) {
+        let shard = self.lease.shard;
         self.block(key);
-        self.rewind_no_later_than(Instant::now() + delay);
+        match classify(&error) {
+            FailureKind::Purged | FailureKind::BrokerLevel => {
+                // Not the event's fault: nothing is recorded, its attempts do
+                // not grow; it is sent again after a rewind.
+                if classify(&error) == FailureKind::BrokerLevel {
+                    self.breaker.trip();
+                }
+                tracing::debug!(shard, seq, %error, "delivery not completed; will resend");
+                self.sent.remove(&seq);
+                self.rewind_no_later_than(Instant::now() + self.config.retry_base);
+            }
+            FailureKind::Permanent => {
+                let reason = format!("permanent failure: {error}");
+                tracing::warn!(shard, seq, %reason, "dead-lettering event");
+                self.dead_letter(seq, reason, message);
+            }
+            FailureKind::Retriable if attempts >= self.config.max_attempts => {
+                let reason = format!("gave up after {attempts} attempts: {error}");
+                tracing::warn!(shard, seq, %reason, "dead-lettering event");
+                self.dead_letter(seq, reason, message);
+            }
+            FailureKind::Retriable => {
+                let delay = retry_delay(
+                    attempts,
+                    self.config.retry_base,
+                    self.config.retry_cap,
+                    &mut rand::rng(),
+                );
+                tracing::warn!(shard, seq, attempts, %error, ?delay, "delivery failed; will retry");
+                self.sent.insert(seq);
+                self.rewind_no_later_than(Instant::now() + delay);
+                self.failed.push(DeliveryFailed {
+                    seq,
+                    error: error.to_string(),
+                    retry_at: Some(Utc::now() + delay),
+                });
+            }
+        }
+    }
+
+    fn dead_letter(&mut self, seq: i64, reason: String, message: Option<OwnedMessage>) {
+        if let Some(message) = &message {
+            self.publisher.copy_to_dead_letter_topic(message, &reason);
+        }
+        self.sent.insert(seq);
+        // Its key is released at the next rewind (the row is final then).
+        self.rewind_no_later_than(Instant::now());
         self.failed.push(DeliveryFailed {
             seq,
-            error,
-            retry_at: Some(Utc::now() + delay),
+            error: reason,
+            retry_at: None,
         });
     }
 
