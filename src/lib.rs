@@ -12,6 +12,7 @@
 //! - [`ingest`]: the coalescing writer that commits concurrent appends together.
 //! - [`relay`]: shard leases, shard workers and the Kafka publisher.
 //! - [`status`]: the status bus and `WatchStatus` fan-out.
+//! - [`admin`]: `outboxd admin …`, the OutboxAdmin operations from the command line.
 //! - [`api`]: gRPC adapters only: proto ↔ domain, and errors → status codes.
 //! - [`config`]: layered configuration, validated before anything starts.
 //! - [`server`]: wiring of one instance and its orderly shutdown.
@@ -22,6 +23,7 @@
 //! - [`proto`]: the generated `outboxd.v1` messages, clients and servers.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api;
 pub mod bench;
 pub mod config;

@@ -28,6 +28,8 @@ enum Command {
     Dev(outboxd::dev::DevArgs),
     /// Print the records of a topic with their headers.
     Tail(outboxd::tail::TailArgs),
+    /// Dead letters, redrive, pause/resume, backlog, leases, prepared transactions.
+    Admin(outboxd::admin::AdminArgs),
     /// Measure outboxd against a direct producer and a naive outbox.
     Bench(outboxd::bench::BenchArgs),
 }
@@ -93,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Dev(args) => outboxd::dev::run(args, shutdown_on_signal()).await,
         Command::Tail(args) => outboxd::tail::run(args, shutdown_on_signal()).await,
+        Command::Admin(args) => outboxd::admin::run(args).await,
         Command::Bench(args) => outboxd::bench::run(args).await.map(|_| ()),
     }
 }

@@ -140,6 +140,7 @@ pub async fn run(
         .build_v1alpha()
         .context("building the reflection service")?;
 
+    let admin_bus = bus.clone();
     let api = OutboxApi {
         ingest: ingest.clone(),
         transactions: Transactions {
@@ -168,6 +169,8 @@ pub async fn run(
         .add_service(proto::outbox_admin_server::OutboxAdminServer::new(
             AdminApi {
                 store: store.clone(),
+                bus: admin_bus,
+                waker: waker.clone(),
             },
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled());

@@ -281,6 +281,29 @@ pub fn prepared_transaction(
     }
 }
 
+pub fn dead_letter_filter(
+    event_ids: Vec<EventId>,
+    producer: String,
+    topic: String,
+    since: Option<prost_types::Timestamp>,
+) -> Result<crate::store::DeadLetterFilter, ApiError> {
+    let since = match since {
+        None => None,
+        Some(timestamp) => Some(timestamp_to_utc(&timestamp).ok_or_else(|| {
+            ApiError::invalid(vec![FieldViolation::new(
+                "since",
+                "is not a valid timestamp",
+            )])
+        })?),
+    };
+    Ok(crate::store::DeadLetterFilter {
+        event_ids,
+        producer: (!producer.is_empty()).then_some(producer),
+        topic: (!topic.is_empty()).then_some(topic),
+        since,
+    })
+}
+
 pub fn transaction_refs(
     refs: Vec<proto::TransactionRef>,
     field: &str,

@@ -19,7 +19,7 @@ pub use error::ApiError;
 use crate::domain::{AppendBatch, AppendOutcome, FieldViolation, Limits, TokenMode};
 use crate::ingest::{Ingest, Transactions};
 use crate::proto;
-use crate::relay::XidSources;
+use crate::relay::{RelayWaker, XidSources};
 use crate::status::{StatusBus, WatchSettings, WatchTarget};
 use crate::store::Store;
 
@@ -259,55 +259,147 @@ impl proto::outbox_server::Outbox for OutboxApi {
 /// Most prepared transactions one ListPrepared returns.
 const MAX_PREPARED_LISTED: u32 = 10_000;
 
-/// The `OutboxAdmin` service. Dead-letter, pause and lease operations are not
-/// available yet and answer UNIMPLEMENTED.
+/// Largest ListDeadLetters page.
+const MAX_DEAD_LETTER_PAGE: u32 = 1_000;
+
+/// The `OutboxAdmin` service.
 #[derive(Clone)]
 pub struct AdminApi {
     pub store: Arc<dyn Store>,
-}
-
-fn not_yet<T>() -> Result<Response<T>, Status> {
-    Err(ApiError::Unimplemented("this admin operation is not available yet").into())
+    pub bus: StatusBus,
+    pub waker: RelayWaker,
 }
 
 #[tonic::async_trait]
 impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
     async fn list_dead_letters(
         &self,
-        _: Request<proto::ListDeadLettersRequest>,
+        request: Request<proto::ListDeadLettersRequest>,
     ) -> Result<Response<proto::ListDeadLettersResponse>, Status> {
-        not_yet()
+        let request = request.into_inner();
+        let after_seq = if request.page_token.is_empty() {
+            0
+        } else {
+            request.page_token.parse::<i64>().map_err(|_| {
+                ApiError::invalid(vec![FieldViolation::new(
+                    "page_token",
+                    "is not a token from an earlier page",
+                )])
+            })?
+        };
+        let page_size = match request.page_size {
+            0 => 100,
+            n => n.min(MAX_DEAD_LETTER_PAGE),
+        };
+        let filter = convert::dead_letter_filter(
+            Vec::new(),
+            request.producer,
+            request.topic,
+            request.since,
+        )?;
+        let page = self
+            .store
+            .list_dead_letters(&filter, after_seq, page_size)
+            .await
+            .map_err(ApiError::from)?;
+        let next_page_token = if page.len() as u32 == page_size {
+            page.last()
+                .map(|(seq, _)| seq.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::ListDeadLettersResponse {
+            events: page.iter().map(|(_, s)| convert::event_status(s)).collect(),
+            next_page_token,
+        }))
     }
+
     async fn redrive(
         &self,
-        _: Request<proto::RedriveRequest>,
+        request: Request<proto::RedriveRequest>,
     ) -> Result<Response<proto::RedriveResponse>, Status> {
-        not_yet()
+        let request = request.into_inner();
+        if request.event_ids.is_empty() && request.producer.is_empty() && request.topic.is_empty() {
+            return Err(ApiError::invalid(vec![FieldViolation::new(
+                "event_ids",
+                "name event_ids, or a producer or topic whose dead letters to redrive",
+            )])
+            .into());
+        }
+        let ids = convert::event_ids(&request.event_ids, "event_ids")?;
+        let filter = convert::dead_letter_filter(ids, request.producer, request.topic, None)?;
+        let resolved = self.store.redrive(&filter).await.map_err(ApiError::from)?;
+        let events = resolved.changed.len() as u64;
+        self.waker.rewind_shards(resolved.shards);
+        self.bus.publish(resolved.changed);
+        Ok(Response::new(proto::RedriveResponse { events }))
     }
+
     async fn pause_relay(
         &self,
         _: Request<proto::PauseRelayRequest>,
     ) -> Result<Response<proto::PauseRelayResponse>, Status> {
-        not_yet()
+        self.store
+            .set_relay_paused(true)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(proto::PauseRelayResponse {}))
     }
+
     async fn resume_relay(
         &self,
         _: Request<proto::ResumeRelayRequest>,
     ) -> Result<Response<proto::ResumeRelayResponse>, Status> {
-        not_yet()
+        self.store
+            .set_relay_paused(false)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(proto::ResumeRelayResponse {}))
     }
+
     async fn get_backlog(
         &self,
         _: Request<proto::GetBacklogRequest>,
     ) -> Result<Response<proto::GetBacklogResponse>, Status> {
-        not_yet()
+        let backlog = self.store.backlog().await.map_err(ApiError::from)?;
+        let now = chrono::Utc::now();
+        Ok(Response::new(proto::GetBacklogResponse {
+            shards: backlog
+                .iter()
+                .map(|b| proto::ShardBacklog {
+                    shard: b.shard,
+                    depth: b.depth,
+                    oldest_age: b.oldest.map(|oldest| {
+                        let age = (now - oldest).to_std().unwrap_or_default();
+                        prost_types::Duration {
+                            seconds: age.as_secs() as i64,
+                            nanos: age.subsec_nanos() as i32,
+                        }
+                    }),
+                })
+                .collect(),
+        }))
     }
+
     async fn list_leases(
         &self,
         _: Request<proto::ListLeasesRequest>,
     ) -> Result<Response<proto::ListLeasesResponse>, Status> {
-        not_yet()
+        let leases = self.store.leases().await.map_err(ApiError::from)?;
+        Ok(Response::new(proto::ListLeasesResponse {
+            leases: leases
+                .iter()
+                .map(|l| proto::Lease {
+                    shard: l.shard,
+                    owner: l.owner.clone(),
+                    epoch: l.epoch as u64,
+                    expires_at: Some(convert::utc_to_timestamp(l.expires_at)),
+                })
+                .collect(),
+        }))
     }
+
     async fn list_prepared(
         &self,
         request: Request<proto::ListPreparedRequest>,

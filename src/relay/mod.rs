@@ -158,6 +158,8 @@ pub enum RelayHealth {
     Serving {
         shards: usize,
     },
+    /// Paused by an operator (OutboxAdmin.PauseRelay).
+    Paused,
     Stopped,
 }
 
@@ -185,6 +187,7 @@ impl Relay {
         let mut probe = tokio::time::interval(Duration::from_millis(100));
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut breaker_state = self.breaker.subscribe();
+        let paused = Arc::new(AtomicBool::new(false));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -208,6 +211,17 @@ impl Relay {
                     }
                 }
                 _ = renew.tick() => {
+                    match self.store.relay_paused().await {
+                        Ok(now_paused) => {
+                            if paused.swap(now_paused, Ordering::AcqRel) && !now_paused {
+                                tracing::info!("relaying resumed");
+                                self.waker.wake_all();
+                            } else if now_paused {
+                                tracing::debug!("relaying paused by an operator");
+                            }
+                        }
+                        Err(error) => tracing::warn!(%error, "cannot read the relay's pause flag"),
+                    }
                     match self
                         .store
                         .acquire_leases(&self.owner, self.config.lease_ttl, shard_count)
@@ -237,6 +251,7 @@ impl Relay {
                                     self.store.clone(),
                                     self.publisher.clone(),
                                     self.breaker.clone(),
+                                    paused.clone(),
                                     self.bus.clone(),
                                     self.config.clone(),
                                 );
@@ -250,7 +265,11 @@ impl Relay {
                                 tracing::info!(shard, epoch, "relaying shard");
                                 workers.insert(shard, (epoch, token));
                             }
-                            let _ = self.health.send(RelayHealth::Serving { shards: workers.len() });
+                            let _ = self.health.send(if paused.load(Ordering::Acquire) {
+                                RelayHealth::Paused
+                            } else {
+                                RelayHealth::Serving { shards: workers.len() }
+                            });
                         }
                         Err(error) => {
                             tracing::warn!(%error, "lease renewal failed");

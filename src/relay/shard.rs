@@ -52,6 +52,8 @@ pub(super) struct ShardWorker {
     store: Arc<dyn Store>,
     publisher: Arc<Publisher>,
     breaker: Arc<SharedBreaker>,
+    /// Set while an operator has paused relaying.
+    paused: Arc<std::sync::atomic::AtomicBool>,
     bus: StatusBus,
     config: RelayConfig,
     /// Rows up to here were looked at since the last rewind.
@@ -80,6 +82,7 @@ impl ShardWorker {
         store: Arc<dyn Store>,
         publisher: Arc<Publisher>,
         breaker: Arc<SharedBreaker>,
+        paused: Arc<std::sync::atomic::AtomicBool>,
         bus: StatusBus,
         config: RelayConfig,
     ) -> Self {
@@ -88,6 +91,7 @@ impl ShardWorker {
             store,
             publisher,
             breaker,
+            paused,
             bus,
             config,
             cursor: RelayCursor::default(),
@@ -121,6 +125,7 @@ impl ShardWorker {
             if self.want_read
                 && self.sent.len() < self.config.max_in_flight_per_shard
                 && self.breaker.allows_claims()
+                && !self.paused.load(Ordering::Acquire)
             {
                 if let Err(error) = self.dispatch().await {
                     self.on_store_error(error, &shutdown).await?;

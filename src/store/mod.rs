@@ -106,6 +106,25 @@ pub struct PreparedTransaction {
     pub events: u64,
 }
 
+/// Which dead letters an admin operation means.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadLetterFilter {
+    /// These events (then the other fields are ignored).
+    pub event_ids: Vec<EventId>,
+    pub producer: Option<String>,
+    pub topic: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+}
+
+/// One shard's unpublished events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardBacklog {
+    pub shard: u32,
+    /// Events not yet final.
+    pub depth: u64,
+    pub oldest: Option<DateTime<Utc>>,
+}
+
 /// An open postgres_xid token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct XidToken {
@@ -282,6 +301,29 @@ pub trait Store: Send + Sync + 'static {
         &self,
         verdicts: &[(TransactionRef, XidVerdict)],
     ) -> Result<Resolved, StoreError>;
+
+    /// Dead letters matching `filter`, after `after_seq`, in append order:
+    /// (seq, status) pairs; the last seq is the next page's start.
+    async fn list_dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, EventStatus)>, StoreError>;
+
+    /// Makes matching dead letters READY again, with their attempts reset.
+    async fn redrive(&self, filter: &DeadLetterFilter) -> Result<Resolved, StoreError>;
+
+    /// Depth and oldest unpublished event of every shard that has any.
+    async fn backlog(&self) -> Result<Vec<ShardBacklog>, StoreError>;
+
+    /// Every shard's lease.
+    async fn leases(&self) -> Result<Vec<Lease>, StoreError>;
+
+    /// Pauses or resumes relaying, for every instance.
+    async fn set_relay_paused(&self, paused: bool) -> Result<(), StoreError>;
+
+    async fn relay_paused(&self) -> Result<bool, StoreError>;
 
     /// The store's own PostgreSQL cluster, when it can resolve postgres_xid
     /// tokens of callers on the same cluster.

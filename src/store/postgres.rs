@@ -13,8 +13,9 @@ use super::error::is_unique_violation;
 use super::tokens::{ExistingTransaction, two_phase_step, xid_step};
 use super::xid::XidSource;
 use super::{
-    AppendRejection, Delivered, DeliveryFailed, Lease, PreparedTransaction, RelayCursor, RelayRow,
-    Resolution, Resolved, Store, StoreError, Verdict, XidToken, XidVerdict,
+    AppendRejection, DeadLetterFilter, Delivered, DeliveryFailed, Lease, PreparedTransaction,
+    RelayCursor, RelayRow, Resolution, Resolved, ShardBacklog, Store, StoreError, Verdict,
+    XidToken, XidVerdict,
 };
 use crate::domain::{
     AppendBatch, AppendOutcome, EventId, EventState, EventStatus, FieldViolation, TokenMode,
@@ -831,6 +832,117 @@ impl Store for PostgresStore {
         }
         tx.commit().await?;
         Ok(resolved)
+    }
+
+    async fn list_dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, EventStatus)>, StoreError> {
+        let ids: Vec<Uuid> = filter.event_ids.iter().map(|id| id.0).collect();
+        let sql = format!(
+            "SELECT seq, {STATUS_COLUMNS} FROM outbox_events \
+             WHERE state = 5 AND seq > $1 \
+               AND (cardinality($2::uuid[]) = 0 OR event_id = ANY($2)) \
+               AND ($3::text IS NULL OR producer = $3) \
+               AND ($4::text IS NULL OR topic = $4) \
+               AND ($5::timestamptz IS NULL OR updated_at >= $5) \
+             ORDER BY seq LIMIT $6"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(after_seq)
+            .bind(&ids)
+            .bind(filter.producer.as_deref())
+            .bind(filter.topic.as_deref())
+            .bind(filter.since)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get::<i64, _>("seq")?, status_from_row(row)?)))
+            .collect()
+    }
+
+    async fn redrive(&self, filter: &DeadLetterFilter) -> Result<Resolved, StoreError> {
+        let ids: Vec<Uuid> = filter.event_ids.iter().map(|id| id.0).collect();
+        let rows = sqlx::query(
+            "UPDATE outbox_events SET state = 2, attempts = 0, last_error = NULL, \
+                 next_attempt_at = NULL, change_seq = nextval('outbox_change_seq'), updated_at = now() \
+             WHERE state = 5 \
+               AND (cardinality($1::uuid[]) = 0 OR event_id = ANY($1)) \
+               AND ($2::text IS NULL OR producer = $2) \
+               AND ($3::text IS NULL OR topic = $3) \
+               AND ($4::timestamptz IS NULL OR updated_at >= $4) \
+             RETURNING event_id, producer, transaction_id, append_sequence, topic, state, \
+                 kafka_partition, kafka_offset, attempts, last_error, updated_at, change_seq, shard",
+        )
+        .bind(&ids)
+        .bind(filter.producer.as_deref())
+        .bind(filter.topic.as_deref())
+        .bind(filter.since)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut resolved = Resolved::default();
+        for row in &rows {
+            resolved.changed.push(status_from_row(row)?);
+            resolved.shards.push(row.try_get::<i32, _>("shard")? as u32);
+        }
+        Ok(resolved)
+    }
+
+    async fn backlog(&self) -> Result<Vec<ShardBacklog>, StoreError> {
+        let rows: Vec<(i32, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT shard, count(*), min(appended_at) FROM outbox_events \
+             WHERE state < 4 GROUP BY shard ORDER BY shard",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(shard, depth, oldest)| ShardBacklog {
+                shard: shard as u32,
+                depth: depth as u64,
+                oldest,
+            })
+            .collect())
+    }
+
+    async fn leases(&self) -> Result<Vec<Lease>, StoreError> {
+        let rows: Vec<(i32, Option<String>, i64, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT shard, owner, epoch, CASE WHEN expires_at = '-infinity' THEN 'epoch'::timestamptz \
+                 ELSE expires_at END FROM outbox_leases ORDER BY shard",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(shard, owner, epoch, expires_at)| Lease {
+                shard: shard as u32,
+                owner: owner.unwrap_or_default(),
+                epoch,
+                expires_at,
+            })
+            .collect())
+    }
+
+    async fn set_relay_paused(&self, paused: bool) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO outbox_meta (key, value) VALUES ('relay_paused', $1) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        )
+        .bind(paused.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn relay_paused(&self) -> Result<bool, StoreError> {
+        let value: Option<String> =
+            sqlx::query_scalar("SELECT value FROM outbox_meta WHERE key = 'relay_paused'")
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(value.as_deref() == Some("true"))
     }
 
     fn own_xid_source(&self) -> Option<XidSource> {

@@ -23,8 +23,9 @@ use super::error::is_unique_violation;
 use super::postgres::{TRANSACTION_OPEN, event_id_taken};
 use super::tokens::{ExistingTransaction, two_phase_step, xid_step};
 use super::{
-    AppendRejection, Delivered, DeliveryFailed, Lease, PreparedTransaction, RelayCursor, RelayRow,
-    Resolution, Resolved, Store, StoreError, Verdict, XidToken, XidVerdict,
+    AppendRejection, DeadLetterFilter, Delivered, DeliveryFailed, Lease, PreparedTransaction,
+    RelayCursor, RelayRow, Resolution, Resolved, ShardBacklog, Store, StoreError, Verdict,
+    XidToken, XidVerdict,
 };
 use crate::domain::{
     AppendBatch, AppendOutcome, EventId, EventState, EventStatus, TokenMode, TransactionRef,
@@ -878,6 +879,126 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(resolved)
+    }
+
+    async fn list_dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, EventStatus)>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT seq, {STATUS_COLUMNS} FROM outbox_events \
+             WHERE state = 5 AND seq > ?1 \
+               AND (?2 IS NULL OR producer = ?2) AND (?3 IS NULL OR topic = ?3) \
+               AND (?4 IS NULL OR updated_at >= ?4) \
+             ORDER BY seq"
+        )))
+        .bind(after_seq)
+        .bind(filter.producer.as_deref())
+        .bind(filter.topic.as_deref())
+        .bind(filter.since.map(micros))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut found = Vec::new();
+        for row in &rows {
+            let status = status_from_row(row)?;
+            if filter.event_ids.is_empty() || filter.event_ids.contains(&status.event_id) {
+                found.push((row.try_get::<i64, _>("seq")?, status));
+                if found.len() as u32 >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn redrive(&self, filter: &DeadLetterFilter) -> Result<Resolved, StoreError> {
+        let matching = self.list_dead_letters(filter, 0, u32::MAX).await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut resolved = Resolved::default();
+        if matching.is_empty() {
+            return Ok(resolved);
+        }
+        let first_change = Self::next_changes(&mut tx, matching.len()).await?;
+        let now = micros(Utc::now());
+        for (index, (seq, _)) in matching.iter().enumerate() {
+            let shard: Option<i64> = sqlx::query_scalar(
+                "UPDATE outbox_events SET state = 2, attempts = 0, last_error = NULL, \
+                     next_attempt_at = NULL, change_seq = ?1, updated_at = ?2 \
+                 WHERE seq = ?3 AND state = 5 RETURNING shard",
+            )
+            .bind(first_change + index as i64)
+            .bind(now)
+            .bind(seq)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(shard) = shard {
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {STATUS_COLUMNS} FROM outbox_events WHERE seq = ?1"
+                )))
+                .bind(seq)
+                .fetch_one(&mut *tx)
+                .await?;
+                resolved.changed.push(status_from_row(&row)?);
+                resolved.shards.push(shard as u32);
+            }
+        }
+        tx.commit().await?;
+        Ok(resolved)
+    }
+
+    async fn backlog(&self) -> Result<Vec<ShardBacklog>, StoreError> {
+        let rows: Vec<(i64, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT shard, count(*), min(appended_at) FROM outbox_events \
+             WHERE state < 4 GROUP BY shard ORDER BY shard",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(shard, depth, oldest)| ShardBacklog {
+                shard: shard as u32,
+                depth: depth as u64,
+                oldest: oldest.map(from_micros),
+            })
+            .collect())
+    }
+
+    async fn leases(&self) -> Result<Vec<Lease>, StoreError> {
+        let rows: Vec<(i64, Option<String>, i64, i64)> = sqlx::query_as(
+            "SELECT shard, owner, epoch, expires_at FROM outbox_leases ORDER BY shard",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(shard, owner, epoch, expires_at)| Lease {
+                shard: shard as u32,
+                owner: owner.unwrap_or_default(),
+                epoch,
+                expires_at: from_micros(expires_at),
+            })
+            .collect())
+    }
+
+    async fn set_relay_paused(&self, paused: bool) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO outbox_meta (key, value) VALUES ('relay_paused', ?1) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(paused.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn relay_paused(&self) -> Result<bool, StoreError> {
+        let value: Option<String> =
+            sqlx::query_scalar("SELECT value FROM outbox_meta WHERE key = 'relay_paused'")
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(value.as_deref() == Some("true"))
     }
 
     async fn status_by_ids(&self, ids: &[EventId]) -> Result<Vec<EventStatus>, StoreError> {

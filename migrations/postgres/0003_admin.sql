@@ -1,0 +1,2 @@
+-- Dead letters, for ListDeadLetters and Redrive.
+CREATE INDEX outbox_events_dead_letters ON outbox_events (seq) WHERE state = 5;

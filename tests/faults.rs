@@ -1,0 +1,297 @@
+//! The relay under the failures real deployments meet. Faults are injected
+//! with librdkafka's mock cluster; an independent consumer checks what
+//! reached Kafka.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use outboxd::proto;
+use outboxd::proto::outbox_client::OutboxClient;
+use support::{Gateway, MockKafka, consume_until, first_sightings_by_key};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+async fn relay_health(channel: &Channel) -> i32 {
+    HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: outboxd::server::RELAY_HEALTH_SERVICE.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+}
+
+async fn wait_for_relay_health(channel: &Channel, wanted: ServingStatus) {
+    support::eventually(
+        &format!("relay health {wanted:?}"),
+        Duration::from_secs(60),
+        || {
+            let channel = channel.clone();
+            async move { (relay_health(&channel).await == wanted as i32).then_some(()) }
+        },
+    )
+    .await;
+}
+
+/// Appends batches over `keys` keys until told to stop; returns each key's
+/// event ids in append order and the number of failed appends.
+fn keep_appending(
+    mut client: OutboxClient<Channel>,
+    topic: String,
+    keys: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(HashMap<String, Vec<String>>, usize)> {
+    tokio::spawn(async move {
+        let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
+        let mut failures = 0;
+        let mut transaction = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let events: Vec<(String, proto::Event)> = (0..10)
+                .map(|i| {
+                    let key = format!("account-{}", (transaction + i) % keys);
+                    let event = proto::Event {
+                        topic: topic.clone(),
+                        key: Some(key.clone().into_bytes().into()),
+                        payload: format!("{transaction}-{i}").into_bytes().into(),
+                        ..Default::default()
+                    };
+                    (key, event)
+                })
+                .collect();
+            let request = proto::AppendRequest {
+                token: Some(proto::TransactionToken {
+                    producer: "ledger".into(),
+                    transaction_id: format!("tx-{transaction}"),
+                    ..Default::default()
+                }),
+                sequence: 0,
+                events: events.iter().map(|(_, e)| e.clone()).collect(),
+                correlation: 0,
+            };
+            transaction += 1;
+            match client.append(request).await {
+                Ok(response) => {
+                    for ((key, _), id) in events.into_iter().zip(response.into_inner().event_ids) {
+                        by_key.entry(key).or_default().push(id);
+                    }
+                }
+                Err(_) => failures += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (by_key, failures)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kafka_outage_fails_no_append_and_loses_nothing() {
+    let kafka = MockKafka::start(3);
+    let topic = support::unique("outage");
+    kafka.create_topic(&topic, 3).await;
+    let mut config = support::test_config(&support::fresh_database().await, &kafka.bootstrap);
+    config.relay.breaker_cooldown = Duration::from_millis(200);
+    config.relay.breaker_max_cooldown = Duration::from_secs(1);
+    let gateway = Gateway::start(config).await;
+    let client = gateway.client().await;
+    let channel = gateway.channel().await;
+    wait_for_relay_health(&channel, ServingStatus::Serving).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let appender = keep_appending(client.clone(), topic.clone(), 8, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    for broker in 1..=3 {
+        kafka.broker_down(broker);
+    }
+    wait_for_relay_health(&channel, ServingStatus::NotServing).await;
+    // Appending goes on at full speed through a sustained outage.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for broker in 1..=3 {
+        kafka.broker_up(broker);
+    }
+    wait_for_relay_health(&channel, ServingStatus::Serving).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (by_key, failures) = appender.await.unwrap();
+    assert_eq!(failures, 0, "no append failed during the outage");
+
+    let all: Vec<String> = by_key.values().flatten().cloned().collect();
+    let expected: HashSet<String> = all.iter().cloned().collect();
+    let records = consume_until(
+        &kafka.bootstrap,
+        &topic,
+        &expected,
+        Duration::from_secs(2),
+        Duration::from_secs(120),
+    )
+    .await;
+    let order = first_sightings_by_key(&records);
+    for (key, ids) in &by_key {
+        assert_eq!(
+            order.get(key.as_bytes()),
+            Some(ids),
+            "order of {key} kept across the outage"
+        );
+    }
+    // The outage cost no event an attempt: none was retried or dead-lettered.
+    let mut client = client.clone();
+    for chunk in all.chunks(5_000) {
+        let statuses = client
+            .get_status(proto::GetStatusRequest {
+                event_ids: chunk.to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        for status in statuses {
+            assert_eq!(
+                status.attempts, 0,
+                "event {} was charged an attempt",
+                status.event_id
+            );
+        }
+    }
+    gateway.stop().await;
+}
+
+async fn outboxd_admin(address: &str, args: &[&str]) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["admin", "--address", &format!("http://{address}")])
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "outboxd admin {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+async fn status_of(client: &mut OutboxClient<Channel>, id: &str) -> proto::EventStatus {
+    client
+        .get_status(proto::GetStatusRequest {
+            event_ids: vec![id.to_owned()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+        .remove(0)
+}
+
+/// An oversize record dead-letters at once; other keys, and later events of
+/// its own key, flow; after the limit is raised, a redrive delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poison_record_dead_letters_at_once_and_redrives() {
+    let kafka = MockKafka::start(1);
+    let topic = support::unique("poison");
+    kafka.create_topic(&topic, 2).await;
+    let store = support::fresh_database().await;
+    let mut config = support::test_config(&store, &kafka.bootstrap);
+    config
+        .kafka
+        .producer
+        .insert("message.max.bytes".into(), "10000".into());
+    let gateway = Gateway::start(config).await;
+    let mut client = gateway.client().await;
+    let event = |key: &str, size: usize| proto::Event {
+        topic: topic.clone(),
+        key: Some(key.as_bytes().to_vec().into()),
+        payload: vec![b'p'; size].into(),
+        ..Default::default()
+    };
+    let append = |transaction: &str, events: Vec<proto::Event>| proto::AppendRequest {
+        token: Some(proto::TransactionToken {
+            producer: "media".into(),
+            transaction_id: transaction.into(),
+            ..Default::default()
+        }),
+        sequence: 0,
+        events,
+        correlation: 0,
+    };
+    let ids = client
+        .append(append(
+            "t1",
+            vec![
+                event("poison", 50_000),
+                event("healthy", 100),
+                event("poison", 10),
+            ],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .event_ids;
+    let (poison, healthy, after_poison) = (ids[0].clone(), ids[1].clone(), ids[2].clone());
+    let others: HashSet<String> = [healthy.clone(), after_poison.clone()].into();
+    consume_until(
+        &kafka.bootstrap,
+        &topic,
+        &others,
+        Duration::from_millis(500),
+        Duration::from_secs(60),
+    )
+    .await;
+
+    let dead = status_of(&mut client, &poison).await;
+    assert_eq!(dead.state, proto::EventState::DeadLettered as i32);
+    assert_eq!(dead.attempts, 1, "dead-lettered at the first attempt");
+    assert!(dead.reason.contains("permanent"), "{}", dead.reason);
+    let listed = outboxd_admin(
+        &gateway.address.to_string(),
+        &["dead-letters", "--producer", "media"],
+    )
+    .await;
+    assert!(listed.contains(&poison), "{listed}");
+    assert!(!listed.contains(&healthy));
+    gateway.stop().await;
+
+    // The operator raises the limit and redrives.
+    let gateway = Gateway::start(support::test_config(&store, &kafka.bootstrap)).await;
+    let mut client = gateway.client().await;
+    let redriven = outboxd_admin(
+        &gateway.address.to_string(),
+        &["redrive", "--event-id", &poison],
+    )
+    .await;
+    assert!(redriven.contains("redriven: 1 events"), "{redriven}");
+    let all: HashSet<String> = [poison.clone(), healthy, after_poison].into();
+    let records = consume_until(
+        &kafka.bootstrap,
+        &topic,
+        &all,
+        Duration::from_millis(500),
+        Duration::from_secs(60),
+    )
+    .await;
+    let delivered = records.iter().find(|r| r.event_id() == poison).unwrap();
+    assert_eq!(delivered.payload.len(), 50_000);
+    support::eventually(
+        "the redriven event to be PUBLISHED",
+        Duration::from_secs(30),
+        || {
+            let mut client = client.clone();
+            let poison = poison.clone();
+            async move {
+                (status_of(&mut client, &poison).await.state == proto::EventState::Published as i32)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let _ = &mut client;
+    gateway.stop().await;
+}
