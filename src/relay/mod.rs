@@ -222,13 +222,26 @@ impl Relay {
                         }
                         Err(error) => tracing::warn!(%error, "cannot read the relay's pause flag"),
                     }
+                    // A fair share: live instances split the shards evenly.
+                    let fair_share = match self.store.heartbeat(&self.owner, self.config.lease_ttl).await {
+                        Ok(live) => shard_count.div_ceil(live),
+                        Err(error) => {
+                            tracing::warn!(%error, "heartbeat failed");
+                            shard_count
+                        }
+                    };
                     match self
                         .store
-                        .acquire_leases(&self.owner, self.config.lease_ttl, shard_count)
+                        .acquire_leases(&self.owner, self.config.lease_ttl, fair_share)
                         .await
                     {
                         Ok(leases) => {
                             let held: HashSet<u32> = leases.iter().map(|l| l.shard).collect();
+                            // Beyond the fair share (an instance joined): let go.
+                            let keep: Vec<u32> = held.iter().copied().collect();
+                            if let Err(error) = self.store.release_leases_except(&self.owner, &keep).await {
+                                tracing::warn!(%error, "could not release leases beyond the fair share");
+                            }
                             workers.retain(|shard, (_, token)| {
                                 let keep = held.contains(shard);
                                 if !keep {

@@ -241,8 +241,16 @@ pub trait Store: Send + Sync + 'static {
         max_shards: u32,
     ) -> Result<Vec<Lease>, StoreError>;
 
-    /// Gives up `owner`'s leases, so that another instance may take them at once.
+    /// Gives up `owner`'s leases, so that another instance may take them at
+    /// once, and its place among the live instances.
     async fn release_leases(&self, owner: &str) -> Result<(), StoreError>;
+
+    /// Gives up `owner`'s leases of shards not in `keep` (after instances joined).
+    async fn release_leases_except(&self, owner: &str, keep: &[u32]) -> Result<(), StoreError>;
+
+    /// Records that `owner` is alive; returns how many instances are (those
+    /// heard from within `ttl`, `owner` included).
+    async fn heartbeat(&self, owner: &str, ttl: Duration) -> Result<u32, StoreError>;
 
     /// The next not-final rows of `shard` after `after`, in relay order, that
     /// are safe to read: no row may later appear before the last one returned.

@@ -563,13 +563,46 @@ impl Store for PostgresStore {
     }
 
     async fn release_leases(&self, owner: &str) -> Result<(), StoreError> {
+        self.release_leases_except(owner, &[]).await?;
+        sqlx::query("DELETE FROM outbox_instances WHERE owner = $1")
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn release_leases_except(&self, owner: &str, keep: &[u32]) -> Result<(), StoreError> {
+        let keep: Vec<i32> = keep.iter().map(|&s| s as i32).collect();
         sqlx::query(
-            "UPDATE outbox_leases SET owner = NULL, expires_at = '-infinity' WHERE owner = $1",
+            "UPDATE outbox_leases SET owner = NULL, expires_at = '-infinity' \
+             WHERE owner = $1 AND shard <> ALL($2)",
+        )
+        .bind(owner)
+        .bind(&keep)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn heartbeat(&self, owner: &str, ttl: Duration) -> Result<u32, StoreError> {
+        sqlx::query(
+            "INSERT INTO outbox_instances (owner, heartbeat_at) VALUES ($1, now()) \
+             ON CONFLICT (owner) DO UPDATE SET heartbeat_at = now()",
         )
         .bind(owner)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        // Long gone instances are forgotten.
+        let live: i64 = sqlx::query_scalar(
+            "WITH gone AS (DELETE FROM outbox_instances \
+                 WHERE heartbeat_at < now() - make_interval(secs => $1::double precision) * 10) \
+             SELECT count(*) FROM outbox_instances \
+             WHERE heartbeat_at >= now() - make_interval(secs => $1::double precision)",
+        )
+        .bind(ttl.as_secs_f64())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(live.max(1) as u32)
     }
 
     async fn read_relay_rows(

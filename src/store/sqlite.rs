@@ -623,11 +623,54 @@ impl Store for SqliteStore {
     }
 
     async fn release_leases(&self, owner: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE outbox_leases SET owner = NULL, expires_at = 0 WHERE owner = ?1")
+        self.release_leases_except(owner, &[]).await?;
+        sqlx::query("DELETE FROM outbox_instances WHERE owner = ?1")
             .bind(owner)
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn release_leases_except(&self, owner: &str, keep: &[u32]) -> Result<(), StoreError> {
+        let held: Vec<i64> = sqlx::query_scalar("SELECT shard FROM outbox_leases WHERE owner = ?1")
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await?;
+        for shard in held {
+            if !keep.contains(&(shard as u32)) {
+                sqlx::query(
+                    "UPDATE outbox_leases SET owner = NULL, expires_at = 0 WHERE owner = ?1 AND shard = ?2",
+                )
+                .bind(owner)
+                .bind(shard)
+                .execute(&self.pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn heartbeat(&self, owner: &str, ttl: Duration) -> Result<u32, StoreError> {
+        let now = micros(Utc::now());
+        let ttl = ttl.as_micros() as i64;
+        sqlx::query(
+            "INSERT INTO outbox_instances (owner, heartbeat_at) VALUES (?1, ?2) \
+             ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(owner)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query("DELETE FROM outbox_instances WHERE heartbeat_at < ?1")
+            .bind(now - ttl * 10)
+            .execute(&self.pool)
+            .await?;
+        let live: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox_instances WHERE heartbeat_at >= ?1")
+                .bind(now - ttl)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(live.max(1) as u32)
     }
 
     async fn read_relay_rows(

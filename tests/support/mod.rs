@@ -730,3 +730,84 @@ impl CallerTransaction {
             .unwrap();
     }
 }
+
+/// A real `outboxd serve` process, for tests that kill or pause it.
+pub struct ServeProcess {
+    pub address: SocketAddr,
+    child: Child,
+    _config: PathBuf,
+}
+
+impl ServeProcess {
+    /// Starts `outboxd serve` with `config` (its listen address is set here)
+    /// and waits until it accepts gRPC connections.
+    pub async fn start(config: &Config) -> ServeProcess {
+        Self::start_on(config, free_port()).await
+    }
+
+    pub async fn start_on(config: &Config, port: u16) -> ServeProcess {
+        let mut config = config.clone();
+        config.listen = SocketAddr::from(([127, 0, 0, 1], port));
+        let path = std::env::temp_dir().join(unique("outboxd-serve") + ".toml");
+        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+        watchdog(&format!("rm -f {}", path.display()));
+        let child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting outboxd serve");
+        watchdog(&format!("kill -9 {} 2>/dev/null", child.id()));
+        let process = ServeProcess {
+            address: config.listen,
+            child,
+            _config: path,
+        };
+        let endpoint = format!("http://{}", process.address);
+        eventually(
+            "outboxd serve to accept connections",
+            Duration::from_secs(60),
+            || {
+                let endpoint = endpoint.clone();
+                async move { OutboxClient::connect(endpoint).await.ok() }
+            },
+        )
+        .await;
+        process
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal}");
+    }
+
+    /// SIGKILL: no shutdown of any kind.
+    pub fn kill(mut self) {
+        self.signal("-KILL");
+        let _ = self.child.wait();
+    }
+
+    /// SIGSTOP / SIGCONT: a long pause, as a stalled VM or GC would make.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) {
+        self.signal("-TERM");
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "outboxd serve exited with {status}");
+    }
+}

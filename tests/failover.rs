@@ -1,0 +1,256 @@
+//! Several gateway processes on one store, killed and paused: every
+//! acknowledged event reaches Kafka, in per-key order.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use outboxd::proto;
+use outboxd::proto::outbox_admin_client::OutboxAdminClient;
+use outboxd::proto::outbox_client::OutboxClient;
+use support::{ServeProcess, Tansu, consume_until, first_sightings_by_key};
+
+fn failover_config(store: &str, brokers: &str) -> outboxd::config::Config {
+    let mut config = support::test_config(store, brokers);
+    config.relay.lease_ttl = Duration::from_secs(2);
+    config.relay.shard_count = 8;
+    config
+}
+
+/// Appends to whichever endpoint `current` names until stopped; events are
+/// recorded only once acknowledged. Returns each key's ids in append order.
+fn appender(
+    endpoints: Arc<std::sync::Mutex<String>>,
+    topic: String,
+    keys: usize,
+    stop: Arc<AtomicBool>,
+    acked_requests: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<HashMap<String, Vec<String>>> {
+    tokio::spawn(async move {
+        let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
+        let mut transaction = 0u64;
+        let mut client: Option<OutboxClient<tonic::transport::Channel>> = None;
+        while !stop.load(Ordering::Relaxed) {
+            let endpoint = endpoints.lock().unwrap().clone();
+            if client.is_none() {
+                client = OutboxClient::connect(endpoint).await.ok();
+                if client.is_none() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+            let events: Vec<(String, proto::Event)> = (0..5)
+                .map(|i| {
+                    let key = format!("k{}", (transaction as usize + i) % keys);
+                    let event = proto::Event {
+                        topic: topic.clone(),
+                        key: Some(key.clone().into_bytes().into()),
+                        payload: format!("{transaction}/{i}").into_bytes().into(),
+                        ..Default::default()
+                    };
+                    (key, event)
+                })
+                .collect();
+            let request = proto::AppendRequest {
+                token: Some(proto::TransactionToken {
+                    producer: "failover".into(),
+                    transaction_id: format!("tx-{transaction}"),
+                    ..Default::default()
+                }),
+                sequence: 0,
+                events: events.iter().map(|(_, e)| e.clone()).collect(),
+                correlation: 0,
+            };
+            match client.as_mut().unwrap().append(request).await {
+                Ok(response) => {
+                    transaction += 1;
+                    acked_requests.fetch_add(1, Ordering::Relaxed);
+                    for ((key, _), id) in events.into_iter().zip(response.into_inner().event_ids) {
+                        by_key.entry(key).or_default().push(id);
+                    }
+                }
+                // Not acknowledged: retried with the same transaction id,
+                // so a stored-but-unacked append comes back as a duplicate.
+                Err(_) => {
+                    client = None;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        by_key
+    })
+}
+
+async fn verify(bootstrap: &str, topic: &str, by_key: &HashMap<String, Vec<String>>) -> usize {
+    let expected: HashSet<String> = by_key.values().flatten().cloned().collect();
+    let records = consume_until(
+        bootstrap,
+        topic,
+        &expected,
+        Duration::from_secs(2),
+        Duration::from_secs(120),
+    )
+    .await;
+    let order = first_sightings_by_key(&records);
+    for (key, ids) in by_key {
+        let seen: Vec<String> = order
+            .get(key.as_bytes())
+            .map(|all| {
+                all.iter()
+                    .filter(|id| expected.contains(*id))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(&seen, ids, "per-key order of {key}");
+    }
+    records.len()
+        - records
+            .iter()
+            .map(|r| r.event_id())
+            .collect::<HashSet<_>>()
+            .len()
+}
+
+async fn wait_for_acks(acked: &AtomicUsize, more: usize) {
+    let target = acked.load(Ordering::Relaxed) + more;
+    support::eventually(
+        "appends to be acknowledged",
+        Duration::from_secs(60),
+        || async { (acked.load(Ordering::Relaxed) >= target).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_killed_ten_times_loses_nothing_and_keeps_order() {
+    let tansu = Tansu::shared();
+    let topic = support::unique("crash");
+    tansu.create_topic(&topic, 4).await;
+    let config = failover_config(&support::fresh_database().await, &tansu.bootstrap);
+    let port = support::free_port();
+    let mut gateway = ServeProcess::start_on(&config, port).await;
+    let endpoint = Arc::new(std::sync::Mutex::new(gateway.endpoint()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let appends = appender(
+        endpoint.clone(),
+        topic.clone(),
+        12,
+        stop.clone(),
+        acked.clone(),
+    );
+    for _ in 0..10 {
+        wait_for_acks(&acked, 40).await;
+        gateway.kill();
+        gateway = ServeProcess::start_on(&config, port).await;
+    }
+    wait_for_acks(&acked, 40).await;
+    stop.store(true, Ordering::Relaxed);
+    let by_key = appends.await.unwrap();
+    let duplicates = verify(&tansu.bootstrap, &topic, &by_key).await;
+    println!(
+        "crash test: {} events acknowledged, {duplicates} duplicates in Kafka after 10 SIGKILLs",
+        by_key.values().map(Vec::len).sum::<usize>()
+    );
+    gateway.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_split_the_shards_and_survive_each_other() {
+    let tansu = Tansu::shared();
+    let topic = support::unique("pair");
+    tansu.create_topic(&topic, 4).await;
+    let config = failover_config(&support::fresh_database().await, &tansu.bootstrap);
+    let first = ServeProcess::start(&config).await;
+    let second = ServeProcess::start(&config).await;
+    let mut admin = OutboxAdminClient::connect(first.endpoint()).await.unwrap();
+    let owners = |leases: &[proto::Lease]| -> HashMap<String, usize> {
+        let mut owners = HashMap::new();
+        for lease in leases.iter().filter(|l| !l.owner.is_empty()) {
+            *owners.entry(lease.owner.clone()).or_insert(0) += 1;
+        }
+        owners
+    };
+    let split = support::eventually(
+        "the shards to split evenly",
+        Duration::from_secs(30),
+        || {
+            let mut admin = admin.clone();
+            async move {
+                let leases = admin
+                    .list_leases(proto::ListLeasesRequest {})
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .leases;
+                let owners = owners(&leases);
+                (owners.len() == 2 && owners.values().all(|n| *n == 4)).then_some(owners)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        split.values().sum::<usize>(),
+        8,
+        "each shard has exactly one owner"
+    );
+
+    let endpoint = Arc::new(std::sync::Mutex::new(first.endpoint()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let appends = appender(
+        endpoint.clone(),
+        topic.clone(),
+        12,
+        stop.clone(),
+        acked.clone(),
+    );
+    wait_for_acks(&acked, 50).await;
+
+    // A long pause: the second instance's leases expire and move.
+    second.pause();
+    let taken_over = std::time::Instant::now();
+    support::eventually(
+        "the first instance to take every shard",
+        Duration::from_secs(30),
+        || {
+            let mut admin = admin.clone();
+            async move {
+                let leases = admin
+                    .list_leases(proto::ListLeasesRequest {})
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .leases;
+                let owners = owners(&leases);
+                let live = leases.iter().filter(|l| {
+                    l.expires_at
+                        .as_ref()
+                        .is_some_and(|t| t.seconds >= chrono::Utc::now().timestamp())
+                });
+                (owners.len() == 1 && live.count() == 8).then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        taken_over.elapsed() < Duration::from_secs(10),
+        "taken over within a few lease periods"
+    );
+    wait_for_acks(&acked, 50).await;
+    // The paused instance wakes as a zombie: its writes are fenced off.
+    second.resume();
+    wait_for_acks(&acked, 50).await;
+    second.kill();
+    wait_for_acks(&acked, 50).await;
+    stop.store(true, Ordering::Relaxed);
+    let by_key = appends.await.unwrap();
+    let duplicates = verify(&tansu.bootstrap, &topic, &by_key).await;
+    println!("two instances: {duplicates} duplicates after a pause and a kill");
+    let _ = &mut admin;
+    first.stop();
+}
