@@ -176,6 +176,27 @@ async fn one_bad_append_fails_only_itself(store: Arc<dyn Store>) {
     );
 }
 
+async fn a_retry_within_one_coalesced_batch_is_a_duplicate(store: Arc<dyn Store>) {
+    let first = batch("t1", 0, vec![event("a", "1"), event("b", "2")]);
+    let mut changed = first.clone();
+    changed.events[1].payload = b"other".to_vec();
+    let results = store
+        .append(&[first.clone(), first.clone(), changed])
+        .await
+        .unwrap();
+    let original = results[0].as_ref().unwrap();
+    assert!(!original.duplicate);
+    let retry = results[1].as_ref().unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(retry.event_ids, original.event_ids);
+    assert!(matches!(
+        results[2],
+        Err(AppendRejection::ConflictingRetry { .. })
+    ));
+    let stored = store.status_changes("ledger", 0, 100).await.unwrap();
+    assert_eq!(stored.len(), 2, "stored once");
+}
+
 async fn a_transaction_keeps_its_mode(store: Arc<dyn Store>) {
     store
         .append(&[batch("t1", 0, vec![event("a", "1")])])
@@ -472,6 +493,7 @@ macro_rules! store_suite {
 store_suite!(
     append_is_atomic_and_idempotent,
     one_bad_append_fails_only_itself,
+    a_retry_within_one_coalesced_batch_is_a_duplicate,
     a_transaction_keeps_its_mode,
     relay_reads_each_shard_in_append_order,
     relay_writes_are_fenced_by_the_lease_epoch,

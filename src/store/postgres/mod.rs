@@ -22,11 +22,13 @@ use crate::domain::{
     TransactionRef, decode_headers, encode_headers, shard_of,
 };
 
-const INSERT_EVENTS: &str = include_str!("sql/postgres/insert_events.sql");
-const READ_RELAY_ROWS: &str = include_str!("sql/postgres/read_relay_rows.sql");
-const RECORD_DELIVERED: &str = include_str!("sql/postgres/record_delivered.sql");
-const RECORD_FAILED: &str = include_str!("sql/postgres/record_failed.sql");
-const ACQUIRE_LEASES: &str = include_str!("sql/postgres/acquire_leases.sql");
+const INSERT_EVENTS: &str = include_str!("../sql/postgres/insert_events.sql");
+
+mod batched;
+const READ_RELAY_ROWS: &str = include_str!("../sql/postgres/read_relay_rows.sql");
+const RECORD_DELIVERED: &str = include_str!("../sql/postgres/record_delivered.sql");
+const RECORD_FAILED: &str = include_str!("../sql/postgres/record_failed.sql");
+const ACQUIRE_LEASES: &str = include_str!("../sql/postgres/acquire_leases.sql");
 
 /// Transaction states in `outbox_transactions.state`.
 pub(super) const TRANSACTION_OPEN: i16 = 1;
@@ -40,7 +42,8 @@ const REGISTER_WRITER: &str = "INSERT INTO outbox_writer_slots (floor_xid, backe
      RETURNING id";
 
 /// Moves a transaction's PENDING events to a new state.
-const TRANSITION_PENDING_EVENTS: &str = include_str!("sql/postgres/transition_pending_events.sql");
+const TRANSITION_PENDING_EVENTS: &str =
+    include_str!("../sql/postgres/transition_pending_events.sql");
 
 /// PostgreSQL-backed [`Store`].
 pub struct PostgresStore {
@@ -138,7 +141,7 @@ impl PostgresStore {
         .bind(&token.transaction_id)
         .bind(batch.sequence as i64)
         .bind(&content_hash[..])
-        .bind(&uuids)
+        .bind(pack_ids(&event_ids))
         .execute(&mut **tx)
         .await?
         .rows_affected();
@@ -159,9 +162,9 @@ impl PostgresStore {
                     sequence: batch.sequence,
                 }));
             }
-            let stored_ids: Vec<Uuid> = stored.try_get("event_ids")?;
+            let stored_ids: Vec<u8> = stored.try_get("event_ids")?;
             return Ok(Ok(AppendOutcome {
-                event_ids: stored_ids.into_iter().map(EventId).collect(),
+                event_ids: unpack_ids(&stored_ids),
                 duplicate: true,
                 statuses: Vec::new(),
                 shards: Vec::new(),
@@ -263,6 +266,30 @@ impl PostgresStore {
         batches: &[AppendBatch],
     ) -> Result<Vec<Result<AppendOutcome, AppendRejection>>, StoreError> {
         let shard_count = self.shard_count();
+        // The fast path: a handful of statements for the whole batch. It
+        // gives up (and the slow path below takes over) only when a
+        // concurrent writer stored the same append or event id meanwhile.
+        let mut tx = connection.begin().await?;
+        match batched::append(&mut tx, batches, shard_count).await {
+            Ok(Some(results)) => {
+                tx.commit().await?;
+                return Ok(results);
+            }
+            Ok(None) => tx.rollback().await?,
+            Err(error) if is_unique_violation(&error) => tx.rollback().await?,
+            Err(error) => return Err(error.into()),
+        }
+        self.append_one_by_one(connection, batches, shard_count)
+            .await
+    }
+
+    /// The slow path: a savepoint per append, a few statements each.
+    async fn append_one_by_one(
+        &self,
+        connection: &mut PgConnection,
+        batches: &[AppendBatch],
+        shard_count: u32,
+    ) -> Result<Vec<Result<AppendOutcome, AppendRejection>>, StoreError> {
         let mut tx = connection.begin().await?;
         let mut results = Vec::with_capacity(batches.len());
         for batch in batches {
@@ -416,6 +443,18 @@ impl PostgresStore {
     }
 }
 
+/// Event ids as stored in `outbox_appends.event_ids`: 16 bytes each.
+pub(super) fn pack_ids(ids: &[EventId]) -> Vec<u8> {
+    ids.iter().flat_map(|id| *id.0.as_bytes()).collect()
+}
+
+pub(super) fn unpack_ids(bytes: &[u8]) -> Vec<EventId> {
+    bytes
+        .chunks_exact(16)
+        .map(|chunk| EventId(Uuid::from_slice(chunk).unwrap_or_default()))
+        .collect()
+}
+
 /// Names the first caller-chosen event id of `batch` that is already stored.
 pub(super) fn event_id_taken(batch: &AppendBatch, taken: &[Uuid]) -> AppendRejection {
     let index = batch
@@ -460,7 +499,7 @@ fn status_from_row(row: &PgRow) -> Result<EventStatus, StoreError> {
     })
 }
 
-const STATUS_COLUMNS: &str = include_str!("sql/postgres/status_columns.sql");
+const STATUS_COLUMNS: &str = include_str!("../sql/postgres/status_columns.sql");
 
 #[async_trait]
 impl Store for PostgresStore {

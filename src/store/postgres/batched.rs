@@ -1,0 +1,394 @@
+//! The fast append path: every append of a coalesced transaction in five
+//! statements, whatever their number.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use super::{TRANSACTION_COMMITTED, TRANSACTION_OPEN, event_id_taken, pack_ids, unpack_ids};
+use crate::domain::{
+    AppendBatch, AppendOutcome, EventId, EventState, EventStatus, TokenMode, encode_headers,
+    shard_of,
+};
+use crate::store::AppendRejection;
+use crate::store::tokens::ExistingTransaction;
+
+const UPSERT_TRANSACTIONS: &str = include_str!("../sql/postgres/upsert_transactions.sql");
+const INSERT_APPENDS: &str = include_str!("../sql/postgres/insert_appends.sql");
+const INSERT_EVENTS: &str = include_str!("../sql/postgres/insert_events_batched.sql");
+
+type Key<'a> = (&'a str, &'a str, i64);
+
+/// A stored append: its content hash and packed event ids, by key.
+type StoredAppends = HashMap<(String, String, i64), (Vec<u8>, Vec<u8>)>;
+
+fn key(batch: &AppendBatch) -> Key<'_> {
+    (
+        batch.token.producer.as_str(),
+        batch.token.transaction_id.as_str(),
+        batch.sequence as i64,
+    )
+}
+
+/// What becomes of one append of the batch.
+enum Plan {
+    Decided(Result<AppendOutcome, AppendRejection>),
+    /// A retry of an append earlier in this same batch.
+    SameAs(usize),
+    /// New: stored with these ids.
+    New(Vec<EventId>),
+}
+
+/// Stores `batches`; `Ok(None)` when a concurrent writer got in the way and
+/// the caller must roll back and take the slow path.
+pub(super) async fn append(
+    tx: &mut PgConnection,
+    batches: &[AppendBatch],
+    shard_count: u32,
+) -> Result<Option<Vec<Result<AppendOutcome, AppendRejection>>>, sqlx::Error> {
+    let mut plans: Vec<Option<Plan>> = batches.iter().map(|_| None).collect();
+
+    // Caller-chosen ids that are taken already.
+    let caller_ids: Vec<Uuid> = batches
+        .iter()
+        .flat_map(|b| b.events.iter().filter_map(|e| e.event_id.map(|id| id.0)))
+        .collect();
+    if !caller_ids.is_empty() {
+        let taken: Vec<Uuid> =
+            sqlx::query_scalar("SELECT event_id FROM outbox_events WHERE event_id = ANY($1)")
+                .bind(&caller_ids)
+                .fetch_all(&mut *tx)
+                .await?;
+        for (plan, batch) in plans.iter_mut().zip(batches) {
+            if batch
+                .events
+                .iter()
+                .any(|e| e.event_id.is_some_and(|id| taken.contains(&id.0)))
+            {
+                *plan = Some(Plan::Decided(Err(event_id_taken(batch, &taken))));
+            }
+        }
+    }
+
+    // The transactions, created when new (first token in the batch wins).
+    let mut seen = HashMap::new();
+    let (mut producers, mut ids, mut modes, mut states) = (vec![], vec![], vec![], vec![]);
+    let (mut xids, mut systems, mut expiries) = (vec![], vec![], vec![]);
+    for (batch, plan) in batches.iter().zip(&plans) {
+        let token = &batch.token;
+        if plan.is_some()
+            || seen
+                .insert((token.producer.as_str(), token.transaction_id.as_str()), ())
+                .is_some()
+        {
+            continue;
+        }
+        producers.push(token.producer.as_str());
+        ids.push(token.transaction_id.as_str());
+        modes.push(token.mode.code());
+        let (state, xid, system, expires_in) = match &token.mode {
+            TokenMode::Immediate => (TRANSACTION_COMMITTED, None, None, None),
+            TokenMode::TwoPhase { timeout } => {
+                (TRANSACTION_OPEN, None, None, Some(timeout.as_secs_f64()))
+            }
+            TokenMode::PostgresXid {
+                caller_xid,
+                system_id,
+            } => (
+                TRANSACTION_OPEN,
+                Some(*caller_xid as i64),
+                Some(*system_id as i64),
+                None,
+            ),
+        };
+        states.push(state);
+        xids.push(xid);
+        systems.push(system);
+        expiries.push(expires_in);
+    }
+    let mut transactions: HashMap<(String, String), ExistingTransaction> = HashMap::new();
+    if !producers.is_empty() {
+        for row in sqlx::query(UPSERT_TRANSACTIONS)
+            .bind(&producers)
+            .bind(&ids)
+            .bind(&modes)
+            .bind(&states)
+            .bind(&xids)
+            .bind(&systems)
+            .bind(&expiries)
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            transactions.insert(
+                (row.try_get("producer")?, row.try_get("transaction_id")?),
+                ExistingTransaction {
+                    mode: row.try_get("mode")?,
+                    state: row.try_get("state")?,
+                    resolution: row.try_get("resolution")?,
+                    caller_xid: row.try_get("caller_xid")?,
+                    caller_system_id: row.try_get("caller_system_id")?,
+                    expired: row.try_get("expired")?,
+                },
+            );
+        }
+    }
+
+    // Appends already stored: retries (same content) or conflicts.
+    let (mut key_producers, mut key_ids, mut key_sequences) = (vec![], vec![], vec![]);
+    for (batch, plan) in batches.iter().zip(&plans) {
+        if plan.is_none() {
+            let (p, t, s) = key(batch);
+            key_producers.push(p);
+            key_ids.push(t);
+            key_sequences.push(s);
+        }
+    }
+    let mut stored: StoredAppends = HashMap::new();
+    if !key_producers.is_empty() {
+        for row in sqlx::query(
+            "SELECT producer, transaction_id, sequence, content_hash, event_ids FROM outbox_appends \
+             WHERE (producer, transaction_id, sequence) IN \
+                   (SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[]))",
+        )
+        .bind(&key_producers)
+        .bind(&key_ids)
+        .bind(&key_sequences)
+        .fetch_all(&mut *tx)
+        .await?
+        {
+            stored.insert(
+                (
+                    row.try_get("producer")?,
+                    row.try_get("transaction_id")?,
+                    row.try_get("sequence")?,
+                ),
+                (row.try_get("content_hash")?, row.try_get("event_ids")?),
+            );
+        }
+    }
+
+    let hashes: Vec<[u8; 32]> = batches.iter().map(AppendBatch::content_hash).collect();
+    let mut new_in_batch: HashMap<Key<'_>, usize> = HashMap::new();
+    for (index, batch) in batches.iter().enumerate() {
+        if plans[index].is_some() {
+            continue;
+        }
+        let token = &batch.token;
+        let conflict = || {
+            Plan::Decided(Err(AppendRejection::ConflictingRetry {
+                transaction_id: token.transaction_id.clone(),
+                sequence: batch.sequence,
+            }))
+        };
+        let existing = transactions
+            .get(&(token.producer.clone(), token.transaction_id.clone()))
+            .expect("every transaction was upserted");
+        let plan = if let Some(rejection) = existing.token_conflict(batch) {
+            Plan::Decided(Err(rejection))
+        } else if let Some((hash, ids)) = stored.get(&(
+            token.producer.clone(),
+            token.transaction_id.clone(),
+            batch.sequence as i64,
+        )) {
+            if hash[..] == hashes[index][..] {
+                Plan::Decided(Ok(AppendOutcome {
+                    event_ids: unpack_ids(ids),
+                    duplicate: true,
+                    statuses: vec![],
+                    shards: vec![],
+                }))
+            } else {
+                conflict()
+            }
+        } else if let Some(&first) = new_in_batch.get(&key(batch)) {
+            if hashes[first] == hashes[index] {
+                Plan::SameAs(first)
+            } else {
+                conflict()
+            }
+        } else if let Some(rejection) = existing.resolved(batch) {
+            Plan::Decided(Err(rejection))
+        } else {
+            new_in_batch.insert(key(batch), index);
+            Plan::New(
+                batch
+                    .events
+                    .iter()
+                    .map(|e| e.event_id.unwrap_or_else(EventId::generate))
+                    .collect(),
+            )
+        };
+        plans[index] = Some(plan);
+    }
+
+    // The new appends and all their events.
+    let new: Vec<(usize, &Vec<EventId>)> = plans
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| match p {
+            Some(Plan::New(ids)) => Some((i, ids)),
+            _ => None,
+        })
+        .collect();
+    let mut changes: HashMap<Uuid, (i64, DateTime<Utc>)> = HashMap::new();
+    if !new.is_empty() {
+        let mut a = (vec![], vec![], vec![], vec![], vec![]);
+        for (i, event_ids) in &new {
+            let batch = &batches[*i];
+            a.0.push(batch.token.producer.as_str());
+            a.1.push(batch.token.transaction_id.as_str());
+            a.2.push(batch.sequence as i64);
+            a.3.push(hashes[*i].to_vec());
+            a.4.push(pack_ids(event_ids));
+        }
+        let inserted = sqlx::query(INSERT_APPENDS)
+            .bind(&a.0)
+            .bind(&a.1)
+            .bind(&a.2)
+            .bind(&a.3)
+            .bind(&a.4)
+            .fetch_all(&mut *tx)
+            .await?;
+        if inserted.len() != new.len() {
+            // Another writer stored one of these appends meanwhile.
+            return Ok(None);
+        }
+
+        let now = Utc::now();
+        let count: usize = new.iter().map(|(i, _)| batches[*i].events.len()).sum();
+        let mut e_ids = Vec::with_capacity(count);
+        let mut e_shards = Vec::with_capacity(count);
+        let mut e_producers = Vec::with_capacity(count);
+        let mut e_transactions = Vec::with_capacity(count);
+        let mut e_sequences = Vec::with_capacity(count);
+        let mut e_indexes = Vec::with_capacity(count);
+        let mut e_topics = Vec::with_capacity(count);
+        let mut e_keys: Vec<Option<&[u8]>> = Vec::with_capacity(count);
+        let mut e_payloads: Vec<&[u8]> = Vec::with_capacity(count);
+        let mut e_headers = Vec::with_capacity(count);
+        let mut e_aggregate_types = Vec::with_capacity(count);
+        let mut e_aggregate_ids = Vec::with_capacity(count);
+        let mut e_types = Vec::with_capacity(count);
+        let mut e_occurred = Vec::with_capacity(count);
+        let mut e_states = Vec::with_capacity(count);
+        let mut e_traceparents = Vec::with_capacity(count);
+        let mut e_tracestates = Vec::with_capacity(count);
+        for (i, event_ids) in &new {
+            let batch = &batches[*i];
+            let state = initial_state(batch) as i16;
+            for (index, (event, id)) in batch.events.iter().zip(event_ids.iter()).enumerate() {
+                let ordering_key = event.ordering_key();
+                e_ids.push(id.0);
+                e_shards.push(shard_of(ordering_key, *id, shard_count) as i32);
+                e_producers.push(batch.token.producer.as_str());
+                e_transactions.push(batch.token.transaction_id.as_str());
+                e_sequences.push(batch.sequence as i64);
+                e_indexes.push(index as i32);
+                e_topics.push(event.topic.as_str());
+                e_keys.push(ordering_key);
+                e_payloads.push(&event.payload);
+                e_headers.push(encode_headers(&event.headers));
+                e_aggregate_types.push(event.aggregate_type.as_str());
+                e_aggregate_ids.push(event.aggregate_id.as_str());
+                e_types.push(event.event_type.as_str());
+                e_occurred.push(event.occurred_at.unwrap_or(now));
+                e_states.push(state);
+                e_traceparents.push(batch.trace.traceparent.as_deref());
+                e_tracestates.push(batch.trace.tracestate.as_deref());
+            }
+        }
+        for row in sqlx::query(INSERT_EVENTS)
+            .bind(&e_ids)
+            .bind(&e_shards)
+            .bind(&e_producers)
+            .bind(&e_transactions)
+            .bind(&e_sequences)
+            .bind(&e_indexes)
+            .bind(&e_topics)
+            .bind(&e_keys)
+            .bind(&e_payloads)
+            .bind(&e_headers)
+            .bind(&e_aggregate_types)
+            .bind(&e_aggregate_ids)
+            .bind(&e_types)
+            .bind(&e_occurred)
+            .bind(&e_states)
+            .bind(&e_traceparents)
+            .bind(&e_tracestates)
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            changes.insert(
+                row.try_get("event_id")?,
+                (row.try_get("change_seq")?, row.try_get("updated_at")?),
+            );
+        }
+    }
+
+    // Outcomes, in request order.
+    let mut results: Vec<Result<AppendOutcome, AppendRejection>> =
+        Vec::with_capacity(batches.len());
+    for (index, batch) in batches.iter().enumerate() {
+        let result = match plans[index].take().expect("every append was planned") {
+            Plan::Decided(result) => result,
+            Plan::SameAs(first) => match &results[first] {
+                Ok(outcome) => Ok(AppendOutcome {
+                    event_ids: outcome.event_ids.clone(),
+                    duplicate: true,
+                    statuses: vec![],
+                    shards: vec![],
+                }),
+                Err(rejection) => Err(rejection.clone()),
+            },
+            Plan::New(event_ids) => {
+                let state = initial_state(batch);
+                let statuses: Vec<EventStatus> = batch
+                    .events
+                    .iter()
+                    .zip(&event_ids)
+                    .map(|(event, id)| {
+                        let (cursor, updated_at) =
+                            changes.get(&id.0).copied().unwrap_or((0, Utc::now()));
+                        EventStatus {
+                            event_id: *id,
+                            producer: batch.token.producer.clone(),
+                            transaction_id: batch.token.transaction_id.clone(),
+                            sequence: batch.sequence,
+                            topic: event.topic.clone(),
+                            state,
+                            partition: None,
+                            offset: None,
+                            attempts: 0,
+                            reason: String::new(),
+                            updated_at,
+                            cursor: cursor as u64,
+                        }
+                    })
+                    .collect();
+                let shards = batch
+                    .events
+                    .iter()
+                    .zip(&event_ids)
+                    .map(|(event, id)| shard_of(event.ordering_key(), *id, shard_count))
+                    .collect();
+                Ok(AppendOutcome {
+                    event_ids,
+                    duplicate: false,
+                    statuses,
+                    shards,
+                })
+            }
+        };
+        results.push(result);
+    }
+    Ok(Some(results))
+}
+
+fn initial_state(batch: &AppendBatch) -> EventState {
+    match batch.token.mode {
+        TokenMode::Immediate => EventState::Ready,
+        _ => EventState::Pending,
+    }
+}
