@@ -13,11 +13,16 @@ use sqlx::postgres::PgPoolOptions;
 use super::{BenchArgs, LoadShape};
 use crate::relay::KafkaConfig;
 
-fn producer(args: &BenchArgs) -> anyhow::Result<FutureProducer> {
-    let config = KafkaConfig {
+/// A producer with outboxd's settings; `linger_ms` overrides its batching
+/// delay.
+fn producer(args: &BenchArgs, linger_ms: Option<u32>) -> anyhow::Result<FutureProducer> {
+    let mut config = KafkaConfig {
         brokers: args.brokers.clone(),
         ..KafkaConfig::default()
     };
+    if let Some(linger) = linger_ms {
+        config.producer.insert("linger.ms".into(), linger.to_string());
+    }
     Ok(config.producer_config().create()?)
 }
 
@@ -29,7 +34,7 @@ pub async fn direct_produce(
     topic: &str,
     records: u64,
 ) -> anyhow::Result<f64> {
-    let producer = producer(args)?;
+    let producer = producer(args, None)?;
     let shape = shape.clone();
     let topic = topic.to_owned();
     // Its own runtime, away from everything else of the bench.
@@ -109,7 +114,13 @@ pub async fn naive_outbox(
     let stop_relay = Arc::new(AtomicBool::new(false));
     let published = Arc::new(AtomicU64::new(0));
     let relay = {
-        let (producer, url, topic) = (producer(args)?, args.database_url.clone(), topic.to_owned());
+        // At its best: a relay that waits for each ack gains nothing from
+        // lingering, so it does not.
+        let (producer, url, topic) = (
+            producer(args, Some(0))?,
+            args.database_url.clone(),
+            topic.to_owned(),
+        );
         let (stop, published) = (stop_relay.clone(), published.clone());
         // The relay on a runtime of its own; the inserts on the caller's.
         std::thread::spawn(move || -> anyhow::Result<()> {
