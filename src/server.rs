@@ -88,6 +88,7 @@ pub async fn run(
         .context("configuring postgres_xid clusters")?;
     let resolver = Resolver {
         store: store.clone(),
+        retention: config.relay.retention,
         bus: bus.clone(),
         waker: waker.clone(),
         sources: xid_sources.clone(),

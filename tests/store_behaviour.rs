@@ -432,6 +432,82 @@ async fn failed_deliveries_retry_then_dead_letter(store: Arc<dyn Store>) {
     );
 }
 
+async fn retention_removes_finished_events_but_keeps_dead_letters(store: Arc<dyn Store>) {
+    let ids = store
+        .append(&[batch(
+            "t1",
+            0,
+            vec![event("a", "1"), event("b", "2"), event("c", "3")],
+        )])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap()
+        .event_ids;
+    let rows = relay_rows(&store, 3).await;
+    let leases = store
+        .acquire_leases("me", Duration::from_secs(60), SHARDS)
+        .await
+        .unwrap();
+    let lease_of = |row: &RelayRow| {
+        let shard = outboxd::domain::shard_of(row.kafka_key.as_deref(), row.event_id, SHARDS);
+        leases.iter().find(|l| l.shard == shard).unwrap().clone()
+    };
+    let by_id = |id: EventId| rows.iter().find(|r| r.event_id == id).unwrap();
+    let published = by_id(ids[0]);
+    store
+        .record_delivered(
+            &lease_of(published),
+            &[Delivered {
+                seq: published.seq,
+                partition: 0,
+                offset: 0,
+            }],
+        )
+        .await
+        .unwrap();
+    let dead = by_id(ids[1]);
+    store
+        .record_failed(
+            &lease_of(dead),
+            &[DeliveryFailed {
+                seq: dead.seq,
+                error: "x".into(),
+                retry_at: None,
+            }],
+        )
+        .await
+        .unwrap();
+    // Kept while younger than the retention.
+    assert_eq!(
+        store
+            .purge_finished(Duration::from_secs(3600), 100)
+            .await
+            .unwrap(),
+        0
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        store
+            .purge_finished(Duration::from_millis(1), 100)
+            .await
+            .unwrap(),
+        1
+    );
+    let left: Vec<EventId> = store
+        .status_by_ids(&ids)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.event_id)
+        .collect();
+    assert_eq!(
+        left,
+        vec![ids[1], ids[2]],
+        "the dead letter and the unpublished event stay"
+    );
+}
+
 async fn the_change_feed_resumes_after_a_cursor(store: Arc<dyn Store>) {
     let mut ids = Vec::new();
     for n in 0..3 {
@@ -498,5 +574,6 @@ store_suite!(
     relay_reads_each_shard_in_append_order,
     relay_writes_are_fenced_by_the_lease_epoch,
     failed_deliveries_retry_then_dead_letter,
+    retention_removes_finished_events_but_keeps_dead_letters,
     the_change_feed_resumes_after_a_cursor,
 );

@@ -21,7 +21,9 @@ fn producer(args: &BenchArgs, linger_ms: Option<u32>) -> anyhow::Result<FuturePr
         ..KafkaConfig::default()
     };
     if let Some(linger) = linger_ms {
-        config.producer.insert("linger.ms".into(), linger.to_string());
+        config
+            .producer
+            .insert("linger.ms".into(), linger.to_string());
     }
     Ok(config.producer_config().create()?)
 }

@@ -64,6 +64,10 @@ pub struct RelayConfig {
     /// Longest wait between probes.
     #[serde(with = "humantime_serde")]
     pub breaker_max_cooldown: Duration,
+    /// Published and discarded events (and the idempotency records of
+    /// appends) are removed this long after their last change.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
 }
 
 impl Default for RelayConfig {
@@ -81,6 +85,7 @@ impl Default for RelayConfig {
             dead_letter_topic: None,
             breaker_cooldown: Duration::from_secs(1),
             breaker_max_cooldown: Duration::from_secs(30),
+            retention: Duration::from_secs(24 * 3600),
         }
     }
 }

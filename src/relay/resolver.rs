@@ -67,6 +67,8 @@ impl XidSources {
 
 pub struct Resolver {
     pub store: Arc<dyn Store>,
+    /// How long finished events are kept (see `relay.retention`).
+    pub retention: Duration,
     pub bus: StatusBus,
     pub waker: RelayWaker,
     pub sources: XidSources,
@@ -76,13 +78,23 @@ pub struct Resolver {
     pub idle_interval: Duration,
 }
 
+/// How often finished events past their retention are removed.
+const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// Rows removed per statement.
+const PURGE_BATCH: u32 = 1_000;
+
 /// Most tokens one pass resolves.
 const PASS_LIMIT: u32 = 5_000;
 
 impl Resolver {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut busy = true;
+        let mut next_purge = tokio::time::Instant::now();
         loop {
+            if tokio::time::Instant::now() >= next_purge {
+                next_purge = tokio::time::Instant::now() + PURGE_INTERVAL;
+                self.purge(&shutdown).await;
+            }
             let wait = if busy {
                 self.config.resolve_interval
             } else {
@@ -100,6 +112,26 @@ impl Resolver {
                     busy = true;
                 }
             }
+        }
+    }
+
+    /// Removes finished events past their retention, in small batches.
+    async fn purge(&self, shutdown: &CancellationToken) {
+        let mut removed = 0;
+        while !shutdown.is_cancelled() {
+            match self.store.purge_finished(self.retention, PURGE_BATCH).await {
+                Ok(0) => break,
+                Ok(n) => removed += n,
+                Err(error) => {
+                    tracing::warn!(%error, "retention purge failed");
+                    break;
+                }
+            }
+            // Leave room for the hot path between batches.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if removed > 0 {
+            tracing::info!(removed, "removed finished events past their retention");
         }
     }
 

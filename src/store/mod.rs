@@ -325,6 +325,12 @@ pub trait Store: Send + Sync + 'static {
     /// Depth and oldest unpublished event of every shard that has any.
     async fn backlog(&self) -> Result<Vec<ShardBacklog>, StoreError>;
 
+    /// Removes up to `limit` published or discarded events last changed more
+    /// than `older_than` ago, with the bookkeeping of appends and resolved
+    /// transactions that old; returns how many events went. Dead letters
+    /// stay until redriven.
+    async fn purge_finished(&self, older_than: Duration, limit: u32) -> Result<u64, StoreError>;
+
     /// Every shard's lease.
     async fn leases(&self) -> Result<Vec<Lease>, StoreError>;
 

@@ -924,6 +924,38 @@ impl Store for SqliteStore {
         Ok(resolved)
     }
 
+    async fn purge_finished(&self, older_than: Duration, limit: u32) -> Result<u64, StoreError> {
+        let cutoff = micros(Utc::now()) - older_than.as_micros() as i64;
+        let events = sqlx::query(
+            "DELETE FROM outbox_events WHERE seq IN ( \
+                 SELECT seq FROM outbox_events WHERE state IN (4, 6) AND updated_at < ?1 \
+                 ORDER BY seq LIMIT ?2)",
+        )
+        .bind(cutoff)
+        .bind(limit as i64)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        sqlx::query(
+            "DELETE FROM outbox_appends WHERE rowid IN ( \
+                 SELECT rowid FROM outbox_appends WHERE created_at < ?1 LIMIT ?2)",
+        )
+        .bind(cutoff)
+        .bind(limit as i64)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "DELETE FROM outbox_transactions WHERE rowid IN ( \
+                 SELECT rowid FROM outbox_transactions \
+                 WHERE state <> 1 AND coalesce(resolved_at, created_at) < ?1 LIMIT ?2)",
+        )
+        .bind(cutoff)
+        .bind(limit as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(events)
+    }
+
     async fn list_dead_letters(
         &self,
         filter: &DeadLetterFilter,

@@ -906,6 +906,42 @@ impl Store for PostgresStore {
         Ok(resolved)
     }
 
+    async fn purge_finished(&self, older_than: Duration, limit: u32) -> Result<u64, StoreError> {
+        // Small batches in short transactions: no long locks, no long
+        // snapshots holding back vacuum.
+        let events = sqlx::query(
+            "DELETE FROM outbox_events WHERE seq IN ( \
+                 SELECT seq FROM outbox_events \
+                 WHERE state IN (4, 6) AND updated_at < now() - make_interval(secs => $1::double precision) \
+                 ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(older_than.as_secs_f64())
+        .bind(limit as i64)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        sqlx::query(
+            "DELETE FROM outbox_appends WHERE ctid IN ( \
+                 SELECT ctid FROM outbox_appends \
+                 WHERE created_at < now() - make_interval(secs => $1::double precision) LIMIT $2)",
+        )
+        .bind(older_than.as_secs_f64())
+        .bind(limit as i64)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "DELETE FROM outbox_transactions WHERE ctid IN ( \
+                 SELECT ctid FROM outbox_transactions WHERE state <> 1 \
+                   AND coalesce(resolved_at, created_at) < now() - make_interval(secs => $1::double precision) \
+                 LIMIT $2)",
+        )
+        .bind(older_than.as_secs_f64())
+        .bind(limit as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(events)
+    }
+
     async fn list_dead_letters(
         &self,
         filter: &DeadLetterFilter,
