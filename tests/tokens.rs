@@ -626,3 +626,59 @@ async fn postgres_xid_needs_a_cluster_to_resolve_against() {
     );
     gateway.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_xid_resolves_against_the_cluster_configured_for_the_producer() {
+    let tansu = Tansu::shared();
+    let topic = support::unique("xid_configured");
+    tansu.create_topic(&topic, 2).await;
+    // The store is embedded; the producer's own database is elsewhere.
+    let caller_url = support::fresh_database().await;
+    let mut config = support::test_config(&support::sqlite_url(), &tansu.bootstrap);
+    config
+        .tokens
+        .postgres_xid_clusters
+        .insert("billing".into(), caller_url.clone());
+    let gateway = Gateway::start(config).await;
+    let mut client = gateway.client().await;
+
+    let committing = CallerTransaction::begin(&caller_url).await;
+    let committed = append(
+        &mut client,
+        committing.token("billing", "paid"),
+        0,
+        vec![event(&topic, "inv-1", "paid")],
+    )
+    .await
+    .unwrap()
+    .event_ids;
+    let rolling_back = CallerTransaction::begin(&caller_url).await;
+    let rolled_back = append(
+        &mut client,
+        rolling_back.token("billing", "void"),
+        0,
+        vec![event(&topic, "inv-2", "void")],
+    )
+    .await
+    .unwrap()
+    .event_ids;
+    committing.commit().await;
+    rolling_back.rollback().await;
+    wait_for_state(&client, &committed, proto::EventState::Published).await;
+    wait_for_state(&client, &rolled_back, proto::EventState::Discarded).await;
+    kafka_holds_exactly(&tansu.bootstrap, &topic, &committed).await;
+
+    // A producer with no configured cluster cannot use postgres_xid here.
+    let stranger = CallerTransaction::begin(&caller_url).await;
+    let refused = append(
+        &mut client,
+        stranger.token("shipping", "t"),
+        0,
+        vec![event(&topic, "x", "x")],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    stranger.rollback().await;
+    gateway.stop().await;
+}

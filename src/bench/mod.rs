@@ -12,6 +12,7 @@
 mod baselines;
 mod load;
 mod process;
+mod xid;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -80,6 +81,10 @@ pub struct BenchArgs {
     /// the broker, then time its drain.
     #[arg(long)]
     pub backlog: Option<u64>,
+    /// Also time this many postgres_xid resolutions (caller COMMIT → READY
+    /// and → PUBLISHED), the callers' transactions on the store's database.
+    #[arg(long)]
+    pub xid_samples: Option<usize>,
 }
 
 /// Microseconds since the epoch: payloads carry their send time, so the
@@ -243,6 +248,7 @@ pub struct BenchReport {
     pub naive_rate: Option<f64>,
     pub naive_published: Option<u64>,
     pub backlog: Option<(u64, f64)>,
+    pub xid_latency: Option<String>,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
@@ -280,6 +286,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         outboxd: outboxd_run(&args, &shape, &topic).await?,
         ..BenchReport::default()
     };
+    if let Some(samples) = args.xid_samples {
+        let gateway = process::Gateway::start(&args, None).await?;
+        let latency = xid::measure(&gateway.endpoint(), &args.database_url, &topic, samples).await;
+        gateway.stop().await?;
+        let latency = latency?;
+        println!("postgres_xid resolution: {}", latency.summary());
+        report.xid_latency = Some(latency.summary());
+    }
     if let Some(events) = args.backlog {
         report.backlog = Some(process::backlog_drain(&args, events, &run_id).await?);
     }
@@ -446,6 +460,11 @@ fn render(args: &BenchArgs, report: &BenchReport) -> String {
         out.push_str(&format!(
             "| backlog of {events} built while the broker was unreachable: drain time (s); rate (events/s) | {seconds:.1}; {:.0} |\n",
             events as f64 / seconds
+        ));
+    }
+    if let Some(latency) = &report.xid_latency {
+        out.push_str(&format!(
+            "| postgres_xid resolution (caller COMMIT → READY / PUBLISHED) | {latency} |\n"
         ));
     }
     if let (Some(direct), Some(naive)) = (report.direct_rate, report.naive_rate) {

@@ -40,6 +40,10 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// Rows read per store query.
     pub read_batch: u32,
+    /// After a wake-up, wait this long before reading, so that several
+    /// commits are read with one query.
+    #[serde(with = "humantime_serde")]
+    pub read_linger: Duration,
     /// Records handed to the producer and not yet recorded, per shard.
     pub max_in_flight_per_shard: usize,
     /// Lease lifetime; renewed every third of it.
@@ -76,6 +80,7 @@ impl Default for RelayConfig {
             shard_count: 16,
             poll_interval: Duration::from_secs(1),
             read_batch: 1_000,
+            read_linger: Duration::from_millis(2),
             max_in_flight_per_shard: 5_000,
             lease_ttl: Duration::from_secs(10),
             retry_base: Duration::from_millis(200),

@@ -142,6 +142,12 @@ impl ShardWorker {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = signal.notify.notified() => {
+                    // Linger a moment so that the commits of the next few
+                    // appends are read together, not one query each.
+                    if !self.config.read_linger.is_zero() {
+                        tokio::time::sleep(self.config.read_linger).await;
+                        let _ = signal.notify.notified().now_or_never();
+                    }
                     self.want_read = true;
                     if signal.rewind.swap(false, Ordering::AcqRel) {
                         self.rewind();
