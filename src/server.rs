@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -158,6 +159,16 @@ pub async fn run(
     };
     let max_message = config.limits.max_request_bytes;
     tracing::info!(address = %listener.local_addr()?, store = %redact(&config.store.url), brokers = %config.kafka.brokers, "outboxd serving");
+    // Small responses must not wait for Nagle's algorithm and delayed ACKs
+    // (40 ms each time): tonic configures only the listeners it binds itself.
+    let incoming = TcpListenerStream::new(listener).map(|stream| {
+        if let Ok(stream) = &stream
+            && let Err(error) = stream.set_nodelay(true)
+        {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+        stream
+    });
     let serve = tonic::transport::Server::builder()
         // Bounds work per connection; a slow client cannot hold unbounded requests.
         .concurrency_limit_per_connection(1_024)
@@ -174,7 +185,7 @@ pub async fn run(
                 waker: waker.clone(),
             },
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled());
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled());
 
     let served = serve.await;
     tracing::info!("gRPC server stopped; draining");
