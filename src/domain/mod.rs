@@ -307,6 +307,33 @@ pub struct EventStatus {
     pub cursor: u64,
 }
 
+impl EventStatus {
+    /// The status of an event of `batch` just stored in `state`.
+    pub fn appended(
+        batch: &AppendBatch,
+        event: &NewEvent,
+        event_id: EventId,
+        state: EventState,
+        cursor: u64,
+        updated_at: DateTime<Utc>,
+    ) -> Self {
+        EventStatus {
+            event_id,
+            producer: batch.token.producer.clone(),
+            transaction_id: batch.token.transaction_id.clone(),
+            sequence: batch.sequence,
+            topic: event.topic.clone(),
+            state,
+            partition: None,
+            offset: None,
+            attempts: 0,
+            reason: String::new(),
+            updated_at,
+            cursor,
+        }
+    }
+}
+
 /// The outcome of one stored append.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppendOutcome {

@@ -224,23 +224,7 @@ impl Watcher {
                 self.store.status_by_transactions(transactions).await?
             }
             WatchTarget::Producer { producer, .. } => {
-                let mut cursor = from_cursor;
-                loop {
-                    let page = self
-                        .store
-                        .status_changes(producer, cursor, self.settings.page_size)
-                        .await?;
-                    let full = page.len() as u32 == self.settings.page_size;
-                    for status in &page {
-                        cursor = cursor.max(status.cursor);
-                        if self.offer(status, false).await.is_err() {
-                            return Ok(cursor);
-                        }
-                    }
-                    if !full {
-                        return Ok(cursor);
-                    }
-                }
+                return Ok(self.page_producer(producer, from_cursor, false).await?.0);
             }
         };
         for status in &statuses {
@@ -250,6 +234,32 @@ impl Watcher {
             }
         }
         Ok(max_cursor)
+    }
+
+    /// Sends a producer's changes after `cursor`, page by page. Returns the
+    /// last cursor read, and whether the receiver went away.
+    async fn page_producer(
+        &mut self,
+        producer: &str,
+        mut cursor: u64,
+        snapshot: bool,
+    ) -> Result<(u64, bool), WatchError> {
+        loop {
+            let page = self
+                .store
+                .status_changes(producer, cursor, self.settings.page_size)
+                .await?;
+            let full = page.len() as u32 == self.settings.page_size;
+            for status in &page {
+                cursor = cursor.max(status.cursor);
+                if self.offer(status, snapshot).await.is_err() {
+                    return Ok((cursor, true));
+                }
+            }
+            if !full {
+                return Ok((cursor, false));
+            }
+        }
     }
 
     fn done(&self, target: &WatchTarget) -> bool {
@@ -307,23 +317,12 @@ impl Watcher {
                 producer,
                 after_cursor,
             } => {
-                cursor = *after_cursor;
-                loop {
-                    let page = self
-                        .store
-                        .status_changes(producer, cursor, self.settings.page_size)
-                        .await?;
-                    let full = page.len() as u32 == self.settings.page_size;
-                    for status in &page {
-                        cursor = cursor.max(status.cursor);
-                        if self.offer(status, true).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    if !full {
-                        break;
-                    }
+                let (last, receiver_gone) =
+                    self.page_producer(producer, *after_cursor, true).await?;
+                if receiver_gone {
+                    return Ok(());
                 }
+                cursor = last;
                 HashSet::new()
             }
         };

@@ -244,20 +244,14 @@ impl SqliteStore {
             .bind(change)
             .execute(&mut **tx)
             .await?;
-            statuses.push(EventStatus {
-                event_id: *id,
-                producer: token.producer.clone(),
-                transaction_id: token.transaction_id.clone(),
-                sequence: batch.sequence,
-                topic: event.topic.clone(),
+            statuses.push(EventStatus::appended(
+                batch,
+                event,
+                *id,
                 state,
-                partition: None,
-                offset: None,
-                attempts: 0,
-                reason: String::new(),
-                updated_at: from_micros(micros(now)),
-                cursor: change as u64,
-            });
+                change as u64,
+                from_micros(micros(now)),
+            ));
         }
         Ok(Ok(AppendOutcome {
             event_ids,

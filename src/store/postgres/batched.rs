@@ -351,20 +351,7 @@ pub(super) async fn append(
                     .map(|(event, id)| {
                         let (cursor, updated_at) =
                             changes.get(&id.0).copied().unwrap_or((0, Utc::now()));
-                        EventStatus {
-                            event_id: *id,
-                            producer: batch.token.producer.clone(),
-                            transaction_id: batch.token.transaction_id.clone(),
-                            sequence: batch.sequence,
-                            topic: event.topic.clone(),
-                            state,
-                            partition: None,
-                            offset: None,
-                            attempts: 0,
-                            reason: String::new(),
-                            updated_at,
-                            cursor: cursor as u64,
-                        }
+                        EventStatus::appended(batch, event, *id, state, cursor as u64, updated_at)
                     })
                     .collect();
                 let shards = batch

@@ -236,20 +236,7 @@ impl PostgresStore {
             .zip(&event_ids)
             .map(|(event, id)| {
                 let (cursor, updated_at) = change_of.get(&id.0).copied().unwrap_or((0, now));
-                EventStatus {
-                    event_id: *id,
-                    producer: token.producer.clone(),
-                    transaction_id: token.transaction_id.clone(),
-                    sequence: batch.sequence,
-                    topic: event.topic.clone(),
-                    state,
-                    partition: None,
-                    offset: None,
-                    attempts: 0,
-                    reason: String::new(),
-                    updated_at,
-                    cursor: cursor as u64,
-                }
+                EventStatus::appended(batch, event, *id, state, cursor as u64, updated_at)
             })
             .collect();
         Ok(Ok(AppendOutcome {
@@ -429,6 +416,22 @@ impl PostgresStore {
             changed: resolved.changed,
             shards: resolved.shards,
         })
+    }
+
+    /// The statuses a fenced relay write returned; none at all may mean the
+    /// fence stopped it: then `LeaseLost` when the epoch moved on.
+    async fn fenced_statuses(
+        &self,
+        lease: &Lease,
+        rows: &[PgRow],
+    ) -> Result<Vec<EventStatus>, StoreError> {
+        if rows.is_empty() && !self.lease_is_current(lease).await? {
+            return Err(StoreError::LeaseLost {
+                shard: lease.shard,
+                epoch: lease.epoch,
+            });
+        }
+        rows.iter().map(status_from_row).collect()
     }
 
     async fn lease_is_current(&self, lease: &Lease) -> Result<bool, StoreError> {
@@ -706,13 +709,7 @@ impl Store for PostgresStore {
             .bind(&offsets)
             .fetch_all(&self.pool)
             .await?;
-        if rows.is_empty() && !self.lease_is_current(lease).await? {
-            return Err(StoreError::LeaseLost {
-                shard: lease.shard,
-                epoch: lease.epoch,
-            });
-        }
-        rows.iter().map(status_from_row).collect()
+        self.fenced_statuses(lease, &rows).await
     }
 
     async fn record_failed(
@@ -734,13 +731,7 @@ impl Store for PostgresStore {
             .bind(&retry_at)
             .fetch_all(&self.pool)
             .await?;
-        if rows.is_empty() && !self.lease_is_current(lease).await? {
-            return Err(StoreError::LeaseLost {
-                shard: lease.shard,
-                epoch: lease.epoch,
-            });
-        }
-        rows.iter().map(status_from_row).collect()
+        self.fenced_statuses(lease, &rows).await
     }
 
     async fn commit_transaction(
