@@ -66,6 +66,8 @@ impl WatchConfig {
 pub struct Config {
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// Prometheus metrics (`/metrics`) listen address; off when absent.
+    pub metrics_listen: Option<SocketAddr>,
     /// How long shutdown may take before outboxd stops anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -82,6 +84,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: None,
             shutdown_timeout: Duration::from_secs(30),
             store: StoreConfig::default(),
             kafka: KafkaConfig::default(),

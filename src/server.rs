@@ -34,6 +34,20 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let metrics_task = match config.metrics_listen {
+        Some(address) => {
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding the metrics listener {address}"))?;
+            crate::telemetry::metrics();
+            tracing::info!(address = %listener.local_addr()?, "serving Prometheus metrics");
+            Some(tokio::spawn(crate::telemetry::serve_metrics(
+                listener,
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     let store = crate::store::connect(
         &config.store.url,
         config.store.max_connections,
@@ -207,6 +221,9 @@ pub async fn run(
     })
     .await;
     health_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     served.context("gRPC server failed")?;
     match drained {
         Ok(Ok(Ok(()))) => Ok(()),

@@ -17,6 +17,22 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+/// The gateway's Prometheus metrics, as text.
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
 async fn relay_health(channel: &Channel) -> i32 {
     HealthClient::new(channel.clone())
         .check(HealthCheckRequest {
@@ -97,6 +113,8 @@ async fn a_kafka_outage_fails_no_append_and_loses_nothing() {
     let mut config = support::test_config(&support::fresh_database().await, &kafka.bootstrap);
     config.relay.breaker_cooldown = Duration::from_millis(200);
     config.relay.breaker_max_cooldown = Duration::from_secs(1);
+    let metrics_port = support::free_port();
+    config.metrics_listen = Some(([127, 0, 0, 1], metrics_port).into());
     let gateway = Gateway::start(config).await;
     let client = gateway.client().await;
     let channel = gateway.channel().await;
@@ -110,12 +128,27 @@ async fn a_kafka_outage_fails_no_append_and_loses_nothing() {
         kafka.broker_down(broker);
     }
     wait_for_relay_health(&channel, ServingStatus::NotServing).await;
+    let during = scrape(metrics_port).await;
+    assert!(
+        during
+            .lines()
+            .any(|l| l.starts_with("outboxd_breaker_state") && l.ends_with(" 1")),
+        "the breaker shows open in the metrics:\n{during}"
+    );
     // Appending goes on at full speed through a sustained outage.
     tokio::time::sleep(Duration::from_secs(3)).await;
     for broker in 1..=3 {
         kafka.broker_up(broker);
     }
     wait_for_relay_health(&channel, ServingStatus::Serving).await;
+    let after = scrape(metrics_port).await;
+    assert!(
+        after
+            .lines()
+            .any(|l| l.starts_with("outboxd_breaker_state") && l.ends_with(" 0")),
+        "the breaker shows closed again:\n{after}"
+    );
+    assert!(after.contains("outboxd_events_published_total"), "{after}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let (by_key, failures) = appender.await.unwrap();

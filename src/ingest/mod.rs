@@ -21,6 +21,7 @@ use crate::domain::{AppendBatch, AppendOutcome, TokenMode};
 use crate::relay::RelayWaker;
 use crate::status::StatusBus;
 use crate::store::{AppendRejection, Store, StoreError};
+use crate::telemetry::names;
 
 /// Ingest settings (`[ingest]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,8 +171,17 @@ async fn run_writer(
                     waker.wake_resolver();
                 }
                 for (reply, result) in replies.into_iter().zip(results) {
+                    let outcome_name = match &result {
+                        Ok(outcome) if outcome.duplicate => "duplicate",
+                        Ok(_) => "stored",
+                        Err(_) => "rejected",
+                    };
+                    metrics::counter!(names::APPEND_REQUESTS, "outcome" => outcome_name)
+                        .increment(1);
                     match result {
                         Ok(mut outcome) => {
+                            metrics::counter!(names::EVENTS_APPENDED)
+                                .increment(outcome.statuses.len() as u64);
                             shards.extend_from_slice(&outcome.shards);
                             bus.publish(std::mem::take(&mut outcome.statuses));
                             let _ = reply.send(Ok(outcome));
@@ -186,6 +196,8 @@ async fn run_writer(
             Err(error) => {
                 tracing::warn!(writer, requests = replies.len(), %error, "append commit failed");
                 let unavailable = matches!(error, StoreError::Unavailable(_));
+                metrics::counter!(names::APPEND_REQUESTS, "outcome" => "failed")
+                    .increment(replies.len() as u64);
                 for reply in replies {
                     let error = if unavailable {
                         IngestError::Unavailable(error.to_string())

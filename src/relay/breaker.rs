@@ -111,6 +111,11 @@ impl SharedBreaker {
         };
         self.changes.send_if_modified(|current| {
             if *current != state {
+                metrics::gauge!(crate::telemetry::names::BREAKER_STATE).set(match state {
+                    BreakerState::Closed => 0.0,
+                    BreakerState::Open => 1.0,
+                    BreakerState::HalfOpen => 2.0,
+                });
                 match state {
                     BreakerState::Open => {
                         tracing::warn!("circuit breaker open: Kafka unreachable; relaying paused")

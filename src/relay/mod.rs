@@ -288,6 +288,7 @@ impl Relay {
                                 tracing::info!(shard, epoch, "relaying shard");
                                 workers.insert(shard, (epoch, token));
                             }
+                            metrics::gauge!(crate::telemetry::names::RELAY_SHARDS).set(workers.len() as f64);
                             let _ = self.health.send(if paused.load(Ordering::Acquire) {
                                 RelayHealth::Paused
                             } else {

@@ -80,6 +80,8 @@ pub struct Resolver {
 
 /// How often finished events past their retention are removed.
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the backlog gauges are refreshed.
+const BACKLOG_INTERVAL: Duration = Duration::from_secs(5);
 /// Rows removed per statement.
 const PURGE_BATCH: u32 = 1_000;
 
@@ -90,10 +92,15 @@ impl Resolver {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut busy = true;
         let mut next_purge = tokio::time::Instant::now();
+        let mut next_backlog = tokio::time::Instant::now();
         loop {
             if tokio::time::Instant::now() >= next_purge {
                 next_purge = tokio::time::Instant::now() + PURGE_INTERVAL;
                 self.purge(&shutdown).await;
+            }
+            if tokio::time::Instant::now() >= next_backlog {
+                next_backlog = tokio::time::Instant::now() + BACKLOG_INTERVAL;
+                self.report_backlog().await;
             }
             let wait = if busy {
                 self.config.resolve_interval
@@ -132,6 +139,33 @@ impl Resolver {
         }
         if removed > 0 {
             tracing::info!(removed, "removed finished events past their retention");
+        }
+    }
+
+    /// Sets the backlog gauges of every shard.
+    async fn report_backlog(&self) {
+        use crate::telemetry::names;
+        match self.store.backlog().await {
+            Ok(backlog) => {
+                let now = chrono::Utc::now();
+                let mut depths = vec![(0u64, 0f64); self.store.shard_count() as usize];
+                for shard in backlog {
+                    if let Some(slot) = depths.get_mut(shard.shard as usize) {
+                        let age = shard
+                            .oldest
+                            .map(|oldest| (now - oldest).num_milliseconds().max(0) as f64 / 1e3)
+                            .unwrap_or(0.0);
+                        *slot = (shard.depth, age);
+                    }
+                }
+                for (shard, (depth, age)) in depths.into_iter().enumerate() {
+                    let shard = shard.to_string();
+                    metrics::gauge!(names::BACKLOG_EVENTS, "shard" => shard.clone())
+                        .set(depth as f64);
+                    metrics::gauge!(names::BACKLOG_OLDEST_SECONDS, "shard" => shard).set(age);
+                }
+            }
+            Err(error) => tracing::debug!(%error, "cannot read the backlog"),
         }
     }
 

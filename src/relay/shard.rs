@@ -29,6 +29,7 @@ use super::{RelayConfig, ShardSignal, retry_delay};
 use crate::domain::EventState;
 use crate::status::StatusBus;
 use crate::store::{Delivered, DeliveryFailed, Lease, RelayCursor, RelayRow, Store, StoreError};
+use crate::telemetry::names;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
@@ -66,6 +67,8 @@ pub(super) struct ShardWorker {
     blocked_pending: bool,
     /// Seqs handed to the producer and not yet recorded; skipped by reads.
     sent: HashSet<i64>,
+    /// When each sent event was appended, for the publish latency metric.
+    appended_at: std::collections::HashMap<i64, DateTime<Utc>>,
     in_flight: FuturesUnordered<Pending>,
     delivered: Vec<Delivered>,
     failed: Vec<DeliveryFailed>,
@@ -99,6 +102,7 @@ impl ShardWorker {
             rewind_at: None,
             blocked_pending: false,
             sent: HashSet::new(),
+            appended_at: std::collections::HashMap::new(),
             in_flight: FuturesUnordered::new(),
             delivered: Vec::new(),
             failed: Vec::new(),
@@ -340,6 +344,7 @@ impl ShardWorker {
     fn send(&mut self, row: &RelayRow) -> Result<(), (KafkaError, Box<OwnedMessage>)> {
         let delivery = self.publisher.send(row)?;
         let seq = row.seq;
+        self.appended_at.insert(seq, row.appended_at);
         let key = row.kafka_key.clone();
         let attempts = row.attempts + 1;
         self.sent.insert(seq);
@@ -452,6 +457,14 @@ impl ShardWorker {
                 .store
                 .record_delivered(&self.lease, &self.delivered)
                 .await?;
+            metrics::counter!(names::EVENTS_PUBLISHED).increment(statuses.len() as u64);
+            let now = Utc::now();
+            for seq in self.delivered.iter().map(|d| d.seq) {
+                if let Some(appended_at) = self.appended_at.remove(&seq) {
+                    let seconds = (now - appended_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+                    metrics::histogram!(names::PUBLISH_SECONDS).record(seconds);
+                }
+            }
             for delivered in self.delivered.drain(..) {
                 self.sent.remove(&delivered.seq);
             }
@@ -459,6 +472,12 @@ impl ShardWorker {
         }
         if !self.failed.is_empty() {
             let statuses = self.store.record_failed(&self.lease, &self.failed).await?;
+            let dead = self.failed.iter().filter(|f| f.retry_at.is_none()).count() as u64;
+            metrics::counter!(names::EVENTS_DEAD_LETTERED).increment(dead);
+            metrics::counter!(names::DELIVERY_RETRIES).increment(self.failed.len() as u64 - dead);
+            for failed in &self.failed {
+                self.appended_at.remove(&failed.seq);
+            }
             for failed in self.failed.drain(..) {
                 self.sent.remove(&failed.seq);
             }

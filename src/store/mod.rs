@@ -185,6 +185,7 @@ pub struct RelayRow {
     pub attempts: u32,
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub occurred_at: DateTime<Utc>,
+    pub appended_at: DateTime<Utc>,
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
 }

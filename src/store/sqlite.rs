@@ -676,7 +676,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query(
             "SELECT seq, event_id, producer, transaction_id, topic, kafka_key, payload, headers, \
                  aggregate_type, aggregate_id, event_type, state, attempts, next_attempt_at, \
-                 occurred_at, traceparent, tracestate \
+                 occurred_at, appended_at, traceparent, tracestate \
              FROM outbox_events WHERE shard = ?1 AND state < 4 AND seq > ?2 ORDER BY seq LIMIT ?3",
         )
         .bind(shard as i64)
@@ -713,6 +713,7 @@ impl Store for SqliteStore {
                         .try_get::<Option<i64>, _>("next_attempt_at")?
                         .map(from_micros),
                     occurred_at: from_micros(row.try_get("occurred_at")?),
+                    appended_at: from_micros(row.try_get("appended_at")?),
                     traceparent: row.try_get("traceparent")?,
                     tracestate: row.try_get("tracestate")?,
                 })

@@ -683,6 +683,7 @@ impl Store for PostgresStore {
                     attempts: row.try_get::<i32, _>("attempts")? as u32,
                     next_attempt_at: row.try_get("next_attempt_at")?,
                     occurred_at: row.try_get("occurred_at")?,
+                    appended_at: row.try_get("appended_at")?,
                     traceparent: row.try_get("traceparent")?,
                     tracestate: row.try_get("tracestate")?,
                 })

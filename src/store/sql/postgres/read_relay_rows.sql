@@ -13,7 +13,7 @@ WITH gate AS (
 )
 SELECT seq, writer_xid::text::bigint AS writer_xid, event_id, producer, transaction_id,
        topic, kafka_key, payload, headers, aggregate_type, aggregate_id, event_type,
-       state, attempts, next_attempt_at, occurred_at, traceparent, tracestate
+       state, attempts, next_attempt_at, occurred_at, appended_at, traceparent, tracestate
 FROM outbox_events, gate
 WHERE shard = $1
   AND state < 4
