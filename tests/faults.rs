@@ -328,3 +328,88 @@ async fn a_poison_record_dead_letters_at_once_and_redrives() {
     let _ = &mut client;
     gateway.stop().await;
 }
+
+/// With `dead_letter_holds_key`, a dead letter holds back the later events
+/// of its key until it is redriven; then both go, in append order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_letter_can_hold_its_key_until_redriven() {
+    let kafka = MockKafka::start(1);
+    let topic = support::unique("held");
+    kafka.create_topic(&topic, 2).await;
+    let store = support::fresh_database().await;
+    let mut config = support::test_config(&store, &kafka.bootstrap);
+    config.relay.dead_letter_holds_key = true;
+    config
+        .kafka
+        .producer
+        .insert("message.max.bytes".into(), "10000".into());
+    let gateway = Gateway::start(config.clone()).await;
+    let mut client = gateway.client().await;
+    let event = |key: &str, size: usize| proto::Event {
+        topic: topic.clone(),
+        key: Some(key.as_bytes().to_vec().into()),
+        payload: vec![b'h'; size].into(),
+        ..Default::default()
+    };
+    let ids = client
+        .append(proto::AppendRequest {
+            token: Some(proto::TransactionToken {
+                producer: "held".into(),
+                transaction_id: "t".into(),
+                ..Default::default()
+            }),
+            sequence: 0,
+            events: vec![
+                event("strict", 50_000),
+                event("strict", 10),
+                event("other", 10),
+            ],
+            correlation: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .event_ids;
+    let (poison, held, other) = (ids[0].clone(), ids[1].clone(), ids[2].clone());
+    consume_until(
+        &kafka.bootstrap,
+        &topic,
+        &[other.clone()].into(),
+        Duration::from_millis(1_500),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        status_of(&mut client, &poison).await.state,
+        proto::EventState::DeadLettered as i32
+    );
+    assert_eq!(
+        status_of(&mut client, &held).await.state,
+        proto::EventState::Ready as i32,
+        "held behind the dead letter"
+    );
+    gateway.stop().await;
+
+    config.kafka.producer.remove("message.max.bytes");
+    let gateway = Gateway::start(config).await;
+    outboxd_admin(
+        &gateway.address.to_string(),
+        &["redrive", "--producer", "held"],
+    )
+    .await;
+    let all: HashSet<String> = [poison.clone(), held.clone(), other].into();
+    let records = consume_until(
+        &kafka.bootstrap,
+        &topic,
+        &all,
+        Duration::from_millis(500),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        first_sightings_by_key(&records)[&b"strict".to_vec()],
+        vec![poison, held],
+        "append order kept"
+    );
+    gateway.stop().await;
+}

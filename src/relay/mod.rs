@@ -62,6 +62,9 @@ pub struct RelayConfig {
     pub max_attempts: u32,
     /// Also copy dead-lettered records to this topic.
     pub dead_letter_topic: Option<String>,
+    /// A dead letter holds back later events of its key until it is
+    /// redriven (strict order), instead of letting them pass (the default).
+    pub dead_letter_holds_key: bool,
     /// First wait of the circuit breaker before it probes the broker.
     #[serde(with = "humantime_serde")]
     pub breaker_cooldown: Duration,
@@ -88,6 +91,7 @@ impl Default for RelayConfig {
             drain_timeout: Duration::from_secs(10),
             max_attempts: 12,
             dead_letter_topic: None,
+            dead_letter_holds_key: false,
             breaker_cooldown: Duration::from_secs(1),
             breaker_max_cooldown: Duration::from_secs(30),
             retention: Duration::from_secs(24 * 3600),

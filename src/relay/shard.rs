@@ -276,7 +276,12 @@ impl ShardWorker {
     async fn dispatch(&mut self) -> Result<(), StoreError> {
         let rows = self
             .store
-            .read_relay_rows(self.lease.shard, self.cursor, self.config.read_batch)
+            .read_relay_rows_with(
+                self.lease.shard,
+                self.cursor,
+                self.config.read_batch,
+                self.config.dead_letter_holds_key,
+            )
             .await?;
         let full_page = rows.len() as u32 == self.config.read_batch;
         let now = Utc::now();
@@ -304,7 +309,9 @@ impl ShardWorker {
                     }
                     _ => true,
                 },
-                EventState::Pending => {
+                // Both wait for something outside the relay (a commit, a
+                // redrive), possibly on another instance: look again at polls.
+                EventState::Pending | EventState::DeadLettered => {
                     self.blocked_pending = true;
                     false
                 }

@@ -260,6 +260,18 @@ pub trait Store: Send + Sync + 'static {
         shard: u32,
         after: RelayCursor,
         limit: u32,
+    ) -> Result<Vec<RelayRow>, StoreError> {
+        self.read_relay_rows_with(shard, after, limit, false).await
+    }
+
+    /// [`Store::read_relay_rows`], with dead letters among the rows when
+    /// `with_dead_letters` (so that they can hold back their keys).
+    async fn read_relay_rows_with(
+        &self,
+        shard: u32,
+        after: RelayCursor,
+        limit: u32,
+        with_dead_letters: bool,
     ) -> Result<Vec<RelayRow>, StoreError>;
 
     /// Marks events published, fenced by the lease: `StoreError::LeaseLost`

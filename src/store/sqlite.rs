@@ -667,21 +667,24 @@ impl Store for SqliteStore {
         Ok(live.max(1) as u32)
     }
 
-    async fn read_relay_rows(
+    async fn read_relay_rows_with(
         &self,
         shard: u32,
         after: RelayCursor,
         limit: u32,
+        with_dead_letters: bool,
     ) -> Result<Vec<RelayRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, event_id, producer, transaction_id, topic, kafka_key, payload, headers, \
                  aggregate_type, aggregate_id, event_type, state, attempts, next_attempt_at, \
                  occurred_at, appended_at, traceparent, tracestate \
-             FROM outbox_events WHERE shard = ?1 AND state < 4 AND seq > ?2 ORDER BY seq LIMIT ?3",
+             FROM outbox_events WHERE shard = ?1 AND (state < 4 OR (?4 AND state = 5)) \
+               AND seq > ?2 ORDER BY seq LIMIT ?3",
         )
         .bind(shard as i64)
         .bind(after.seq)
         .bind(limit as i64)
+        .bind(with_dead_letters)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

@@ -647,13 +647,24 @@ impl Store for PostgresStore {
         Ok(live.max(1) as u32)
     }
 
-    async fn read_relay_rows(
+    async fn read_relay_rows_with(
         &self,
         shard: u32,
         after: RelayCursor,
         limit: u32,
+        with_dead_letters: bool,
     ) -> Result<Vec<RelayRow>, StoreError> {
-        let rows = sqlx::query(READ_RELAY_ROWS)
+        /// The same query, dead letters included (their own partial index
+        /// serves them).
+        static WITH_DEAD_LETTERS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            READ_RELAY_ROWS.replace("AND state < 4", "AND (state < 4 OR state = 5)")
+        });
+        let sql = if with_dead_letters {
+            sqlx::AssertSqlSafe(WITH_DEAD_LETTERS.as_str())
+        } else {
+            sqlx::AssertSqlSafe(READ_RELAY_ROWS)
+        };
+        let rows = sqlx::query(sql)
             .bind(shard as i32)
             .bind(after.writer_xid.to_string())
             .bind(after.seq)
