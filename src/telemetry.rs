@@ -32,6 +32,8 @@ pub mod names {
     pub const PUBLISH_SECONDS: &str = "outboxd_publish_seconds";
     /// 0 closed, 1 open, 2 half-open.
     pub const BREAKER_STATE: &str = "outboxd_breaker_state";
+    /// Times the breaker opened after being closed.
+    pub const BREAKER_OPENED: &str = "outboxd_breaker_opened_total";
     /// Shards this instance relays.
     pub const RELAY_SHARDS: &str = "outboxd_relay_shards";
     /// Unpublished events and the age of the oldest, per shard.

@@ -111,6 +111,9 @@ impl SharedBreaker {
         };
         self.changes.send_if_modified(|current| {
             if *current != state {
+                if *current == BreakerState::Closed {
+                    metrics::counter!(crate::telemetry::names::BREAKER_OPENED).increment(1);
+                }
                 metrics::gauge!(crate::telemetry::names::BREAKER_STATE).set(match state {
                     BreakerState::Closed => 0.0,
                     BreakerState::Open => 1.0,

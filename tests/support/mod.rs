@@ -403,11 +403,16 @@ pub async fn wait_for_partitions(bootstrap: &str, topic: &str, partitions: i32) 
     .unwrap();
 }
 
+/// Something to do with the mock cluster, on its thread.
+type MockAction =
+    Box<dyn FnOnce(&MockCluster<'static, rdkafka::producer::DefaultProducerContext>) + Send>;
+
 /// Commands to a mock cluster's thread.
 enum MockCommand {
     CreateTopic(String, i32, std::sync::mpsc::Sender<()>),
     BrokerDown(i32, std::sync::mpsc::Sender<()>),
     BrokerUp(i32, std::sync::mpsc::Sender<()>),
+    Run(MockAction, std::sync::mpsc::Sender<()>),
 }
 
 /// A librdkafka mock cluster. It is `!Send`, so it lives on its own thread
@@ -438,6 +443,10 @@ impl MockKafka {
                         cluster.broker_up(id).unwrap();
                         let _ = done.send(());
                     }
+                    MockCommand::Run(action, done) => {
+                        action(&cluster);
+                        let _ = done.send(());
+                    }
                 }
             }
         });
@@ -465,6 +474,18 @@ impl MockKafka {
 
     pub fn broker_up(&self, id: i32) {
         self.call(|done| MockCommand::BrokerUp(id, done));
+    }
+
+    /// The next Produce requests fail with these errors, one each.
+    pub fn fail_produce_requests(&self, errors: Vec<rdkafka::types::RDKafkaRespErr>) {
+        self.call(|done| {
+            MockCommand::Run(
+                Box::new(move |cluster| {
+                    cluster.request_errors(rdkafka::types::RDKafkaApiKey::Produce, &errors)
+                }),
+                done,
+            )
+        });
     }
 }
 
