@@ -197,6 +197,57 @@ async fn a_retry_within_one_coalesced_batch_is_a_duplicate(store: Arc<dyn Store>
     assert_eq!(stored.len(), 2, "stored once");
 }
 
+/// Two writers racing: the same append (one stores it, the other gets the
+/// same ids back as a duplicate), and one caller-chosen event id in two
+/// transactions (one wins, the other is told which field is at fault).
+async fn racing_writers_store_once(store: Arc<dyn Store>) {
+    for round in 0..30 {
+        let same = batch(
+            &format!("race-{round}"),
+            0,
+            vec![event("a", "1"), event("b", "2")],
+        );
+        let (first, second) = tokio::join!(
+            store.append(std::slice::from_ref(&same)),
+            store.append(std::slice::from_ref(&same))
+        );
+        let first = first.unwrap().remove(0).unwrap();
+        let second = second.unwrap().remove(0).unwrap();
+        assert_eq!(first.event_ids, second.event_ids, "round {round}");
+        assert!(
+            first.duplicate != second.duplicate,
+            "round {round}: exactly one stored it"
+        );
+
+        let id = EventId::generate();
+        let mut mine = event("c", "3");
+        mine.event_id = Some(id);
+        let left = batch(
+            &format!("left-{round}"),
+            0,
+            vec![event("d", "4"), mine.clone()],
+        );
+        let right = batch(&format!("right-{round}"), 0, vec![mine]);
+        let (left, right) = tokio::join!(
+            store.append(std::slice::from_ref(&left)),
+            store.append(std::slice::from_ref(&right))
+        );
+        let outcomes = [left.unwrap().remove(0), right.unwrap().remove(0)];
+        assert_eq!(
+            outcomes.iter().filter(|o| o.is_ok()).count(),
+            1,
+            "round {round}: one wins"
+        );
+        for outcome in &outcomes {
+            if let Err(rejection) = outcome {
+                assert!(
+                    matches!(rejection, AppendRejection::EventIdTaken(v) if v.field.ends_with("event_id"))
+                );
+            }
+        }
+    }
+}
+
 async fn a_transaction_keeps_its_mode(store: Arc<dyn Store>) {
     store
         .append(&[batch("t1", 0, vec![event("a", "1")])])
@@ -570,6 +621,7 @@ store_suite!(
     append_is_atomic_and_idempotent,
     one_bad_append_fails_only_itself,
     a_retry_within_one_coalesced_batch_is_a_duplicate,
+    racing_writers_store_once,
     a_transaction_keeps_its_mode,
     relay_reads_each_shard_in_append_order,
     relay_writes_are_fenced_by_the_lease_epoch,

@@ -257,74 +257,11 @@ pub(super) async fn append(
         }
 
         let now = Utc::now();
-        let count: usize = new.iter().map(|(i, _)| batches[*i].events.len()).sum();
-        let mut e_ids = Vec::with_capacity(count);
-        let mut e_shards = Vec::with_capacity(count);
-        let mut e_producers = Vec::with_capacity(count);
-        let mut e_transactions = Vec::with_capacity(count);
-        let mut e_sequences = Vec::with_capacity(count);
-        let mut e_indexes = Vec::with_capacity(count);
-        let mut e_topics = Vec::with_capacity(count);
-        let mut e_keys: Vec<Option<&[u8]>> = Vec::with_capacity(count);
-        let mut e_payloads: Vec<&[u8]> = Vec::with_capacity(count);
-        let mut e_headers = Vec::with_capacity(count);
-        let mut e_aggregate_types = Vec::with_capacity(count);
-        let mut e_aggregate_ids = Vec::with_capacity(count);
-        let mut e_types = Vec::with_capacity(count);
-        let mut e_occurred = Vec::with_capacity(count);
-        let mut e_states = Vec::with_capacity(count);
-        let mut e_traceparents = Vec::with_capacity(count);
-        let mut e_tracestates = Vec::with_capacity(count);
+        let mut rows = EventRows::default();
         for (i, event_ids) in &new {
-            let batch = &batches[*i];
-            let state = initial_state(batch) as i16;
-            for (index, (event, id)) in batch.events.iter().zip(event_ids.iter()).enumerate() {
-                let ordering_key = event.ordering_key();
-                e_ids.push(id.0);
-                e_shards.push(shard_of(ordering_key, *id, shard_count) as i32);
-                e_producers.push(batch.token.producer.as_str());
-                e_transactions.push(batch.token.transaction_id.as_str());
-                e_sequences.push(batch.sequence as i64);
-                e_indexes.push(index as i32);
-                e_topics.push(event.topic.as_str());
-                e_keys.push(ordering_key);
-                e_payloads.push(&event.payload);
-                e_headers.push(encode_headers(&event.headers));
-                e_aggregate_types.push(event.aggregate_type.as_str());
-                e_aggregate_ids.push(event.aggregate_id.as_str());
-                e_types.push(event.event_type.as_str());
-                e_occurred.push(event.occurred_at.unwrap_or(now));
-                e_states.push(state);
-                e_traceparents.push(batch.trace.traceparent.as_deref());
-                e_tracestates.push(batch.trace.tracestate.as_deref());
-            }
+            rows.push_batch(&batches[*i], event_ids, shard_count, now);
         }
-        for row in sqlx::query(INSERT_EVENTS)
-            .bind(&e_ids)
-            .bind(&e_shards)
-            .bind(&e_producers)
-            .bind(&e_transactions)
-            .bind(&e_sequences)
-            .bind(&e_indexes)
-            .bind(&e_topics)
-            .bind(&e_keys)
-            .bind(&e_payloads)
-            .bind(&e_headers)
-            .bind(&e_aggregate_types)
-            .bind(&e_aggregate_ids)
-            .bind(&e_types)
-            .bind(&e_occurred)
-            .bind(&e_states)
-            .bind(&e_traceparents)
-            .bind(&e_tracestates)
-            .fetch_all(&mut *tx)
-            .await?
-        {
-            changes.insert(
-                row.try_get("event_id")?,
-                (row.try_get("change_seq")?, row.try_get("updated_at")?),
-            );
-        }
+        changes = rows.insert(tx).await?;
     }
 
     // Outcomes, in request order.
@@ -373,7 +310,98 @@ pub(super) async fn append(
     Ok(Some(results))
 }
 
-fn initial_state(batch: &AppendBatch) -> EventState {
+/// Event rows to insert with one `UNNEST` statement, column by column.
+#[derive(Default)]
+pub(super) struct EventRows<'a> {
+    ids: Vec<Uuid>,
+    shards: Vec<i32>,
+    producers: Vec<&'a str>,
+    transactions: Vec<&'a str>,
+    sequences: Vec<i64>,
+    indexes: Vec<i32>,
+    topics: Vec<&'a str>,
+    keys: Vec<Option<&'a [u8]>>,
+    payloads: Vec<&'a [u8]>,
+    headers: Vec<Vec<u8>>,
+    aggregate_types: Vec<&'a str>,
+    aggregate_ids: Vec<&'a str>,
+    event_types: Vec<&'a str>,
+    occurred: Vec<DateTime<Utc>>,
+    states: Vec<i16>,
+    traceparents: Vec<Option<&'a str>>,
+    tracestates: Vec<Option<&'a str>>,
+}
+
+impl<'a> EventRows<'a> {
+    /// Adds the events of `batch`, with these ids.
+    pub(super) fn push_batch(
+        &mut self,
+        batch: &'a AppendBatch,
+        event_ids: &[EventId],
+        shard_count: u32,
+        now: DateTime<Utc>,
+    ) {
+        let state = initial_state(batch) as i16;
+        for (index, (event, id)) in batch.events.iter().zip(event_ids).enumerate() {
+            let ordering_key = event.ordering_key();
+            self.ids.push(id.0);
+            self.shards
+                .push(shard_of(ordering_key, *id, shard_count) as i32);
+            self.producers.push(&batch.token.producer);
+            self.transactions.push(&batch.token.transaction_id);
+            self.sequences.push(batch.sequence as i64);
+            self.indexes.push(index as i32);
+            self.topics.push(&event.topic);
+            self.keys.push(ordering_key);
+            self.payloads.push(&event.payload);
+            self.headers.push(encode_headers(&event.headers));
+            self.aggregate_types.push(&event.aggregate_type);
+            self.aggregate_ids.push(&event.aggregate_id);
+            self.event_types.push(&event.event_type);
+            self.occurred.push(event.occurred_at.unwrap_or(now));
+            self.states.push(state);
+            self.traceparents.push(batch.trace.traceparent.as_deref());
+            self.tracestates.push(batch.trace.tracestate.as_deref());
+        }
+    }
+
+    /// Inserts them; returns each event's change cursor and time.
+    pub(super) async fn insert(
+        self,
+        tx: &mut PgConnection,
+    ) -> Result<HashMap<Uuid, (i64, DateTime<Utc>)>, sqlx::Error> {
+        let mut changes = HashMap::with_capacity(self.ids.len());
+        for row in sqlx::query(INSERT_EVENTS)
+            .bind(&self.ids)
+            .bind(&self.shards)
+            .bind(&self.producers)
+            .bind(&self.transactions)
+            .bind(&self.sequences)
+            .bind(&self.indexes)
+            .bind(&self.topics)
+            .bind(&self.keys)
+            .bind(&self.payloads)
+            .bind(&self.headers)
+            .bind(&self.aggregate_types)
+            .bind(&self.aggregate_ids)
+            .bind(&self.event_types)
+            .bind(&self.occurred)
+            .bind(&self.states)
+            .bind(&self.traceparents)
+            .bind(&self.tracestates)
+            .fetch_all(tx)
+            .await?
+        {
+            changes.insert(
+                row.try_get("event_id")?,
+                (row.try_get("change_seq")?, row.try_get("updated_at")?),
+            );
+        }
+        Ok(changes)
+    }
+}
+
+pub(super) fn initial_state(batch: &AppendBatch) -> EventState {
     match batch.token.mode {
         TokenMode::Immediate => EventState::Ready,
         _ => EventState::Pending,

@@ -19,10 +19,8 @@ use super::{
 };
 use crate::domain::{
     AppendBatch, AppendOutcome, EventId, EventState, EventStatus, FieldViolation, TokenMode,
-    TransactionRef, decode_headers, encode_headers, shard_of,
+    TransactionRef, decode_headers, shard_of,
 };
-
-const INSERT_EVENTS: &str = include_str!("../sql/postgres/insert_events.sql");
 
 mod batched;
 const READ_RELAY_ROWS: &str = include_str!("../sql/postgres/read_relay_rows.sql");
@@ -132,7 +130,6 @@ impl PostgresStore {
             .iter()
             .map(|e| e.event_id.unwrap_or_else(EventId::generate))
             .collect();
-        let uuids: Vec<Uuid> = event_ids.iter().map(|id| id.0).collect();
         let inserted = sqlx::query(
             "INSERT INTO outbox_appends (producer, transaction_id, sequence, content_hash, event_ids) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
@@ -174,62 +171,17 @@ impl PostgresStore {
         if let Some(rejection) = existing.resolved(batch) {
             return Ok(Err(rejection));
         }
-        let state = match token.mode {
-            TokenMode::Immediate => EventState::Ready,
-            _ => EventState::Pending,
-        };
+        let state = batched::initial_state(batch);
         let now = Utc::now();
-        let count = batch.events.len();
-        let mut shards = Vec::with_capacity(count);
-        let mut indexes = Vec::with_capacity(count);
-        let mut topics = Vec::with_capacity(count);
-        let mut keys: Vec<Option<&[u8]>> = Vec::with_capacity(count);
-        let mut payloads: Vec<&[u8]> = Vec::with_capacity(count);
-        let mut headers = Vec::with_capacity(count);
-        let mut aggregate_types = Vec::with_capacity(count);
-        let mut aggregate_ids = Vec::with_capacity(count);
-        let mut event_types = Vec::with_capacity(count);
-        let mut occurred = Vec::with_capacity(count);
-        for (index, (event, id)) in batch.events.iter().zip(&event_ids).enumerate() {
-            let ordering_key = event.ordering_key();
-            shards.push(shard_of(ordering_key, *id, shard_count) as i32);
-            indexes.push(index as i32);
-            topics.push(event.topic.as_str());
-            keys.push(ordering_key);
-            payloads.push(&event.payload);
-            headers.push(encode_headers(&event.headers));
-            aggregate_types.push(event.aggregate_type.as_str());
-            aggregate_ids.push(event.aggregate_id.as_str());
-            event_types.push(event.event_type.as_str());
-            occurred.push(event.occurred_at.unwrap_or(now));
-        }
-        let rows = sqlx::query(INSERT_EVENTS)
-            .bind(&token.producer)
-            .bind(&token.transaction_id)
-            .bind(batch.sequence as i64)
-            .bind(state as i16)
-            .bind(batch.trace.traceparent.as_deref())
-            .bind(batch.trace.tracestate.as_deref())
-            .bind(&uuids)
-            .bind(&shards)
-            .bind(&indexes)
-            .bind(&topics)
-            .bind(&keys)
-            .bind(&payloads)
-            .bind(&headers)
-            .bind(&aggregate_types)
-            .bind(&aggregate_ids)
-            .bind(&event_types)
-            .bind(&occurred)
-            .fetch_all(&mut **tx)
-            .await?;
-        let mut change_of = std::collections::HashMap::with_capacity(rows.len());
-        for row in rows {
-            let id: Uuid = row.try_get("event_id")?;
-            let cursor: i64 = row.try_get("change_seq")?;
-            let updated_at: DateTime<Utc> = row.try_get("updated_at")?;
-            change_of.insert(id, (cursor, updated_at));
-        }
+        let mut rows = batched::EventRows::default();
+        rows.push_batch(batch, &event_ids, shard_count, now);
+        let change_of = rows.insert(tx).await?;
+        let shards: Vec<u32> = batch
+            .events
+            .iter()
+            .zip(&event_ids)
+            .map(|(event, id)| shard_of(event.ordering_key(), *id, shard_count))
+            .collect();
         let statuses = batch
             .events
             .iter()
@@ -243,7 +195,7 @@ impl PostgresStore {
             event_ids,
             duplicate: false,
             statuses,
-            shards: shards.iter().map(|&s| s as u32).collect(),
+            shards,
         }))
     }
 
@@ -262,8 +214,18 @@ impl PostgresStore {
                 tx.commit().await?;
                 return Ok(results);
             }
-            Ok(None) => tx.rollback().await?,
-            Err(error) if is_unique_violation(&error) => tx.rollback().await?,
+            Ok(None) => {
+                tracing::debug!(
+                    "a concurrent writer stored one of these appends; taking the slow path"
+                );
+                tx.rollback().await?
+            }
+            Err(error) if is_unique_violation(&error) => {
+                tracing::debug!(
+                    "a concurrent writer took one of these event ids; taking the slow path"
+                );
+                tx.rollback().await?
+            }
             Err(error) => return Err(error.into()),
         }
         self.append_one_by_one(connection, batches, shard_count)
