@@ -586,3 +586,84 @@ async fn pausing_holds_publishing_and_shows_the_backlog() {
     .await;
     gateway.stop().await;
 }
+
+/// In strict mode a record the broker refuses is not overtaken by the next
+/// record of its key, even one appended in the same batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_mode_keeps_a_refused_record_ahead_of_its_key() {
+    let kafka = MockKafka::start(1);
+    let topic = support::unique("strict");
+    kafka.create_topic(&topic, 1).await;
+    let mut config = support::test_config(&support::fresh_database().await, &kafka.bootstrap);
+    config.relay.dead_letter_holds_key = true;
+    let gateway = Gateway::start(config).await;
+    let mut client = gateway.client().await;
+    let channel = gateway.channel().await;
+    wait_for_relay_health(&channel, ServingStatus::Serving).await;
+    kafka.fail_produce_requests(vec![
+        rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD,
+    ]);
+    let ids = client
+        .append(proto::AppendRequest {
+            token: Some(proto::TransactionToken {
+                producer: "strict".into(),
+                transaction_id: "t".into(),
+                ..Default::default()
+            }),
+            sequence: 0,
+            events: ["first", "second"]
+                .iter()
+                .map(|p| proto::Event {
+                    topic: topic.clone(),
+                    key: Some(b"account-1".to_vec().into()),
+                    payload: p.as_bytes().to_vec().into(),
+                    ..Default::default()
+                })
+                .collect(),
+            correlation: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .event_ids;
+    support::eventually(
+        "the first to be dead-lettered",
+        Duration::from_secs(30),
+        || {
+            let mut client = client.clone();
+            let first = ids[0].clone();
+            async move {
+                (status_of(&mut client, &first).await.state
+                    == proto::EventState::DeadLettered as i32)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        status_of(&mut client, &ids[1]).await.state,
+        proto::EventState::Ready as i32,
+        "held behind it"
+    );
+    outboxd_admin(
+        &gateway.address.to_string(),
+        &["redrive", "--producer", "strict"],
+    )
+    .await;
+    let expected: HashSet<String> = ids.iter().cloned().collect();
+    let records = consume_until(
+        &kafka.bootstrap,
+        &topic,
+        &expected,
+        Duration::from_millis(500),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        first_sightings_by_key(&records)[&b"account-1".to_vec()],
+        ids,
+        "append order kept"
+    );
+    gateway.stop().await;
+}

@@ -67,6 +67,8 @@ pub(super) struct ShardWorker {
     blocked_pending: bool,
     /// Seqs handed to the producer and not yet recorded; skipped by reads.
     sent: HashSet<i64>,
+    /// Records in flight per key (strict mode sends one at a time).
+    keys_in_flight: std::collections::HashMap<Vec<u8>, usize>,
     /// When each sent event was appended, for the publish latency metric.
     appended_at: std::collections::HashMap<i64, DateTime<Utc>>,
     in_flight: FuturesUnordered<Pending>,
@@ -103,6 +105,7 @@ impl ShardWorker {
             blocked_pending: false,
             sent: HashSet::new(),
             appended_at: std::collections::HashMap::new(),
+            keys_in_flight: std::collections::HashMap::new(),
             in_flight: FuturesUnordered::new(),
             delivered: Vec::new(),
             failed: Vec::new(),
@@ -296,10 +299,13 @@ impl ShardWorker {
                 self.cursor = row.cursor();
                 continue;
             }
-            let key_blocked = row
-                .kafka_key
-                .as_ref()
-                .is_some_and(|key| self.blocked.contains(key));
+            let key_blocked = row.kafka_key.as_ref().is_some_and(|key| {
+                self.blocked.contains(key)
+                    // Strict mode: one record per key in flight, so that a
+                    // record the broker refuses cannot be overtaken by the
+                    // next one of its key.
+                    || (self.config.dead_letter_holds_key && self.keys_in_flight.contains_key(key))
+            });
             let sendable = match row.state {
                 EventState::Ready => true,
                 EventState::Retrying => match row.next_attempt_at {
@@ -355,6 +361,9 @@ impl ShardWorker {
         let key = row.kafka_key.clone();
         let attempts = row.attempts + 1;
         self.sent.insert(seq);
+        if let Some(key) = &key {
+            *self.keys_in_flight.entry(key.clone()).or_insert(0) += 1;
+        }
         self.in_flight.push(Box::pin(async move {
             let result = match delivery.await {
                 Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
@@ -376,6 +385,18 @@ impl ShardWorker {
     }
 
     fn absorb(&mut self, outcome: Outcome) {
+        if let Some(key) = &outcome.key
+            && let Some(count) = self.keys_in_flight.get_mut(key)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.keys_in_flight.remove(key);
+                // Strict mode held this key's next record back: look again.
+                if self.config.dead_letter_holds_key && self.blocked.contains(key) {
+                    self.rewind_no_later_than(Instant::now());
+                }
+            }
+        }
         match outcome.result {
             Ok((partition, offset)) => {
                 self.breaker.success();
