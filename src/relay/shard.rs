@@ -424,11 +424,12 @@ impl ShardWorker {
     ) {
         let shard = self.lease.shard;
         self.block(key);
-        match classify(&error) {
+        let kind = classify(&error);
+        match kind {
             FailureKind::Purged | FailureKind::BrokerLevel => {
                 // Not the event's fault: nothing is recorded, its attempts do
                 // not grow; it is sent again after a rewind.
-                if classify(&error) == FailureKind::BrokerLevel {
+                if kind == FailureKind::BrokerLevel {
                     self.breaker.trip();
                 }
                 tracing::debug!(shard, seq, %error, "delivery not completed; will resend");

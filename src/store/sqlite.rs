@@ -20,8 +20,8 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use super::error::is_unique_violation;
-use super::postgres::{TRANSACTION_OPEN, event_id_taken};
-use super::tokens::{ExistingTransaction, two_phase_step, xid_step};
+use super::postgres::{TRANSACTION_COMMITTED, TRANSACTION_OPEN, event_id_taken};
+use super::tokens::{EXPIRED, ExistingTransaction, two_phase_step, xid_step};
 use super::{
     AppendRejection, DeadLetterFilter, Delivered, DeliveryFailed, Lease, PreparedTransaction,
     RelayCursor, RelayRow, Resolution, Resolved, ShardBacklog, Store, StoreError, Verdict,
@@ -32,10 +32,15 @@ use crate::domain::{
     decode_headers, encode_headers, shard_of,
 };
 
-const TRANSACTION_COMMITTED: i16 = 2;
+/// The columns `status_from_row` reads, as a literal for `concat!`.
+macro_rules! status_columns {
+    () => {
+        "event_id, producer, transaction_id, append_sequence, topic, state, \
+         kafka_partition, kafka_offset, attempts, last_error, updated_at, change_seq"
+    };
+}
 
-const STATUS_COLUMNS: &str = "event_id, producer, transaction_id, append_sequence, topic, state, \
-     kafka_partition, kafka_offset, attempts, last_error, updated_at, change_seq";
+const STATUS_COLUMNS: &str = status_columns!();
 
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
@@ -311,20 +316,15 @@ impl SqliteStore {
         let first_change = Self::next_changes(tx, seqs.len()).await?;
         let now = micros(Utc::now());
         for (index, (seq, shard)) in seqs.iter().enumerate() {
-            sqlx::query(
+            let row = sqlx::query(concat!(
                 "UPDATE outbox_events SET state = coalesce(?1, state), last_error = ?2, \
-                     change_seq = ?3, updated_at = ?4 WHERE seq = ?5",
-            )
+                     change_seq = ?3, updated_at = ?4 WHERE seq = ?5 RETURNING ",
+                status_columns!()
+            ))
             .bind(event_state.map(|s| s as i16))
             .bind(reason)
             .bind(first_change + index as i64)
             .bind(now)
-            .bind(seq)
-            .execute(&mut **tx)
-            .await?;
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {STATUS_COLUMNS} FROM outbox_events WHERE seq = ?1"
-            )))
             .bind(seq)
             .fetch_one(&mut **tx)
             .await?;
@@ -387,8 +387,9 @@ impl SqliteStore {
         })
     }
 
-    /// Runs `update` for each row of a relay outcome batch inside one
-    /// transaction fenced by the lease epoch.
+    /// Runs `update` (an UPDATE … RETURNING the status columns) for each row
+    /// of a relay outcome batch inside one transaction fenced by the lease
+    /// epoch.
     async fn record<T>(
         &self,
         lease: &Lease,
@@ -399,7 +400,6 @@ impl SqliteStore {
             i64,
         )
             -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>,
-        seq_of: impl Fn(&T) -> i64,
     ) -> Result<Vec<EventStatus>, StoreError> {
         if items.is_empty() {
             return Ok(Vec::new());
@@ -418,25 +418,15 @@ impl SqliteStore {
         }
         let first_change = Self::next_changes(&mut tx, items.len()).await?;
         let now = micros(Utc::now());
-        let mut changed = Vec::with_capacity(items.len());
+        let mut statuses = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
-            let done = update(item, first_change + index as i64, now)
-                .execute(&mut *tx)
+            // Each update returns the new status: no second query per event.
+            if let Some(row) = update(item, first_change + index as i64, now)
+                .fetch_optional(&mut *tx)
                 .await?
-                .rows_affected();
-            if done > 0 {
-                changed.push(seq_of(item));
+            {
+                statuses.push(status_from_row(&row)?);
             }
-        }
-        let mut statuses = Vec::with_capacity(changed.len());
-        for seq in changed {
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {STATUS_COLUMNS} FROM outbox_events WHERE seq = ?1"
-            )))
-            .bind(seq)
-            .fetch_one(&mut *tx)
-            .await?;
-            statuses.push(status_from_row(&row)?);
         }
         tx.commit().await?;
         Ok(statuses)
@@ -729,24 +719,20 @@ impl Store for SqliteStore {
         lease: &Lease,
         delivered: &[Delivered],
     ) -> Result<Vec<EventStatus>, StoreError> {
-        self.record(
-            lease,
-            delivered,
-            |d, change, now| {
-                sqlx::query(
-                    "UPDATE outbox_events SET state = 4, kafka_partition = ?1, kafka_offset = ?2, \
+        self.record(lease, delivered, |d, change, now| {
+            sqlx::query(concat!(
+                "UPDATE outbox_events SET state = 4, kafka_partition = ?1, kafka_offset = ?2, \
                          published_at = ?3, last_error = NULL, next_attempt_at = NULL, \
                          change_seq = ?4, updated_at = ?3 \
-                     WHERE seq = ?5 AND state < 4",
-                )
-                .bind(d.partition as i64)
-                .bind(d.offset)
-                .bind(now)
-                .bind(change)
-                .bind(d.seq)
-            },
-            |d| d.seq,
-        )
+                     WHERE seq = ?5 AND state < 4 RETURNING ",
+                status_columns!()
+            ))
+            .bind(d.partition as i64)
+            .bind(d.offset)
+            .bind(now)
+            .bind(change)
+            .bind(d.seq)
+        })
         .await
     }
 
@@ -755,24 +741,20 @@ impl Store for SqliteStore {
         lease: &Lease,
         failed: &[DeliveryFailed],
     ) -> Result<Vec<EventStatus>, StoreError> {
-        self.record(
-            lease,
-            failed,
-            |f, change, now| {
-                sqlx::query(
-                    "UPDATE outbox_events SET state = CASE WHEN ?1 IS NULL THEN 5 ELSE 3 END, \
+        self.record(lease, failed, |f, change, now| {
+            sqlx::query(concat!(
+                "UPDATE outbox_events SET state = CASE WHEN ?1 IS NULL THEN 5 ELSE 3 END, \
                          attempts = attempts + 1, last_error = ?2, next_attempt_at = ?1, \
                          change_seq = ?3, updated_at = ?4 \
-                     WHERE seq = ?5 AND state < 4",
-                )
-                .bind(f.retry_at.map(micros))
-                .bind(&f.error)
-                .bind(change)
-                .bind(now)
-                .bind(f.seq)
-            },
-            |f| f.seq,
-        )
+                     WHERE seq = ?5 AND state < 4 RETURNING ",
+                status_columns!()
+            ))
+            .bind(f.retry_at.map(micros))
+            .bind(&f.error)
+            .bind(change)
+            .bind(now)
+            .bind(f.seq)
+        })
         .await
     }
 
@@ -806,21 +788,18 @@ impl Store for SqliteStore {
                 producer,
                 transaction_id,
             };
-            if let Some((txn_state, name, event_state, reason)) =
-                two_phase_step(2, TRANSACTION_OPEN, None, true, false).finish
-            {
-                resolved.extend(
-                    Self::finish_transaction(
-                        &mut tx,
-                        &transaction,
-                        txn_state,
-                        name,
-                        event_state,
-                        reason,
-                    )
-                    .await?,
-                );
-            }
+            let (txn_state, name, event_state, reason) = EXPIRED;
+            resolved.extend(
+                Self::finish_transaction(
+                    &mut tx,
+                    &transaction,
+                    txn_state,
+                    name,
+                    event_state,
+                    reason,
+                )
+                .await?,
+            );
         }
         tx.commit().await?;
         Ok(resolved)
@@ -996,25 +975,20 @@ impl Store for SqliteStore {
         let first_change = Self::next_changes(&mut tx, matching.len()).await?;
         let now = micros(Utc::now());
         for (index, (seq, _)) in matching.iter().enumerate() {
-            let shard: Option<i64> = sqlx::query_scalar(
+            let row = sqlx::query(concat!(
                 "UPDATE outbox_events SET state = 2, attempts = 0, last_error = NULL, \
                      next_attempt_at = NULL, change_seq = ?1, updated_at = ?2 \
-                 WHERE seq = ?3 AND state = 5 RETURNING shard",
-            )
+                 WHERE seq = ?3 AND state = 5 RETURNING shard, ",
+                status_columns!()
+            ))
             .bind(first_change + index as i64)
             .bind(now)
             .bind(seq)
             .fetch_optional(&mut *tx)
             .await?;
-            if let Some(shard) = shard {
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {STATUS_COLUMNS} FROM outbox_events WHERE seq = ?1"
-                )))
-                .bind(seq)
-                .fetch_one(&mut *tx)
-                .await?;
+            if let Some(row) = row {
                 resolved.changed.push(status_from_row(&row)?);
-                resolved.shards.push(shard as u32);
+                resolved.shards.push(row.try_get::<i64, _>("shard")? as u32);
             }
         }
         tx.commit().await?;

@@ -75,7 +75,8 @@ pub(super) struct TwoPhaseStep {
     pub finish: Option<(i16, &'static str, EventState, Option<&'static str>)>,
 }
 
-const EXPIRED: (i16, &str, EventState, Option<&str>) = (
+/// What the expiry of an open two_phase transaction does.
+pub(super) const EXPIRED: (i16, &str, EventState, Option<&str>) = (
     TRANSACTION_ABORTED,
     "expired",
     EventState::Discarded,

@@ -10,7 +10,7 @@ use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::error::is_unique_violation;
-use super::tokens::{ExistingTransaction, two_phase_step, xid_step};
+use super::tokens::{EXPIRED, ExistingTransaction, two_phase_step, xid_step};
 use super::xid::XidSource;
 use super::{
     AppendRejection, DeadLetterFilter, Delivered, DeliveryFailed, Lease, PreparedTransaction,
@@ -739,20 +739,18 @@ impl Store for PostgresStore {
                 producer,
                 transaction_id,
             };
-            let step = two_phase_step(2, TRANSACTION_OPEN, None, true, false);
-            if let Some((txn_state, name, event_state, reason)) = step.finish {
-                resolved.extend(
-                    Self::finish_transaction(
-                        &mut tx,
-                        &transaction,
-                        txn_state,
-                        name,
-                        event_state,
-                        reason,
-                    )
-                    .await?,
-                );
-            }
+            let (txn_state, name, event_state, reason) = EXPIRED;
+            resolved.extend(
+                Self::finish_transaction(
+                    &mut tx,
+                    &transaction,
+                    txn_state,
+                    name,
+                    event_state,
+                    reason,
+                )
+                .await?,
+            );
         }
         tx.commit().await?;
         Ok(resolved)
