@@ -149,24 +149,14 @@ async fn migrate_fixes_the_shard_count_once() {
     let run = |shards: &'static str| {
         let database = database.clone();
         async move {
-            let output = tokio::process::Command::new(OUTBOXD)
-                .args([
-                    "migrate",
-                    "--database-url",
-                    &database,
-                    "--shard-count",
-                    shards,
-                ])
-                .env("RUST_LOG", "error")
-                .output()
-                .await
-                .unwrap();
-            assert!(
-                output.status.success(),
-                "{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            String::from_utf8(output.stdout).unwrap()
+            support::run_outboxd(&[
+                "migrate",
+                "--database-url",
+                &database,
+                "--shard-count",
+                shards,
+            ])
+            .await
         }
     };
     assert!(run("3").await.contains("(3 shards)"));
@@ -193,27 +183,18 @@ async fn tail_prints_records_with_their_headers() {
         .unwrap()
         .into_inner()
         .event_ids;
-    let output = tokio::process::Command::new(OUTBOXD)
-        .args([
-            "tail",
-            "--brokers",
-            &tansu.bootstrap,
-            "--topic",
-            &topic,
-            "--count",
-            "5",
-        ])
-        .args(["--idle-exit", "30s"])
-        .env("RUST_LOG", "error")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = support::run_outboxd(&[
+        "tail",
+        "--brokers",
+        &tansu.bootstrap,
+        "--topic",
+        &topic,
+        "--count",
+        "5",
+        "--idle-exit",
+        "30s",
+    ])
+    .await;
     for id in &ids {
         assert!(
             stdout.contains(&format!("outbox-event-id={id}")),

@@ -863,18 +863,7 @@ async fn reflection_and_health_are_served() {
 
 #[tokio::test]
 async fn dev_demo_round_trips_without_outside_services() {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
-        .args(["dev", "--demo"])
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "outboxd dev --demo failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = support::run_outboxd(&["dev", "--demo"]).await;
     assert!(stdout.contains("demo ok"), "{stdout}");
     assert!(stdout.contains("watched all 12 to PUBLISHED"), "{stdout}");
 }

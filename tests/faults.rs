@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use outboxd::proto;
 use outboxd::proto::outbox_client::OutboxClient;
-use support::{Gateway, MockKafka, consume_until, first_sightings_by_key};
+use support::{Gateway, MockKafka, consume_until, first_sightings_by_key, status_of};
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -205,32 +205,10 @@ async fn a_kafka_outage_fails_no_append_and_loses_nothing() {
 }
 
 async fn outboxd_admin(address: &str, args: &[&str]) -> String {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
-        .args(["admin", "--address", &format!("http://{address}")])
-        .args(args)
-        .env("RUST_LOG", "error")
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "outboxd admin {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-async fn status_of(client: &mut OutboxClient<Channel>, id: &str) -> proto::EventStatus {
-    client
-        .get_status(proto::GetStatusRequest {
-            event_ids: vec![id.to_owned()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events
-        .remove(0)
+    let address = format!("http://{address}");
+    let mut all = vec!["admin", "--address", address.as_str()];
+    all.extend_from_slice(args);
+    support::run_outboxd(&all).await
 }
 
 /// An oversize record dead-letters at once; other keys, and later events of
@@ -436,18 +414,7 @@ async fn dead_letters_are_copied_to_the_dead_letter_topic() {
     config.relay.dead_letter_topic = Some(dead_letter_topic.clone());
     let gateway = Gateway::start(config).await;
     let mut client = gateway.client().await;
-    support::eventually("the relay to be ready", Duration::from_secs(30), || {
-        let channel = gateway.address;
-        async move {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{channel}"))
-                .ok()?
-                .connect()
-                .await
-                .ok()?;
-            (relay_health(&channel).await == ServingStatus::Serving as i32).then_some(())
-        }
-    })
-    .await;
+    wait_for_relay_health(&gateway.channel().await, ServingStatus::Serving).await;
     kafka.fail_produce_requests(vec![
         rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD,
     ]);

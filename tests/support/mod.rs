@@ -832,3 +832,38 @@ impl ServeProcess {
         assert!(status.success(), "outboxd serve exited with {status}");
     }
 }
+
+/// Runs the `outboxd` binary with `args`; fails the test unless it exits 0.
+/// Returns what it printed.
+pub async fn run_outboxd(args: &[&str]) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .await
+        .expect("running outboxd");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "outboxd {args:?} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The current status of one event.
+pub async fn status_of(
+    client: &mut OutboxClient<tonic::transport::Channel>,
+    id: &str,
+) -> outboxd::proto::EventStatus {
+    client
+        .get_status(outboxd::proto::GetStatusRequest {
+            event_ids: vec![id.to_owned()],
+            ..Default::default()
+        })
+        .await
+        .expect("GetStatus")
+        .into_inner()
+        .events
+        .remove(0)
+}
