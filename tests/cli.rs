@@ -101,7 +101,7 @@ async fn serve_drains_appends_and_publishes_on_sigterm() {
             async move {
                 use sqlx::Connection;
                 let mut db = sqlx::PgConnection::connect(&store).await.ok()?;
-                let count: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_events")
+                let count: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_event_statuses")
                     .fetch_one(&mut db)
                     .await
                     .ok()?;

@@ -57,7 +57,9 @@ pub(super) async fn append(
         .collect();
     if !caller_ids.is_empty() {
         let taken: Vec<Uuid> =
-            sqlx::query_scalar("SELECT event_id FROM outbox_events WHERE event_id = ANY($1)")
+            sqlx::query_scalar(
+                "SELECT event_id FROM outbox_event_statuses WHERE event_id = ANY($1)",
+            )
                 .bind(&caller_ids)
                 .fetch_all(&mut *tx)
                 .await?;

@@ -171,6 +171,23 @@ impl PostgresStore {
         if let Some(rejection) = existing.resolved(batch) {
             return Ok(Err(rejection));
         }
+        // Published events left outbox_events and its unique index.
+        let caller_ids: Vec<Uuid> = batch
+            .events
+            .iter()
+            .filter_map(|e| e.event_id.map(|id| id.0))
+            .collect();
+        if !caller_ids.is_empty() {
+            let taken: Vec<Uuid> = sqlx::query_scalar(
+                "SELECT event_id FROM outbox_published WHERE event_id = ANY($1)",
+            )
+            .bind(&caller_ids)
+            .fetch_all(&mut **tx)
+            .await?;
+            if !taken.is_empty() {
+                return Ok(Err(event_id_taken(batch, &taken)));
+            }
+        }
         let state = batched::initial_state(batch);
         let now = Utc::now();
         let mut rows = batched::EventRows::default();
@@ -257,7 +274,7 @@ impl PostgresStore {
                         .map(|id| id.0)
                         .collect();
                     let taken: Vec<Uuid> = sqlx::query_scalar(
-                        "SELECT event_id FROM outbox_events WHERE event_id = ANY($1)",
+                        "SELECT event_id FROM outbox_event_statuses WHERE event_id = ANY($1)",
                     )
                     .bind(&caller_ids)
                     .fetch_all(&mut *tx)
@@ -873,7 +890,18 @@ impl Store for PostgresStore {
     async fn purge_finished(&self, older_than: Duration, limit: u32) -> Result<u64, StoreError> {
         // Small batches in short transactions: no long locks, no long
         // snapshots holding back vacuum.
-        let events = sqlx::query(
+        let published = sqlx::query(
+            "DELETE FROM outbox_published WHERE event_id IN ( \
+                 SELECT event_id FROM outbox_published \
+                 WHERE published_at < now() - make_interval(secs => $1::double precision) \
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(older_than.as_secs_f64())
+        .bind(limit as i64)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        let discarded = sqlx::query(
             "DELETE FROM outbox_events WHERE seq IN ( \
                  SELECT seq FROM outbox_events \
                  WHERE state IN (4, 6) AND updated_at < now() - make_interval(secs => $1::double precision) \
@@ -884,6 +912,7 @@ impl Store for PostgresStore {
         .execute(&self.pool)
         .await?
         .rows_affected();
+        let events = published + discarded;
         sqlx::query(
             "DELETE FROM outbox_appends WHERE ctid IN ( \
                  SELECT ctid FROM outbox_appends \
@@ -1024,7 +1053,7 @@ impl Store for PostgresStore {
     async fn status_by_ids(&self, ids: &[EventId]) -> Result<Vec<EventStatus>, StoreError> {
         let uuids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
         let sql = format!(
-            "SELECT {STATUS_COLUMNS} FROM outbox_events WHERE event_id = ANY($1) ORDER BY seq"
+            "SELECT {STATUS_COLUMNS} FROM outbox_event_statuses WHERE event_id = ANY($1) ORDER BY seq"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&uuids)
@@ -1072,7 +1101,7 @@ impl Store for PostgresStore {
         limit: u32,
     ) -> Result<Vec<EventStatus>, StoreError> {
         let sql = format!(
-            "SELECT {STATUS_COLUMNS} FROM outbox_events \
+            "SELECT {STATUS_COLUMNS} FROM outbox_event_statuses \
              WHERE producer = $1 AND change_seq > $2 ORDER BY change_seq LIMIT $3"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))

@@ -1,20 +1,24 @@
--- Marks a batch published, fenced by the shard's lease epoch. FOR SHARE makes
--- a concurrent takeover wait for this statement, or this statement see it.
+-- Marks a batch published, fenced by the shard's lease epoch: the rows move
+-- from outbox_events to outbox_published (see migration 0007). FOR SHARE
+-- makes a concurrent takeover wait for this statement, or this statement
+-- see it.
 WITH fence AS (
     SELECT 1 FROM outbox_leases WHERE shard = $1 AND epoch = $2 FOR SHARE
+),
+gone AS (
+    DELETE FROM outbox_events AS e
+    USING UNNEST($3::bigint[], $4::integer[], $5::bigint[]) AS u(seq, kafka_partition, kafka_offset)
+    WHERE e.seq = u.seq
+      AND e.state < 4
+      AND EXISTS (SELECT 1 FROM fence)
+    RETURNING e.event_id, e.seq, e.producer, e.transaction_id, e.append_sequence, e.topic,
+              u.kafka_partition, u.kafka_offset, e.attempts
 )
-UPDATE outbox_events AS e
-SET state = 4,
-    kafka_partition = u.kafka_partition,
-    kafka_offset = u.kafka_offset,
-    published_at = now(),
-    last_error = NULL,
-    next_attempt_at = NULL,
-    change_seq = nextval('outbox_change_seq'),
-    updated_at = now()
-FROM UNNEST($3::bigint[], $4::integer[], $5::bigint[]) AS u(seq, kafka_partition, kafka_offset)
-WHERE e.seq = u.seq
-  AND e.state < 4
-  AND EXISTS (SELECT 1 FROM fence)
-RETURNING e.event_id, e.producer, e.transaction_id, e.append_sequence, e.topic, e.state,
-          e.kafka_partition, e.kafka_offset, e.attempts, e.last_error, e.updated_at, e.change_seq
+INSERT INTO outbox_published (event_id, seq, producer, transaction_id, append_sequence, topic,
+                              kafka_partition, kafka_offset, attempts, published_at, change_seq)
+SELECT event_id, seq, producer, transaction_id, append_sequence, topic,
+       kafka_partition, kafka_offset, attempts, now(), nextval('outbox_change_seq')
+FROM gone
+RETURNING event_id, producer, transaction_id, append_sequence, topic, 4::smallint AS state,
+          kafka_partition, kafka_offset, attempts, NULL::text AS last_error,
+          published_at AS updated_at, change_seq
