@@ -596,6 +596,78 @@ async fn the_change_feed_resumes_after_a_cursor(store: Arc<dyn Store>) {
     );
 }
 
+async fn a_published_event_keeps_its_status_and_its_id(store: Arc<dyn Store>) {
+    let id = EventId(uuid::Uuid::now_v7());
+    let mut chosen = event("a", "1");
+    chosen.event_id = Some(id);
+    store
+        .append(&[batch("t1", 0, vec![chosen.clone()])])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let row = relay_rows(&store, 1).await.remove(0);
+    let shard = outboxd::domain::shard_of(row.kafka_key.as_deref(), row.event_id, SHARDS);
+    let leases = store
+        .acquire_leases("instance-a", Duration::from_secs(60), SHARDS)
+        .await
+        .unwrap();
+    let lease = leases.iter().find(|l| l.shard == shard).unwrap();
+    let delivered = [Delivered {
+        seq: row.seq,
+        partition: 3,
+        offset: 7,
+    }];
+    let changed = store.record_delivered(lease, &delivered).await.unwrap();
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0].state, EventState::Published);
+
+    let status = store.status_by_ids(&[id]).await.unwrap();
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].state, EventState::Published);
+    assert_eq!((status[0].partition, status[0].offset), (Some(3), Some(7)));
+    assert_eq!(status[0].transaction_id, "t1");
+    let feed = store.status_changes("ledger", 0, 100).await.unwrap();
+    assert_eq!(
+        feed.last().map(|s| (s.event_id, s.state)),
+        Some((id, EventState::Published)),
+        "the change feed ends with the publication"
+    );
+    assert!(
+        store
+            .read_relay_rows(shard, Default::default(), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // The id stays taken: alone, and next to a good append in one batch.
+    let results = store
+        .append(&[
+            batch("t2", 0, vec![event("b", "2")]),
+            batch("t3", 0, vec![chosen.clone()]),
+        ])
+        .await
+        .unwrap();
+    assert!(results[0].is_ok(), "the good append is stored");
+    match &results[1] {
+        Err(AppendRejection::EventIdTaken(violation)) => {
+            assert_eq!(violation.field, "events[0].event_id")
+        }
+        other => panic!("expected EventIdTaken, got {other:?}"),
+    }
+    match store
+        .append(&[batch("t4", 0, vec![chosen])])
+        .await
+        .unwrap()
+        .remove(0)
+    {
+        Err(AppendRejection::EventIdTaken(_)) => {}
+        other => panic!("expected EventIdTaken, got {other:?}"),
+    }
+    assert_eq!(relay_rows(&store, 1).await.len(), 1, "only t2 was stored");
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         mod postgres {
@@ -628,4 +700,5 @@ store_suite!(
     failed_deliveries_retry_then_dead_letter,
     retention_removes_finished_events_but_keeps_dead_letters,
     the_change_feed_resumes_after_a_cursor,
+    a_published_event_keeps_its_status_and_its_id,
 );

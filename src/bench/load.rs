@@ -90,6 +90,18 @@ fn request(
     }
 }
 
+/// Appends one request of `shape` and returns its event count: run before
+/// the load, so that connections, topic metadata and the consumer are ready
+/// when timing starts.
+pub async fn warm_up(endpoint: String, topic: &str, shape: &LoadShape) -> anyhow::Result<u64> {
+    let channel = Endpoint::from_shared(endpoint)?.connect().await?;
+    let mut client = OutboxClient::new(channel);
+    let request = request(shape, topic, "bench-warm-up", 0);
+    let events = request.events.len() as u64;
+    client.append(request).await?;
+    Ok(events)
+}
+
 /// Runs the load for `shape.duration`, printing progress each second.
 pub async fn drive(
     endpoint: String,

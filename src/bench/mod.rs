@@ -129,6 +129,7 @@ pub(crate) struct Arrivals {
     pub delivered: Arc<AtomicU64>,
     pub duplicates: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    restart: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<anyhow::Result<Histogram<u64>>>,
 }
 
@@ -155,14 +156,26 @@ impl Arrivals {
         let delivered = Arc::new(AtomicU64::new(0));
         let duplicates = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (d, dup, s) = (delivered.clone(), duplicates.clone(), stop.clone());
+        let restart = Arc::new(AtomicBool::new(false));
+        let (d, dup, s, r) = (
+            delivered.clone(),
+            duplicates.clone(),
+            stop.clone(),
+            restart.clone(),
+        );
         let thread = std::thread::Builder::new()
             .name("bench-consumer".into())
             .spawn(move || {
                 let mut lag = histogram();
                 let mut seen: HashSet<Vec<u8>> = HashSet::new();
                 while !s.load(Ordering::Relaxed) {
-                    let Some(message) = consumer.poll(Duration::from_millis(50)) else {
+                    if r.load(Ordering::Relaxed) {
+                        lag.reset();
+                        d.store(0, Ordering::Relaxed);
+                        dup.store(0, Ordering::Relaxed);
+                        r.store(false, Ordering::Relaxed);
+                    }
+                    let Some(message) = consumer.poll(Duration::from_millis(5)) else {
                         continue;
                     };
                     let message = message?;
@@ -193,6 +206,7 @@ impl Arrivals {
             delivered,
             duplicates,
             stop,
+            restart,
             thread,
         })
     }
@@ -207,6 +221,14 @@ impl Arrivals {
             std::thread::sleep(Duration::from_millis(20));
         }
         true
+    }
+
+    /// Counts (and times) from zero again: what arrived so far was warm-up.
+    pub fn restart_count(&self) {
+        self.restart.store(true, Ordering::Relaxed);
+        while self.restart.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     pub fn finish(self) -> anyhow::Result<Histogram<u64>> {
@@ -328,6 +350,12 @@ async fn outboxd_run(
     let database_size_before = process::database_size(&args.database_url).await?;
     let gateway = process::Gateway::start(args, None).await?;
     let arrivals = Arrivals::start(&args.brokers, topic)?;
+    let warm_up = load::warm_up(gateway.endpoint(), topic, shape).await?;
+    ensure!(
+        arrivals.wait_for(warm_up, Duration::from_secs(60)),
+        "the warm-up events did not reach Kafka"
+    );
+    arrivals.restart_count();
     let cpu_before = gateway.cpu_seconds()?;
     println!(
         "outboxd: {} for {:?}, {} connections, {} in flight, {} events per request, {} keys, {} B payloads",

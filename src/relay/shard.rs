@@ -31,6 +31,10 @@ use crate::status::StatusBus;
 use crate::store::{Delivered, DeliveryFailed, Lease, RelayCursor, RelayRow, Store, StoreError};
 use crate::telemetry::names;
 
+/// How soon a shard looks again when committed rows wait behind the
+/// visibility gate: about one writer transaction.
+const HELD_BACK_RECHECK: Duration = Duration::from_millis(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
     #[error(transparent)]
@@ -76,6 +80,8 @@ pub(super) struct ShardWorker {
     failed: Vec<DeliveryFailed>,
     /// The last read filled its page: read again at once.
     want_read: bool,
+    /// Committed rows wait behind the visibility gate: read again then.
+    recheck_at: Option<Instant>,
     /// The last read stopped because too much is in flight: read again once
     /// outcomes come back.
     capacity_limited: bool,
@@ -110,6 +116,7 @@ impl ShardWorker {
             delivered: Vec::new(),
             failed: Vec::new(),
             want_read: true,
+            recheck_at: None,
             capacity_limited: false,
         }
     }
@@ -142,10 +149,10 @@ impl ShardWorker {
                     continue;
                 }
             }
-            let deadline = match self.rewind_at {
-                Some(at) => at.min(next_poll),
-                None => next_poll,
-            };
+            let deadline = [self.rewind_at, self.recheck_at]
+                .into_iter()
+                .flatten()
+                .fold(next_poll, Instant::min);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = signal.notify.notified() => {
@@ -164,6 +171,10 @@ impl ShardWorker {
                     self.absorb(outcome);
                 }
                 _ = tokio::time::sleep_until(deadline) => {
+                    if self.recheck_at.is_some_and(|at| at <= Instant::now()) {
+                        self.recheck_at = None;
+                        self.want_read = true;
+                    }
                     if Instant::now() >= next_poll {
                         next_poll = Instant::now() + self.config.poll_interval;
                         self.want_read = true;
@@ -277,16 +288,19 @@ impl ShardWorker {
 
     /// Reads the next page after the cursor and sends what may be sent.
     async fn dispatch(&mut self) -> Result<(), StoreError> {
-        let rows = self
+        let page = self
             .store
-            .read_relay_rows_with(
+            .read_relay_page(
                 self.lease.shard,
                 self.cursor,
                 self.config.read_batch,
                 self.config.dead_letter_holds_key,
             )
             .await?;
+        let rows = page.rows;
         let full_page = rows.len() as u32 == self.config.read_batch;
+        // The writer that lifts the gate wakes only its own shards.
+        self.recheck_at = page.held_back.then(|| Instant::now() + HELD_BACK_RECHECK);
         let now = Utc::now();
         for row in rows {
             if self.sent.len() >= self.config.max_in_flight_per_shard {

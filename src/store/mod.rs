@@ -166,6 +166,15 @@ pub struct RelayCursor {
     pub seq: i64,
 }
 
+/// A page of relay rows.
+#[derive(Debug, Clone, Default)]
+pub struct RelayPage {
+    pub rows: Vec<RelayRow>,
+    /// Committed rows of the shard wait behind the visibility gate: they
+    /// become readable when an older writer finishes.
+    pub held_back: bool,
+}
+
 /// One not-yet-final row handed to the relay.
 #[derive(Debug, Clone)]
 pub struct RelayRow {
@@ -273,6 +282,24 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
         with_dead_letters: bool,
     ) -> Result<Vec<RelayRow>, StoreError>;
+
+    /// [`Store::read_relay_rows_with`], also saying whether committed rows
+    /// of the shard wait behind the visibility gate (a store without a gate
+    /// never holds rows back).
+    async fn read_relay_page(
+        &self,
+        shard: u32,
+        after: RelayCursor,
+        limit: u32,
+        with_dead_letters: bool,
+    ) -> Result<RelayPage, StoreError> {
+        Ok(RelayPage {
+            rows: self
+                .read_relay_rows_with(shard, after, limit, with_dead_letters)
+                .await?,
+            held_back: false,
+        })
+    }
 
     /// Marks events published, fenced by the lease: `StoreError::LeaseLost`
     /// when `lease.epoch` is no longer current, and then nothing is written.

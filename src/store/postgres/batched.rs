@@ -1,10 +1,14 @@
-//! The fast append path: every append of a coalesced transaction in five
-//! statements, whatever their number.
+//! The fast append paths. [`append_new`]: appends of new transactions in
+//! one statement, the writer's slot released in the same commit.
+//! [`append`]: any appends in five statements, whatever their number.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgArguments, Postgres};
 use sqlx::{PgConnection, Row};
+
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 use uuid::Uuid;
 
 use super::{TRANSACTION_COMMITTED, TRANSACTION_OPEN, event_id_taken, pack_ids, unpack_ids};
@@ -18,6 +22,10 @@ use crate::store::tokens::ExistingTransaction;
 const UPSERT_TRANSACTIONS: &str = include_str!("../sql/postgres/upsert_transactions.sql");
 const INSERT_APPENDS: &str = include_str!("../sql/postgres/insert_appends.sql");
 const INSERT_EVENTS: &str = include_str!("../sql/postgres/insert_events_batched.sql");
+const FAST_APPEND: &str = include_str!("../sql/postgres/fast_append.sql");
+
+/// Raised by `outbox_fast_append_check` (migration 0008).
+const NOT_A_FAST_APPEND: &str = "OBX01";
 
 type Key<'a> = (&'a str, &'a str, i64);
 
@@ -56,13 +64,12 @@ pub(super) async fn append(
         .flat_map(|b| b.events.iter().filter_map(|e| e.event_id.map(|id| id.0)))
         .collect();
     if !caller_ids.is_empty() {
-        let taken: Vec<Uuid> =
-            sqlx::query_scalar(
-                "SELECT event_id FROM outbox_event_statuses WHERE event_id = ANY($1)",
-            )
-                .bind(&caller_ids)
-                .fetch_all(&mut *tx)
-                .await?;
+        let taken: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT event_id FROM outbox_event_statuses WHERE event_id = ANY($1)",
+        )
+        .bind(&caller_ids)
+        .fetch_all(&mut *tx)
+        .await?;
         for (plan, batch) in plans.iter_mut().zip(batches) {
             if batch
                 .events
@@ -90,21 +97,7 @@ pub(super) async fn append(
         producers.push(token.producer.as_str());
         ids.push(token.transaction_id.as_str());
         modes.push(token.mode.code());
-        let (state, xid, system, expires_in) = match &token.mode {
-            TokenMode::Immediate => (TRANSACTION_COMMITTED, None, None, None),
-            TokenMode::TwoPhase { timeout } => {
-                (TRANSACTION_OPEN, None, None, Some(timeout.as_secs_f64()))
-            }
-            TokenMode::PostgresXid {
-                caller_xid,
-                system_id,
-            } => (
-                TRANSACTION_OPEN,
-                Some(*caller_xid as i64),
-                Some(*system_id as i64),
-                None,
-            ),
-        };
+        let (state, xid, system, expires_in) = new_transaction(&token.mode);
         states.push(state);
         xids.push(xid);
         systems.push(system);
@@ -150,9 +143,14 @@ pub(super) async fn append(
     let mut stored: StoredAppends = HashMap::new();
     if !key_producers.is_empty() {
         for row in sqlx::query(
-            "SELECT producer, transaction_id, sequence, content_hash, event_ids FROM outbox_appends \
-             WHERE (producer, transaction_id, sequence) IN \
-                   (SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[]))",
+            // LATERAL: one primary-key probe per key, whatever the table's
+            // statistics said when the statement's plan was cached.
+            "SELECT a.producer, a.transaction_id, a.sequence, a.content_hash, a.event_ids \
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS k(producer, transaction_id, sequence) \
+             CROSS JOIN LATERAL ( \
+                 SELECT * FROM outbox_appends AS a \
+                 WHERE a.producer = k.producer AND a.transaction_id = k.transaction_id \
+                   AND a.sequence = k.sequence) AS a",
         )
         .bind(&key_producers)
         .bind(&key_ids)
@@ -281,35 +279,159 @@ pub(super) async fn append(
                 }),
                 Err(rejection) => Err(rejection.clone()),
             },
-            Plan::New(event_ids) => {
-                let state = initial_state(batch);
-                let statuses: Vec<EventStatus> = batch
-                    .events
-                    .iter()
-                    .zip(&event_ids)
-                    .map(|(event, id)| {
-                        let (cursor, updated_at) =
-                            changes.get(&id.0).copied().unwrap_or((0, Utc::now()));
-                        EventStatus::appended(batch, event, *id, state, cursor as u64, updated_at)
-                    })
-                    .collect();
-                let shards = batch
-                    .events
-                    .iter()
-                    .zip(&event_ids)
-                    .map(|(event, id)| shard_of(event.ordering_key(), *id, shard_count))
-                    .collect();
-                Ok(AppendOutcome {
-                    event_ids,
-                    duplicate: false,
-                    statuses,
-                    shards,
-                })
-            }
+            Plan::New(event_ids) => Ok(new_outcome(batch, event_ids, &changes, shard_count)),
         };
         results.push(result);
     }
     Ok(Some(results))
+}
+
+/// Stores `batches` in one autocommit statement, which also removes the
+/// writer's `slot`; `Ok(None)` (and nothing stored, slot kept) unless every
+/// transaction and append is new and every caller-chosen event id is free.
+pub(super) async fn append_new(
+    connection: &mut PgConnection,
+    slot: i64,
+    batches: &[AppendBatch],
+    shard_count: u32,
+) -> Result<Option<Vec<Result<AppendOutcome, AppendRejection>>>, sqlx::Error> {
+    // One append per transaction, or the statement could not tell a retry
+    // or a token conflict within the batch.
+    let mut transactions = std::collections::HashSet::new();
+    if !batches
+        .iter()
+        .all(|b| transactions.insert((b.token.producer.as_str(), b.token.transaction_id.as_str())))
+    {
+        return Ok(None);
+    }
+    let (mut producers, mut ids, mut modes, mut states) = (vec![], vec![], vec![], vec![]);
+    let (mut xids, mut systems, mut expiries) = (vec![], vec![], vec![]);
+    let (mut sequences, mut hashes, mut packed) = (vec![], vec![], vec![]);
+    let mut event_ids = Vec::with_capacity(batches.len());
+    let mut caller_ids = Vec::new();
+    for batch in batches {
+        let token = &batch.token;
+        producers.push(token.producer.as_str());
+        ids.push(token.transaction_id.as_str());
+        modes.push(token.mode.code());
+        let (state, xid, system, expires_in) = new_transaction(&token.mode);
+        states.push(state);
+        xids.push(xid);
+        systems.push(system);
+        expiries.push(expires_in);
+        sequences.push(batch.sequence as i64);
+        hashes.push(batch.content_hash().to_vec());
+        let these: Vec<EventId> = batch
+            .events
+            .iter()
+            .map(|e| e.event_id.unwrap_or_else(EventId::generate))
+            .collect();
+        packed.push(pack_ids(&these));
+        caller_ids.extend(
+            batch
+                .events
+                .iter()
+                .filter_map(|e| e.event_id.map(|id| id.0)),
+        );
+        event_ids.push(these);
+    }
+    let now = Utc::now();
+    let mut rows = EventRows::default();
+    for (batch, these) in batches.iter().zip(&event_ids) {
+        rows.push_batch(batch, these, shard_count, now);
+    }
+    let query = sqlx::query(FAST_APPEND)
+        .bind(slot)
+        .bind(&producers)
+        .bind(&ids)
+        .bind(&modes)
+        .bind(&states)
+        .bind(&xids)
+        .bind(&systems)
+        .bind(&expiries)
+        .bind(&sequences)
+        .bind(&hashes)
+        .bind(&packed);
+    let result = rows
+        .bind(query)
+        .bind(&caller_ids)
+        .fetch_all(connection)
+        .await;
+    let returned = match result {
+        Ok(returned) => returned,
+        Err(sqlx::Error::Database(error))
+            if error.code().as_deref() == Some(NOT_A_FAST_APPEND)
+                || error.kind() == sqlx::error::ErrorKind::UniqueViolation =>
+        {
+            return Ok(None);
+        }
+        Err(error) => return Err(error),
+    };
+    let mut changes = HashMap::with_capacity(returned.len());
+    for row in returned {
+        changes.insert(
+            row.try_get::<Uuid, _>("event_id")?,
+            (row.try_get("change_seq")?, row.try_get("updated_at")?),
+        );
+    }
+    Ok(Some(
+        batches
+            .iter()
+            .zip(event_ids)
+            .map(|(batch, these)| Ok(new_outcome(batch, these, &changes, shard_count)))
+            .collect(),
+    ))
+}
+
+/// How a transaction first seen with `mode` is stored: state, caller xid,
+/// caller system id, seconds until it expires.
+fn new_transaction(mode: &TokenMode) -> (i16, Option<i64>, Option<i64>, Option<f64>) {
+    match mode {
+        TokenMode::Immediate => (TRANSACTION_COMMITTED, None, None, None),
+        TokenMode::TwoPhase { timeout } => {
+            (TRANSACTION_OPEN, None, None, Some(timeout.as_secs_f64()))
+        }
+        TokenMode::PostgresXid {
+            caller_xid,
+            system_id,
+        } => (
+            TRANSACTION_OPEN,
+            Some(*caller_xid as i64),
+            Some(*system_id as i64),
+            None,
+        ),
+    }
+}
+
+/// The outcome of a newly stored append.
+fn new_outcome(
+    batch: &AppendBatch,
+    event_ids: Vec<EventId>,
+    changes: &HashMap<Uuid, (i64, DateTime<Utc>)>,
+    shard_count: u32,
+) -> AppendOutcome {
+    let state = initial_state(batch);
+    let statuses = batch
+        .events
+        .iter()
+        .zip(&event_ids)
+        .map(|(event, id)| {
+            let (cursor, updated_at) = changes.get(&id.0).copied().unwrap_or((0, Utc::now()));
+            EventStatus::appended(batch, event, *id, state, cursor as u64, updated_at)
+        })
+        .collect();
+    let shards = batch
+        .events
+        .iter()
+        .zip(&event_ids)
+        .map(|(event, id)| shard_of(event.ordering_key(), *id, shard_count))
+        .collect();
+    AppendOutcome {
+        event_ids,
+        duplicate: false,
+        statuses,
+        shards,
+    }
 }
 
 /// Event rows to insert with one `UNNEST` statement, column by column.
@@ -373,33 +495,35 @@ impl<'a> EventRows<'a> {
         tx: &mut PgConnection,
     ) -> Result<HashMap<Uuid, (i64, DateTime<Utc>)>, sqlx::Error> {
         let mut changes = HashMap::with_capacity(self.ids.len());
-        for row in sqlx::query(INSERT_EVENTS)
-            .bind(&self.ids)
-            .bind(&self.shards)
-            .bind(&self.producers)
-            .bind(&self.transactions)
-            .bind(&self.sequences)
-            .bind(&self.indexes)
-            .bind(&self.topics)
-            .bind(&self.keys)
-            .bind(&self.payloads)
-            .bind(&self.headers)
-            .bind(&self.aggregate_types)
-            .bind(&self.aggregate_ids)
-            .bind(&self.event_types)
-            .bind(&self.occurred)
-            .bind(&self.states)
-            .bind(&self.traceparents)
-            .bind(&self.tracestates)
-            .fetch_all(tx)
-            .await?
-        {
+        for row in self.bind(sqlx::query(INSERT_EVENTS)).fetch_all(tx).await? {
             changes.insert(
                 row.try_get("event_id")?,
                 (row.try_get("change_seq")?, row.try_get("updated_at")?),
             );
         }
         Ok(changes)
+    }
+
+    /// Binds the columns as the next 17 parameters of `query`.
+    fn bind(self, query: PgQuery<'a>) -> PgQuery<'a> {
+        query
+            .bind(self.ids)
+            .bind(self.shards)
+            .bind(self.producers)
+            .bind(self.transactions)
+            .bind(self.sequences)
+            .bind(self.indexes)
+            .bind(self.topics)
+            .bind(self.keys)
+            .bind(self.payloads)
+            .bind(self.headers)
+            .bind(self.aggregate_types)
+            .bind(self.aggregate_ids)
+            .bind(self.event_types)
+            .bind(self.occurred)
+            .bind(self.states)
+            .bind(self.traceparents)
+            .bind(self.tracestates)
     }
 }
 

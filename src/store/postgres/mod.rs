@@ -14,8 +14,8 @@ use super::tokens::{EXPIRED, ExistingTransaction, two_phase_step, xid_step};
 use super::xid::XidSource;
 use super::{
     AppendRejection, DeadLetterFilter, Delivered, DeliveryFailed, Lease, PreparedTransaction,
-    RelayCursor, RelayRow, Resolution, Resolved, ShardBacklog, Store, StoreError, Verdict,
-    XidToken, XidVerdict,
+    RelayCursor, RelayPage, RelayRow, Resolution, Resolved, ShardBacklog, Store, StoreError,
+    Verdict, XidToken, XidVerdict,
 };
 use crate::domain::{
     AppendBatch, AppendOutcome, EventId, EventState, EventStatus, FieldViolation, TokenMode,
@@ -544,7 +544,14 @@ impl Store for PostgresStore {
         let slot: i64 = sqlx::query_scalar(REGISTER_WRITER)
             .fetch_one(&mut *connection)
             .await?;
-        let result = self.append_in_transaction(&mut connection, batches).await;
+        // Appends to new transactions, the common case: one statement, which
+        // releases the slot in its own commit.
+        let result =
+            match batched::append_new(&mut connection, slot, batches, self.shard_count()).await {
+                Ok(Some(results)) => return Ok(results),
+                Ok(None) => self.append_in_transaction(&mut connection, batches).await,
+                Err(error) => Err(error.into()),
+            };
         // Whatever happened, the slot goes. If the connection broke, its
         // backend is gone and the slot no longer counts anyway.
         if let Err(error) = sqlx::query("DELETE FROM outbox_writer_slots WHERE id = $1")
@@ -634,6 +641,19 @@ impl Store for PostgresStore {
         limit: u32,
         with_dead_letters: bool,
     ) -> Result<Vec<RelayRow>, StoreError> {
+        Ok(self
+            .read_relay_page(shard, after, limit, with_dead_letters)
+            .await?
+            .rows)
+    }
+
+    async fn read_relay_page(
+        &self,
+        shard: u32,
+        after: RelayCursor,
+        limit: u32,
+        with_dead_letters: bool,
+    ) -> Result<RelayPage, StoreError> {
         /// The same query, dead letters included (their own partial index
         /// serves them).
         static WITH_DEAD_LETTERS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -651,7 +671,16 @@ impl Store for PostgresStore {
             .bind(limit as i64)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
+        let held_back = match rows.first() {
+            Some(row) => row.try_get("held_back")?,
+            None => false,
+        };
+        let rows = rows
+            .iter()
+            .filter(|row| {
+                row.try_get::<Option<i64>, _>("seq")
+                    .is_ok_and(|seq| seq.is_some())
+            })
             .map(|row| {
                 let state: i16 = row.try_get("state")?;
                 let headers: Vec<u8> = row.try_get("headers")?;
@@ -679,7 +708,8 @@ impl Store for PostgresStore {
                     tracestate: row.try_get("tracestate")?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(RelayPage { rows, held_back })
     }
 
     async fn record_delivered(

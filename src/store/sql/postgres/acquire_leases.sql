@@ -6,7 +6,8 @@ WITH candidates AS (
     WHERE owner = $1 OR owner IS NULL OR expires_at < now()
     ORDER BY (owner IS NOT DISTINCT FROM $1) DESC, shard
     LIMIT $3
-    FOR UPDATE
+    -- Not FOR UPDATE: renewals must not wait for relay writes (migration 0009).
+    FOR NO KEY UPDATE
 )
 UPDATE outbox_leases AS l
 SET epoch = CASE WHEN l.owner IS NOT DISTINCT FROM $1 THEN l.epoch ELSE l.epoch + 1 END,

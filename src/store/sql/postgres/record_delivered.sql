@@ -1,15 +1,18 @@
 -- Marks a batch published, fenced by the shard's lease epoch: the rows move
--- from outbox_events to outbox_published (see migration 0007). FOR SHARE
+-- from outbox_events to outbox_published (see migration 0007). FOR KEY SHARE
 -- makes a concurrent takeover wait for this statement, or this statement
 -- see it.
 WITH fence AS (
-    SELECT 1 FROM outbox_leases WHERE shard = $1 AND epoch = $2 FOR SHARE
+    SELECT 1 FROM outbox_leases WHERE shard = $1 AND epoch = $2 FOR KEY SHARE
 ),
 gone AS (
     DELETE FROM outbox_events AS e
     USING UNNEST($3::bigint[], $4::integer[], $5::bigint[]) AS u(seq, kafka_partition, kafka_offset)
     WHERE e.seq = u.seq
-      AND e.state < 4
+      AND e.seq = ANY ($3) -- found by primary key, whatever plan is cached
+      -- "+ 0": not a reason to scan the relay index (state < 4) for
+      -- rows the primary key finds.
+      AND e.state + 0 < 4
       AND EXISTS (SELECT 1 FROM fence)
     RETURNING e.event_id, e.seq, e.producer, e.transaction_id, e.append_sequence, e.topic,
               u.kafka_partition, u.kafka_offset, e.attempts

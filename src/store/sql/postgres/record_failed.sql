@@ -1,7 +1,7 @@
 -- Records failed deliveries: a retry time keeps the event RETRYING, none
 -- dead-letters it. Fenced like record_delivered.
 WITH fence AS (
-    SELECT 1 FROM outbox_leases WHERE shard = $1 AND epoch = $2 FOR SHARE
+    SELECT 1 FROM outbox_leases WHERE shard = $1 AND epoch = $2 FOR KEY SHARE
 )
 UPDATE outbox_events AS e
 SET state = CASE WHEN u.retry_at IS NULL THEN 5 ELSE 3 END,
@@ -12,7 +12,10 @@ SET state = CASE WHEN u.retry_at IS NULL THEN 5 ELSE 3 END,
     updated_at = now()
 FROM UNNEST($3::bigint[], $4::text[], $5::timestamptz[]) AS u(seq, error, retry_at)
 WHERE e.seq = u.seq
-  AND e.state < 4
+  AND e.seq = ANY ($3) -- found by primary key, whatever plan is cached
+  -- "+ 0": not a reason to scan the relay index (state < 4) for
+  -- rows the primary key finds.
+  AND e.state + 0 < 4
   AND EXISTS (SELECT 1 FROM fence)
 RETURNING e.event_id, e.producer, e.transaction_id, e.append_sequence, e.topic, e.state,
           e.kafka_partition, e.kafka_offset, e.attempts, e.last_error, e.updated_at, e.change_seq
