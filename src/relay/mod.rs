@@ -83,7 +83,7 @@ impl Default for RelayConfig {
             shard_count: 16,
             poll_interval: Duration::from_secs(1),
             read_batch: 1_000,
-            read_linger: Duration::from_millis(2),
+            read_linger: Duration::from_millis(5),
             max_in_flight_per_shard: 5_000,
             lease_ttl: Duration::from_secs(10),
             retry_base: Duration::from_millis(200),
