@@ -9,9 +9,8 @@ gone AS (
     DELETE FROM outbox_events AS e
     USING UNNEST($3::bigint[], $4::integer[], $5::bigint[]) AS u(seq, kafka_partition, kafka_offset)
     WHERE e.seq = u.seq
-      AND e.seq = ANY ($3) -- found by primary key, whatever plan is cached
-      -- "+ 0": not a reason to scan the relay index (state < 4) for
-      -- rows the primary key finds.
+      -- "+ 0": each row is found by its primary key, never by scanning the
+      -- relay index (state < 4), whatever plan is cached.
       AND e.state + 0 < 4
       AND EXISTS (SELECT 1 FROM fence)
     RETURNING e.event_id, e.seq, e.producer, e.transaction_id, e.append_sequence, e.topic,

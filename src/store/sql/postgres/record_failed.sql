@@ -12,9 +12,8 @@ SET state = CASE WHEN u.retry_at IS NULL THEN 5 ELSE 3 END,
     updated_at = now()
 FROM UNNEST($3::bigint[], $4::text[], $5::timestamptz[]) AS u(seq, error, retry_at)
 WHERE e.seq = u.seq
-  AND e.seq = ANY ($3) -- found by primary key, whatever plan is cached
-  -- "+ 0": not a reason to scan the relay index (state < 4) for
-  -- rows the primary key finds.
+  -- "+ 0": each row is found by its primary key, never by scanning the
+  -- relay index (state < 4), whatever plan is cached.
   AND e.state + 0 < 4
   AND EXISTS (SELECT 1 FROM fence)
 RETURNING e.event_id, e.producer, e.transaction_id, e.append_sequence, e.topic, e.state,
