@@ -296,12 +296,14 @@ pub(super) async fn append_new(
     shard_count: u32,
 ) -> Result<Option<Vec<Result<AppendOutcome, AppendRejection>>>, sqlx::Error> {
     // One append per transaction, or the statement could not tell a retry
-    // or a token conflict within the batch.
+    // or a token conflict within the batch. A later append (sequence > 0)
+    // finds its transaction stored: the statement would refuse it, with an
+    // error in the server's log each time, so it goes the careful way.
     let mut transactions = std::collections::HashSet::new();
-    if !batches
-        .iter()
-        .all(|b| transactions.insert((b.token.producer.as_str(), b.token.transaction_id.as_str())))
-    {
+    if !batches.iter().all(|b| {
+        b.sequence == 0
+            && transactions.insert((b.token.producer.as_str(), b.token.transaction_id.as_str()))
+    }) {
         return Ok(None);
     }
     let (mut producers, mut ids, mut modes, mut states) = (vec![], vec![], vec![], vec![]);
