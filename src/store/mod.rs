@@ -270,36 +270,19 @@ pub trait Store: Send + Sync + 'static {
         after: RelayCursor,
         limit: u32,
     ) -> Result<Vec<RelayRow>, StoreError> {
-        self.read_relay_rows_with(shard, after, limit, false).await
+        Ok(self.read_relay_page(shard, after, limit, false).await?.rows)
     }
 
     /// [`Store::read_relay_rows`], with dead letters among the rows when
-    /// `with_dead_letters` (so that they can hold back their keys).
-    async fn read_relay_rows_with(
-        &self,
-        shard: u32,
-        after: RelayCursor,
-        limit: u32,
-        with_dead_letters: bool,
-    ) -> Result<Vec<RelayRow>, StoreError>;
-
-    /// [`Store::read_relay_rows_with`], also saying whether committed rows
-    /// of the shard wait behind the visibility gate (a store without a gate
-    /// never holds rows back).
+    /// `with_dead_letters` (so that they can hold back their keys), and
+    /// whether committed rows of the shard wait behind the visibility gate.
     async fn read_relay_page(
         &self,
         shard: u32,
         after: RelayCursor,
         limit: u32,
         with_dead_letters: bool,
-    ) -> Result<RelayPage, StoreError> {
-        Ok(RelayPage {
-            rows: self
-                .read_relay_rows_with(shard, after, limit, with_dead_letters)
-                .await?,
-            held_back: false,
-        })
-    }
+    ) -> Result<RelayPage, StoreError>;
 
     /// Marks events published, fenced by the lease: `StoreError::LeaseLost`
     /// when `lease.epoch` is no longer current, and then nothing is written.

@@ -24,8 +24,8 @@ use super::postgres::{TRANSACTION_COMMITTED, TRANSACTION_OPEN, event_id_taken};
 use super::tokens::{EXPIRED, ExistingTransaction, two_phase_step, xid_step};
 use super::{
     AppendRejection, DeadLetterFilter, Delivered, DeliveryFailed, Lease, PreparedTransaction,
-    RelayCursor, RelayRow, Resolution, Resolved, ShardBacklog, Store, StoreError, Verdict,
-    XidToken, XidVerdict,
+    RelayCursor, RelayPage, RelayRow, Resolution, Resolved, ShardBacklog, Store, StoreError,
+    Verdict, XidToken, XidVerdict,
 };
 use crate::domain::{
     AppendBatch, AppendOutcome, EventId, EventState, EventStatus, TokenMode, TransactionRef,
@@ -657,13 +657,13 @@ impl Store for SqliteStore {
         Ok(live.max(1) as u32)
     }
 
-    async fn read_relay_rows_with(
+    async fn read_relay_page(
         &self,
         shard: u32,
         after: RelayCursor,
         limit: u32,
         with_dead_letters: bool,
-    ) -> Result<Vec<RelayRow>, StoreError> {
+    ) -> Result<RelayPage, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, event_id, producer, transaction_id, topic, kafka_key, payload, headers, \
                  aggregate_type, aggregate_id, event_type, state, attempts, next_attempt_at, \
@@ -677,7 +677,8 @@ impl Store for SqliteStore {
         .bind(with_dead_letters)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
+        let rows = rows
+            .iter()
             .map(|row| {
                 let state: i16 = row.try_get("state")?;
                 let headers: Vec<u8> = row.try_get("headers")?;
@@ -711,7 +712,12 @@ impl Store for SqliteStore {
                     tracestate: row.try_get("tracestate")?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // One writer at a time, nothing in flight to wait for.
+        Ok(RelayPage {
+            rows,
+            held_back: false,
+        })
     }
 
     async fn record_delivered(

@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgArguments, Postgres};
 use sqlx::{PgConnection, Row};
-
-type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 use uuid::Uuid;
 
-use super::{TRANSACTION_COMMITTED, TRANSACTION_OPEN, event_id_taken, pack_ids, unpack_ids};
+use super::{
+    TRANSACTION_COMMITTED, TRANSACTION_OPEN, event_id_taken, pack_ids, taken_event_ids, unpack_ids,
+};
 use crate::domain::{
     AppendBatch, AppendOutcome, EventId, EventState, EventStatus, TokenMode, encode_headers,
     shard_of,
@@ -28,6 +28,8 @@ const FAST_APPEND: &str = include_str!("../sql/postgres/fast_append.sql");
 const NOT_A_FAST_APPEND: &str = "OBX01";
 
 type Key<'a> = (&'a str, &'a str, i64);
+
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 
 /// A stored append: its content hash and packed event ids, by key.
 type StoredAppends = HashMap<(String, String, i64), (Vec<u8>, Vec<u8>)>;
@@ -59,17 +61,8 @@ pub(super) async fn append(
     let mut plans: Vec<Option<Plan>> = batches.iter().map(|_| None).collect();
 
     // Caller-chosen ids that are taken already.
-    let caller_ids: Vec<Uuid> = batches
-        .iter()
-        .flat_map(|b| b.events.iter().filter_map(|e| e.event_id.map(|id| id.0)))
-        .collect();
-    if !caller_ids.is_empty() {
-        let taken: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT event_id FROM outbox_event_statuses WHERE event_id = ANY($1)",
-        )
-        .bind(&caller_ids)
-        .fetch_all(&mut *tx)
-        .await?;
+    let taken = taken_event_ids(tx, batches).await?;
+    if !taken.is_empty() {
         for (plan, batch) in plans.iter_mut().zip(batches) {
             if batch
                 .events

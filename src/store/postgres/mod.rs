@@ -172,21 +172,9 @@ impl PostgresStore {
             return Ok(Err(rejection));
         }
         // Published events left outbox_events and its unique index.
-        let caller_ids: Vec<Uuid> = batch
-            .events
-            .iter()
-            .filter_map(|e| e.event_id.map(|id| id.0))
-            .collect();
-        if !caller_ids.is_empty() {
-            let taken: Vec<Uuid> = sqlx::query_scalar(
-                "SELECT event_id FROM outbox_published WHERE event_id = ANY($1)",
-            )
-            .bind(&caller_ids)
-            .fetch_all(&mut **tx)
-            .await?;
-            if !taken.is_empty() {
-                return Ok(Err(event_id_taken(batch, &taken)));
-            }
+        let taken = taken_event_ids(tx, std::slice::from_ref(batch)).await?;
+        if !taken.is_empty() {
+            return Ok(Err(event_id_taken(batch, &taken)));
         }
         let state = batched::initial_state(batch);
         let now = Utc::now();
@@ -267,18 +255,7 @@ impl PostgresStore {
                     sqlx::query("ROLLBACK TO SAVEPOINT append")
                         .execute(&mut *tx)
                         .await?;
-                    let caller_ids: Vec<Uuid> = batch
-                        .events
-                        .iter()
-                        .filter_map(|e| e.event_id)
-                        .map(|id| id.0)
-                        .collect();
-                    let taken: Vec<Uuid> = sqlx::query_scalar(
-                        "SELECT event_id FROM outbox_event_statuses WHERE event_id = ANY($1)",
-                    )
-                    .bind(&caller_ids)
-                    .fetch_all(&mut *tx)
-                    .await?;
+                    let taken = taken_event_ids(&mut tx, std::slice::from_ref(batch)).await?;
                     Err(event_id_taken(batch, &taken))
                 }
                 Err(error) => return Err(error.into()),
@@ -436,6 +413,25 @@ pub(super) fn unpack_ids(bytes: &[u8]) -> Vec<EventId> {
         .chunks_exact(16)
         .map(|chunk| EventId(Uuid::from_slice(chunk).unwrap_or_default()))
         .collect()
+}
+
+/// The caller-chosen event ids of `batches` that are stored already,
+/// published or not.
+pub(super) async fn taken_event_ids(
+    connection: &mut PgConnection,
+    batches: &[AppendBatch],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let ids: Vec<Uuid> = batches
+        .iter()
+        .flat_map(|b| b.events.iter().filter_map(|e| e.event_id.map(|id| id.0)))
+        .collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar("SELECT event_id FROM outbox_event_statuses WHERE event_id = ANY($1)")
+        .bind(&ids)
+        .fetch_all(connection)
+        .await
 }
 
 /// Names the first caller-chosen event id of `batch` that is already stored.
@@ -632,19 +628,6 @@ impl Store for PostgresStore {
         .fetch_one(&self.pool)
         .await?;
         Ok(live.max(1) as u32)
-    }
-
-    async fn read_relay_rows_with(
-        &self,
-        shard: u32,
-        after: RelayCursor,
-        limit: u32,
-        with_dead_letters: bool,
-    ) -> Result<Vec<RelayRow>, StoreError> {
-        Ok(self
-            .read_relay_page(shard, after, limit, with_dead_letters)
-            .await?
-            .rows)
     }
 
     async fn read_relay_page(
