@@ -18,10 +18,12 @@ The binary is taken from `--outboxd-bin`, the `outboxd_bin` ini option, the
 the fixtures fail (they never skip).
 
     async def test_order_emits_created(outboxd_client, outboxd_kafka):
-        topic = outboxd_kafka.create_topic("orders")
-        result = await place_order(outboxd_client, topic)    # the service's code
-        [record] = await outboxd_kafka.read_async(topic, result.event_ids)
+        result = await place_order(outboxd_client, topic="orders")   # the service's code
+        [record] = await outboxd_kafka.read_async("orders", result.event_ids)
         assert record.json()["total"] == 42
+
+`outboxd dev`'s broker creates a topic on first use (with one partition);
+`KafkaReader.create_topic` is for brokers that do not.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ class DevServer:
     target: str
     #: Bootstrap address of its in-process Kafka-protocol broker.
     brokers: str
-    #: The topic `outboxd dev` creates (other topics are created on first use).
+    #: The topic `outboxd dev` creates (with `partitions` partitions); other
+    #: topics are created on first use.
     topic: str
     process: subprocess.Popen[str]
     workdir: Path
