@@ -193,6 +193,9 @@ impl Config {
                 "relay.breaker_cooldown must be positive and at most relay.breaker_max_cooldown",
             );
         }
+        if self.relay.retention.is_zero() {
+            return invalid("relay.retention must be positive");
+        }
         if self.relay.poll_interval.is_zero() {
             return invalid("relay.poll_interval must be positive");
         }
@@ -260,5 +263,13 @@ mod tests {
         std::fs::write(&path, "[relay]\nshards = 3\n").unwrap();
         let error = Config::load(Some(&path), &Overrides::default()).unwrap_err();
         assert!(error.to_string().contains("shards"), "{error}");
+    }
+
+    #[test]
+    fn refuses_a_zero_retention() {
+        let mut config = Config::default();
+        config.relay.retention = Duration::ZERO;
+        let error = config.validate().unwrap_err();
+        assert!(error.to_string().contains("relay.retention"), "{error}");
     }
 }

@@ -17,7 +17,8 @@ use crate::config::Config;
 use crate::ingest::{Ingest, Transactions};
 use crate::proto;
 use crate::relay::{
-    BreakerState, Publisher, Relay, RelayHealth, RelayWaker, Resolver, SharedBreaker, XidSources,
+    BreakerState, Housekeeping, Publisher, Relay, RelayHealth, RelayWaker, Resolver, SharedBreaker,
+    XidSources,
 };
 use crate::status::StatusBus;
 
@@ -83,6 +84,14 @@ pub async fn run(
     let relay_shutdown = CancellationToken::new();
     let (relay_health, mut relay_health_rx) = watch::channel(RelayHealth::Starting);
     let mut breaker_rx = breaker.subscribe();
+    // This instance's name in the lease table and in wake-ups; unique per
+    // process and per start.
+    let instance = format!(
+        "{}-{}-{}",
+        hostname(),
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    );
     let relay = Relay {
         store: store.clone(),
         publisher,
@@ -90,20 +99,26 @@ pub async fn run(
         bus: bus.clone(),
         waker: waker.clone(),
         config: config.relay.clone(),
-        owner: format!(
-            "{}-{}-{}",
-            hostname(),
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        ),
+        owner: instance.clone(),
         health: relay_health,
     };
     let relay_task = tokio::spawn(relay.run(relay_shutdown.clone()));
+    let bridge_task = tokio::spawn(waker.clone().bridge(
+        store.clone(),
+        instance,
+        relay_shutdown.clone(),
+    ));
+    let housekeeping_task = tokio::spawn(
+        Housekeeping {
+            store: store.clone(),
+            retention: config.relay.retention,
+        }
+        .run(relay_shutdown.clone()),
+    );
     let xid_sources = XidSources::new(store.as_ref(), &config.tokens)
         .context("configuring postgres_xid clusters")?;
     let resolver = Resolver {
         store: store.clone(),
-        retention: config.relay.retention,
         bus: bus.clone(),
         waker: waker.clone(),
         sources: xid_sources.clone(),
@@ -216,6 +231,12 @@ pub async fn run(
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::error!(%error, "token resolver failed"),
             Err(error) => tracing::error!(%error, "token resolver task failed"),
+        }
+        if let Err(error) = bridge_task.await {
+            tracing::error!(%error, "wake-up bridge task failed");
+        }
+        if let Err(error) = housekeeping_task.await {
+            tracing::error!(%error, "housekeeping task failed");
         }
         relay_task.await
     })

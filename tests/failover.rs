@@ -254,3 +254,162 @@ async fn two_instances_split_the_shards_and_survive_each_other() {
     let _ = &mut admin;
     first.stop();
 }
+
+/// Appends, Commit and Redrive made through one instance wake the shard's
+/// owner on another at once (the fallback poll is set far beyond the wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wake_ups_reach_the_owner_on_another_instance() {
+    use support::{Gateway, MockKafka};
+    let kafka = MockKafka::start(1);
+    let topic = support::unique("wake");
+    kafka.create_topic(&topic, 1).await;
+    let store_url = support::fresh_database().await;
+    let mut config = failover_config(&store_url, &kafka.bootstrap);
+    config.relay.poll_interval = Duration::from_secs(120);
+    let first = Gateway::start(config.clone()).await;
+    let second = Gateway::start(config).await;
+    let channel = first.channel().await;
+    let mut client = OutboxClient::new(channel.clone());
+    let mut admin = OutboxAdminClient::new(channel.clone());
+    support::eventually(
+        "both instances to hold shards",
+        Duration::from_secs(30),
+        || {
+            let mut admin = admin.clone();
+            async move {
+                let leases = admin
+                    .list_leases(proto::ListLeasesRequest {})
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .leases;
+                let now = std::time::SystemTime::now();
+                let owners: HashSet<String> = leases
+                    .iter()
+                    .filter(|l| {
+                        l.expires_at.as_ref().is_some_and(|t| {
+                            std::time::SystemTime::try_from(*t).is_ok_and(|t| t > now)
+                        })
+                    })
+                    .map(|l| l.owner.clone())
+                    .collect();
+                (leases.len() == 8 && owners.len() == 2).then_some(())
+            }
+        },
+    )
+    .await;
+    // One key per shard, so that each instance owns some of them.
+    let mut keys: Vec<String> = Vec::new();
+    for n in 0.. {
+        let key = format!("key-{n}");
+        let shard = outboxd::domain::murmur2::kafka_partition(key.as_bytes(), 8) as usize;
+        if shard == keys.len() {
+            keys.push(key);
+            if keys.len() == 8 {
+                break;
+            }
+        }
+    }
+    let events = |label: &str| -> Vec<proto::Event> {
+        keys.iter()
+            .map(|key| support::keyed_event(&topic, key, label.as_bytes()))
+            .collect()
+    };
+    let published_soon = |ids: Vec<String>| {
+        let bootstrap = kafka.bootstrap.clone();
+        let topic = topic.clone();
+        async move {
+            consume_until(
+                &bootstrap,
+                &topic,
+                &ids.into_iter().collect(),
+                Duration::from_millis(100),
+                Duration::from_secs(5),
+            )
+            .await
+        }
+    };
+
+    // Appends.
+    let appended = client
+        .append(support::append_request(
+            support::immediate_token("wake", "appended"),
+            events("appended"),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .event_ids;
+    published_soon(appended).await;
+
+    // Commit of a two_phase transaction.
+    let mut token = support::immediate_token("wake", "committed");
+    if let Some(token) = token.as_mut() {
+        token.mode = proto::TokenMode::TwoPhase as i32;
+        token.timeout = Some(prost_types::Duration {
+            seconds: 300,
+            nanos: 0,
+        });
+    }
+    let committed = client
+        .append(support::append_request(token, events("committed")))
+        .await
+        .unwrap()
+        .into_inner()
+        .event_ids;
+    client
+        .commit(proto::CommitRequest {
+            producer: "wake".into(),
+            transaction_id: "committed".into(),
+        })
+        .await
+        .unwrap();
+    published_soon(committed).await;
+
+    // Redrive of dead letters: each event is refused once by the broker.
+    let mut dead = Vec::new();
+    for (n, key) in keys.iter().enumerate() {
+        kafka.fail_produce_requests(vec![
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD,
+        ]);
+        let id = client
+            .append(support::append_request(
+                support::immediate_token("wake-dead", &format!("dead-{n}")),
+                vec![support::keyed_event(&topic, key, b"dead")],
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .event_ids
+            .remove(0);
+        support::eventually(
+            "the refused event to be dead-lettered",
+            Duration::from_secs(5),
+            || {
+                let mut client = client.clone();
+                let id = id.clone();
+                async move {
+                    (support::status_of(&mut client, &id).await.state
+                        == proto::EventState::DeadLettered as i32)
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+        dead.push(id);
+    }
+    let redriven = admin
+        .redrive(proto::RedriveRequest {
+            producer: "wake-dead".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(redriven, 8);
+    published_soon(dead).await;
+
+    first.stop().await;
+    second.stop().await;
+}

@@ -668,6 +668,123 @@ async fn a_published_event_keeps_its_status_and_its_id(store: Arc<dyn Store>) {
     assert_eq!(relay_rows(&store, 1).await.len(), 1, "only t2 was stored");
 }
 
+/// Retention never removes what is not final: while any event of an append
+/// is unpublished or dead-lettered, a retry of that append is still a
+/// duplicate with the same ids, and status by transaction still finds them.
+async fn retention_keeps_what_a_retry_needs(store: Arc<dyn Store>) {
+    let waiting = batch("outage", 0, vec![event("a", "1"), event("b", "2")]);
+    let ids = store
+        .append(std::slice::from_ref(&waiting))
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap()
+        .event_ids;
+    let rows = relay_rows(&store, 2).await;
+    let leases = store
+        .acquire_leases("me", Duration::from_secs(60), SHARDS)
+        .await
+        .unwrap();
+    // One event is dead-lettered, the other stays READY (a long outage).
+    let dead = rows.iter().find(|r| r.event_id == ids[1]).unwrap();
+    let shard = outboxd::domain::shard_of(dead.kafka_key.as_deref(), dead.event_id, SHARDS);
+    store
+        .record_failed(
+            leases.iter().find(|l| l.shard == shard).unwrap(),
+            &[DeliveryFailed {
+                seq: dead.seq,
+                error: "refused".into(),
+                retry_at: None,
+            }],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    while store
+        .purge_finished(Duration::from_millis(1), 100)
+        .await
+        .unwrap()
+        > 0
+    {}
+    let retry = store
+        .append(std::slice::from_ref(&waiting))
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert!(retry.duplicate, "the retry stored its events again");
+    assert_eq!(retry.event_ids, ids);
+    let found: Vec<EventId> = store
+        .status_by_transactions(&[TransactionRef {
+            producer: "ledger".into(),
+            transaction_id: "outage".into(),
+        }])
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.event_id)
+        .collect();
+    assert_eq!(found, ids);
+}
+
+/// A writer whose visibility-gate slot cannot be removed does not freeze
+/// the gate: its connection is closed, and a slot whose backend is gone no
+/// longer counts. (PostgreSQL only: SQLite has no gate.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_failed_slot_release_does_not_freeze_the_gate() {
+    use sqlx::Connection;
+    let url = support::fresh_database().await;
+    let store = outboxd::store::connect(&url, 4, SHARDS).await.unwrap();
+    store.migrate().await.unwrap();
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_slot_release() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'slot release refused'; END $$; \
+         CREATE TRIGGER refuse_slot_release BEFORE DELETE ON outbox_writer_slots \
+             FOR EACH ROW EXECUTE FUNCTION refuse_slot_release();",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    // The append itself fails (its statement removes the slot too); what
+    // matters is what its slot does to every later append.
+    let _ = store
+        .append(&[batch("refused", 0, vec![event("a", "1")])])
+        .await;
+    sqlx::raw_sql("DROP TRIGGER refuse_slot_release ON outbox_writer_slots")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let ids = store
+        .append(&[batch("after", 0, vec![event("b", "2")])])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap()
+        .event_ids;
+    support::eventually(
+        "the later append to pass the visibility gate",
+        Duration::from_secs(10),
+        || {
+            let store = store.clone();
+            let id = ids[0];
+            async move {
+                for shard in 0..SHARDS {
+                    let rows = store
+                        .read_relay_rows(shard, Default::default(), 100)
+                        .await
+                        .unwrap();
+                    if rows.iter().any(|r| r.event_id == id) {
+                        return Some(());
+                    }
+                }
+                None
+            }
+        },
+    )
+    .await;
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         mod postgres {
@@ -701,4 +818,5 @@ store_suite!(
     retention_removes_finished_events_but_keeps_dead_letters,
     the_change_feed_resumes_after_a_cursor,
     a_published_event_keeps_its_status_and_its_id,
+    retention_keeps_what_a_retry_needs,
 );

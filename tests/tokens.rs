@@ -682,3 +682,27 @@ async fn postgres_xid_resolves_against_the_cluster_configured_for_the_producer()
     stranger.rollback().await;
     gateway.stop().await;
 }
+
+/// A caller's transaction that is still running and newer than every
+/// completed one is in progress: it waits, and is never taken for a token of
+/// another cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_transaction_newer_than_every_completed_one_is_in_progress() {
+    use outboxd::store::xid::{XactStatus, XidSource};
+    let caller_url = support::fresh_database().await;
+    let source = XidSource::connect_lazy(&caller_url).unwrap();
+    // Connected first, so that asking starts no transaction of its own
+    // between the caller's and the question.
+    source.system_identifier().await.unwrap();
+    let caller = CallerTransaction::begin(&caller_url).await;
+    let xid = caller.xid;
+    assert_eq!(
+        source.statuses(&[xid]).await.unwrap(),
+        vec![(xid, XactStatus::InProgress)]
+    );
+    caller.commit().await;
+    assert_eq!(
+        source.statuses(&[xid]).await.unwrap(),
+        vec![(xid, XactStatus::Committed)]
+    );
+}

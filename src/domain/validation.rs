@@ -200,6 +200,13 @@ pub fn validate_batch(batch: &AppendBatch, limits: &Limits) -> Vec<FieldViolatio
                     field(name),
                     format!("must be at most {MAX_NAME_CHARS} bytes"),
                 ));
+            } else if value.contains('\0') {
+                // PostgreSQL's text cannot hold it: refused here, it would
+                // fail the whole coalesced store transaction.
+                violations.push(FieldViolation::new(
+                    field(name),
+                    "must not contain NUL characters",
+                ));
             }
         }
         if let Some(id) = event.event_id
@@ -294,6 +301,20 @@ mod tests {
                 "events[3].headers",
                 "events[3].headers[0].key",
             ]
+        );
+    }
+
+    #[test]
+    fn rejects_nul_characters_in_text_fields() {
+        let mut with_nul = event();
+        with_nul.aggregate_id = "a\0b".into();
+        with_nul.event_type = "\0".into();
+        assert_eq!(
+            fields(validate_batch(
+                &batch(vec![event(), with_nul]),
+                &Limits::default()
+            )),
+            vec!["events[1].aggregate_id", "events[1].event_type"]
         );
     }
 

@@ -7,9 +7,11 @@
 
 mod backoff;
 pub mod breaker;
+mod housekeeping;
 pub mod publisher;
 pub mod resolver;
 mod shard;
+mod waker;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -17,14 +19,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use backoff::retry_delay;
 pub use breaker::{BreakerState, SharedBreaker};
+pub use housekeeping::Housekeeping;
 pub use publisher::{KafkaConfig, Publisher};
 pub use resolver::{Resolver, TokenConfig, XidSources};
+pub use waker::RelayWaker;
+pub(crate) use waker::ShardSignal;
 
 use crate::status::StatusBus;
 use crate::store::Store;
@@ -96,70 +101,6 @@ impl Default for RelayConfig {
             breaker_max_cooldown: Duration::from_secs(30),
             retention: Duration::from_secs(24 * 3600),
         }
-    }
-}
-
-/// How a shard worker is told that something changed in its shard.
-#[derive(Default)]
-pub(crate) struct ShardSignal {
-    pub(crate) notify: Notify,
-    /// Rows behind the worker's cursor may have become sendable (a token was
-    /// resolved): it must rewind, not just read on.
-    pub(crate) rewind: AtomicBool,
-}
-
-/// Wakes shard workers (and the token resolver) when this process commits
-/// something they must look at.
-#[derive(Clone)]
-pub struct RelayWaker {
-    shards: Arc<Vec<ShardSignal>>,
-    pub(crate) resolver: Arc<Notify>,
-}
-
-impl RelayWaker {
-    pub fn new(shard_count: u32) -> Self {
-        RelayWaker {
-            shards: Arc::new((0..shard_count).map(|_| ShardSignal::default()).collect()),
-            resolver: Arc::new(Notify::new()),
-        }
-    }
-
-    /// New rows in these shards. A worker that is busy keeps the wake-up (a
-    /// permit) and reads again when it next waits.
-    pub fn wake_shards(&self, shards: impl IntoIterator<Item = u32>) {
-        let unique: HashSet<u32> = shards.into_iter().collect();
-        for shard in unique {
-            if let Some(signal) = self.shards.get(shard as usize) {
-                signal.notify.notify_one();
-            }
-        }
-    }
-
-    /// Rows in these shards changed state behind the workers' cursors.
-    pub fn rewind_shards(&self, shards: impl IntoIterator<Item = u32>) {
-        let unique: HashSet<u32> = shards.into_iter().collect();
-        for shard in unique {
-            if let Some(signal) = self.shards.get(shard as usize) {
-                signal.rewind.store(true, Ordering::Release);
-                signal.notify.notify_one();
-            }
-        }
-    }
-
-    /// Every shard, e.g. when the breaker closes.
-    pub fn wake_all(&self) {
-        for signal in self.shards.iter() {
-            signal.notify.notify_one();
-        }
-    }
-
-    /// Pending tokens were appended: the resolver should look soon.
-    pub fn wake_resolver(&self) {
-        self.resolver.notify_one();
-    }
-
-    fn shard(&self, shard: u32) -> Option<&ShardSignal> {
-        self.shards.get(shard as usize)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Resolves transaction tokens in the background: discards two_phase
 //! transactions whose timeout passed, and asks the callers' PostgreSQL
 //! clusters, in bulk, whether postgres_xid transactions committed.
+//! (Retention and backlog figures are [`super::housekeeping`]'s.)
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::RelayWaker;
+use crate::domain::TransactionRef;
 use crate::status::StatusBus;
 use crate::store::xid::{XactStatus, XidSource};
 use crate::store::{Resolved, Store, StoreError, XidToken, XidVerdict};
@@ -67,8 +69,6 @@ impl XidSources {
 
 pub struct Resolver {
     pub store: Arc<dyn Store>,
-    /// How long finished events are kept (see `relay.retention`).
-    pub retention: Duration,
     pub bus: StatusBus,
     pub waker: RelayWaker,
     pub sources: XidSources,
@@ -78,30 +78,16 @@ pub struct Resolver {
     pub idle_interval: Duration,
 }
 
-/// How often finished events past their retention are removed.
-const PURGE_INTERVAL: Duration = Duration::from_secs(60);
-/// How often the backlog gauges are refreshed.
-const BACKLOG_INTERVAL: Duration = Duration::from_secs(5);
-/// Rows removed per statement.
-const PURGE_BATCH: u32 = 1_000;
-
 /// Most tokens one pass resolves.
 const PASS_LIMIT: u32 = 5_000;
+/// How long a token that cannot be resolved now is left alone: its
+/// producer's configuration or cluster has to change first.
+const PUT_OFF: Duration = Duration::from_secs(5);
 
 impl Resolver {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut busy = true;
-        let mut next_purge = tokio::time::Instant::now();
-        let mut next_backlog = tokio::time::Instant::now();
         loop {
-            if tokio::time::Instant::now() >= next_purge {
-                next_purge = tokio::time::Instant::now() + PURGE_INTERVAL;
-                self.purge(&shutdown).await;
-            }
-            if tokio::time::Instant::now() >= next_backlog {
-                next_backlog = tokio::time::Instant::now() + BACKLOG_INTERVAL;
-                self.report_backlog().await;
-            }
             let wait = if busy {
                 self.config.resolve_interval
             } else {
@@ -119,53 +105,6 @@ impl Resolver {
                     busy = true;
                 }
             }
-        }
-    }
-
-    /// Removes finished events past their retention, in small batches.
-    async fn purge(&self, shutdown: &CancellationToken) {
-        let mut removed = 0;
-        while !shutdown.is_cancelled() {
-            match self.store.purge_finished(self.retention, PURGE_BATCH).await {
-                Ok(0) => break,
-                Ok(n) => removed += n,
-                Err(error) => {
-                    tracing::warn!(%error, "retention purge failed");
-                    break;
-                }
-            }
-            // Leave room for the hot path between batches.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if removed > 0 {
-            tracing::info!(removed, "removed finished events past their retention");
-        }
-    }
-
-    /// Sets the backlog gauges of every shard.
-    async fn report_backlog(&self) {
-        use crate::telemetry::names;
-        match self.store.backlog().await {
-            Ok(backlog) => {
-                let now = chrono::Utc::now();
-                let mut depths = vec![(0u64, 0f64); self.store.shard_count() as usize];
-                for shard in backlog {
-                    if let Some(slot) = depths.get_mut(shard.shard as usize) {
-                        let age = shard
-                            .oldest
-                            .map(|oldest| (now - oldest).num_milliseconds().max(0) as f64 / 1e3)
-                            .unwrap_or(0.0);
-                        *slot = (shard.depth, age);
-                    }
-                }
-                for (shard, (depth, age)) in depths.into_iter().enumerate() {
-                    let shard = shard.to_string();
-                    metrics::gauge!(names::BACKLOG_EVENTS, "shard" => shard.clone())
-                        .set(depth as f64);
-                    metrics::gauge!(names::BACKLOG_OLDEST_SECONDS, "shard" => shard).set(age);
-                }
-            }
-            Err(error) => tracing::debug!(%error, "cannot read the backlog"),
         }
     }
 
@@ -189,8 +128,11 @@ impl Resolver {
         if tokens.is_empty() {
             return Ok(false);
         }
-        let verdicts = self.verdicts(&tokens).await;
-        let resolved = self.store.resolve_xid_tokens(&verdicts).await?;
+        let Verdicts { decided, put_off } = self.verdicts(&tokens).await;
+        let resolved = self.store.resolve_xid_tokens(&decided).await?;
+        if !put_off.is_empty() {
+            self.store.defer_xid_tokens(&put_off, PUT_OFF).await?;
+        }
         let mut warned = HashSet::new();
         for status in &resolved.changed {
             if status.state == crate::domain::EventState::Pending
@@ -209,10 +151,7 @@ impl Resolver {
     }
 
     /// Asks each cluster about its tokens, one round trip per cluster.
-    async fn verdicts(
-        &self,
-        tokens: &[XidToken],
-    ) -> Vec<(crate::domain::TransactionRef, XidVerdict)> {
+    async fn verdicts(&self, tokens: &[XidToken]) -> Verdicts {
         let mut by_producer: BTreeMap<&str, Vec<&XidToken>> = BTreeMap::new();
         for token in tokens {
             by_producer
@@ -220,24 +159,24 @@ impl Resolver {
                 .or_default()
                 .push(token);
         }
-        let mut verdicts = Vec::new();
+        let mut verdicts = Verdicts::default();
         for (producer, tokens) in by_producer {
             let Some(source) = self.sources.for_producer(producer) else {
                 let reason = format!(
                     "no PostgreSQL cluster is configured to resolve postgres_xid tokens of producer {producer:?}"
                 );
-                verdicts.extend(tokens.iter().map(|t| {
-                    (
-                        t.transaction.clone(),
-                        XidVerdict::Unresolvable(reason.clone()),
-                    )
-                }));
+                for token in tokens {
+                    verdicts.unresolvable(token, reason.clone());
+                }
                 continue;
             };
             let cluster = match source.system_identifier().await {
                 Ok(id) => id,
                 Err(error) => {
                     tracing::warn!(producer, %error, "cannot reach the cluster of postgres_xid tokens");
+                    verdicts
+                        .put_off
+                        .extend(tokens.iter().map(|t| t.transaction.clone()));
                     continue;
                 }
             };
@@ -245,13 +184,11 @@ impl Resolver {
             let (ours, foreign): (Vec<&XidToken>, Vec<&XidToken>) =
                 tokens.into_iter().partition(|t| t.system_id == cluster);
             for token in foreign {
-                verdicts.push((
-                    token.transaction.clone(),
-                    XidVerdict::Unresolvable(format!(
-                        "system identifier mismatch: the token names cluster {}, but producer {producer:?} resolves against cluster {cluster}; not publishing",
-                        token.system_id
-                    )),
-                ));
+                let reason = format!(
+                    "system identifier mismatch: the token names cluster {}, but producer {producer:?} resolves against cluster {cluster}; not publishing",
+                    token.system_id
+                );
+                verdicts.unresolvable(token, reason);
             }
             if ours.is_empty() {
                 continue;
@@ -261,6 +198,9 @@ impl Resolver {
                 Ok(statuses) => statuses.into_iter().collect::<HashMap<u64, XactStatus>>(),
                 Err(error) => {
                     tracing::warn!(producer, %error, "cannot ask the cluster about postgres_xid tokens");
+                    verdicts
+                        .put_off
+                        .extend(ours.iter().map(|t| t.transaction.clone()));
                     continue;
                 }
             };
@@ -273,14 +213,29 @@ impl Resolver {
                         "the caller's transaction {} is too old to resolve (pg_xact_status returned NULL)",
                         token.caller_xid
                     )),
-                    Some(XactStatus::Future) => XidVerdict::Unresolvable(format!(
-                        "xid {} is not yet assigned on the resolving cluster; the token names another cluster",
-                        token.caller_xid
-                    )),
                 };
-                verdicts.push((token.transaction.clone(), verdict));
+                verdicts.decided.push((token.transaction.clone(), verdict));
             }
         }
         verdicts
+    }
+}
+
+/// What one pass learnt about the tokens it read.
+#[derive(Default)]
+struct Verdicts {
+    /// Tokens with something to record: a resolution, or why they cannot
+    /// be resolved.
+    decided: Vec<(TransactionRef, XidVerdict)>,
+    /// Tokens that cannot be resolved now: asked about again after
+    /// [`PUT_OFF`], so that they never fill the window of a pass.
+    put_off: Vec<TransactionRef>,
+}
+
+impl Verdicts {
+    fn unresolvable(&mut self, token: &XidToken, reason: String) {
+        self.put_off.push(token.transaction.clone());
+        self.decided
+            .push((token.transaction.clone(), XidVerdict::Unresolvable(reason)));
     }
 }

@@ -147,6 +147,30 @@ pub enum XidVerdict {
 }
 
 /// A shard's lease: the right to relay it, fenced by `epoch`.
+/// What the shard workers of other instances must look at.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WakeUp {
+    /// Shards with new rows.
+    pub new_rows: std::collections::BTreeSet<u32>,
+    /// Shards whose rows changed behind the workers' cursors (a commit, an
+    /// abort, a resolved token, a redrive): read again from the start.
+    pub rewind: std::collections::BTreeSet<u32>,
+}
+
+impl WakeUp {
+    pub fn is_empty(&self) -> bool {
+        self.new_rows.is_empty() && self.rewind.is_empty()
+    }
+}
+
+/// Other instances' wake-ups, as they arrive.
+#[async_trait]
+pub trait WakeUpListener: Send {
+    /// The next wake-up; `Ok(None)` when the connection was lost and made
+    /// again, so that wake-ups may have been missed.
+    async fn next(&mut self) -> Result<Option<WakeUp>, StoreError>;
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub shard: u32,
@@ -324,8 +348,19 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<PreparedTransaction>, StoreError>;
 
-    /// Up to `limit` open postgres_xid tokens, oldest first.
+    /// Up to `limit` open postgres_xid tokens that are due to be asked
+    /// about: half the most recently due, half the longest due, so that
+    /// neither a flood of new tokens nor a pile of old ones that cannot be
+    /// resolved holds the others back (see [`Store::defer_xid_tokens`]).
     async fn open_xid_tokens(&self, limit: u32) -> Result<Vec<XidToken>, StoreError>;
+
+    /// Puts off asking about these open tokens for `delay`: they cannot be
+    /// resolved now, and must not hold back tokens that can.
+    async fn defer_xid_tokens(
+        &self,
+        transactions: &[TransactionRef],
+        delay: Duration,
+    ) -> Result<(), StoreError>;
 
     /// Applies what the callers' clusters said about postgres_xid tokens.
     async fn resolve_xid_tokens(
@@ -361,6 +396,22 @@ pub trait Store: Send + Sync + 'static {
     async fn set_relay_paused(&self, paused: bool) -> Result<(), StoreError>;
 
     async fn relay_paused(&self) -> Result<bool, StoreError>;
+
+    /// Starts hearing the wake-ups other instances of this store announce
+    /// (not `instance`'s own); `None` when the store serves one instance.
+    async fn listen_for_wake_ups(
+        &self,
+        instance: &str,
+    ) -> Result<Option<Box<dyn WakeUpListener>>, StoreError> {
+        let _ = instance;
+        Ok(None)
+    }
+
+    /// Tells the other instances of this store what to look at.
+    async fn announce_wake_up(&self, instance: &str, wake: &WakeUp) -> Result<(), StoreError> {
+        let _ = (instance, wake);
+        Ok(())
+    }
 
     /// The store's own PostgreSQL cluster, when it can resolve postgres_xid
     /// tokens of callers on the same cluster.

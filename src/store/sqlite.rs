@@ -846,10 +846,18 @@ impl Store for SqliteStore {
 
     async fn open_xid_tokens(&self, limit: u32) -> Result<Vec<XidToken>, StoreError> {
         let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
-            "SELECT producer, transaction_id, caller_xid, caller_system_id FROM outbox_transactions \
-             WHERE state = 1 AND mode = 3 ORDER BY created_at LIMIT ?1",
+            "SELECT * FROM (SELECT producer, transaction_id, caller_xid, caller_system_id \
+                 FROM outbox_transactions \
+                 WHERE state = 1 AND mode = 3 AND coalesce(resolve_after, created_at) <= ?2 \
+                 ORDER BY coalesce(resolve_after, created_at) DESC LIMIT ?1) \
+             UNION \
+             SELECT * FROM (SELECT producer, transaction_id, caller_xid, caller_system_id \
+                 FROM outbox_transactions \
+                 WHERE state = 1 AND mode = 3 AND coalesce(resolve_after, created_at) <= ?2 \
+                 ORDER BY coalesce(resolve_after, created_at) LIMIT ?1)",
         )
-        .bind(limit as i64)
+        .bind(limit.div_ceil(2) as i64)
+        .bind(micros(Utc::now()))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -863,6 +871,28 @@ impl Store for SqliteStore {
                 system_id: system_id as u64,
             })
             .collect())
+    }
+
+    async fn defer_xid_tokens(
+        &self,
+        transactions: &[TransactionRef],
+        delay: Duration,
+    ) -> Result<(), StoreError> {
+        let until = micros(Utc::now()) + delay.as_micros() as i64;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for transaction in transactions {
+            sqlx::query(
+                "UPDATE outbox_transactions SET resolve_after = ?3 \
+                 WHERE producer = ?1 AND transaction_id = ?2 AND state = 1",
+            )
+            .bind(&transaction.producer)
+            .bind(&transaction.transaction_id)
+            .bind(until)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn resolve_xid_tokens(
@@ -921,16 +951,24 @@ impl Store for SqliteStore {
         .rows_affected();
         sqlx::query(
             "DELETE FROM outbox_appends WHERE rowid IN ( \
-                 SELECT rowid FROM outbox_appends WHERE created_at < ?1 LIMIT ?2)",
+                 SELECT a.rowid FROM outbox_appends a WHERE a.created_at < ?1 \
+                   AND NOT EXISTS (SELECT 1 FROM outbox_events e \
+                       WHERE e.producer = a.producer AND e.transaction_id = a.transaction_id \
+                         AND e.append_sequence = a.sequence AND e.state <> ?3) \
+                 LIMIT ?2)",
         )
         .bind(cutoff)
         .bind(limit as i64)
+        .bind(EventState::Discarded as i64)
         .execute(&self.pool)
         .await?;
         sqlx::query(
             "DELETE FROM outbox_transactions WHERE rowid IN ( \
-                 SELECT rowid FROM outbox_transactions \
-                 WHERE state <> 1 AND coalesce(resolved_at, created_at) < ?1 LIMIT ?2)",
+                 SELECT t.rowid FROM outbox_transactions t \
+                 WHERE t.state <> 1 AND coalesce(t.resolved_at, t.created_at) < ?1 \
+                   AND NOT EXISTS (SELECT 1 FROM outbox_appends a \
+                       WHERE a.producer = t.producer AND a.transaction_id = t.transaction_id) \
+                 LIMIT ?2)",
         )
         .bind(cutoff)
         .bind(limit as i64)

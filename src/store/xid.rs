@@ -17,8 +17,6 @@ pub enum XactStatus {
     Aborted,
     /// NULL: too old to know (its commit log was truncated).
     Unknown,
-    /// Not yet assigned on this cluster: the token names another cluster.
-    Future,
 }
 
 /// A PostgreSQL cluster whose transactions can be asked about.
@@ -55,12 +53,15 @@ impl XidSource {
     /// The status of each xid, in one round trip.
     pub async fn statuses(&self, xids: &[u64]) -> Result<Vec<(u64, XactStatus)>, StoreError> {
         let as_text: Vec<String> = xids.iter().map(u64::to_string).collect();
-        // pg_xact_status raises an error for an xid not yet assigned, so
-        // those are sorted out first against the snapshot's xmax.
+        // pg_xact_status raises an error for an xid not yet assigned. An
+        // xid at or past the snapshot's xmax has not completed: it is a
+        // transaction still running (newer than every completed one) or one
+        // not yet begun. Either way it waits; the system identifier, not
+        // the xid, tells whether a token belongs to this cluster.
         let rows = sqlx::query(
             "SELECT x, CASE WHEN x::xid8 < pg_snapshot_xmax(pg_current_snapshot()) \
                             THEN coalesce(pg_xact_status(x::xid8), 'unknown') \
-                            ELSE 'future' END AS status \
+                            ELSE 'in progress' END AS status \
              FROM unnest($1::text[]) AS x",
         )
         .bind(&as_text)
@@ -74,7 +75,6 @@ impl XidSource {
                     "in progress" => XactStatus::InProgress,
                     "committed" => XactStatus::Committed,
                     "aborted" => XactStatus::Aborted,
-                    "future" => XactStatus::Future,
                     _ => XactStatus::Unknown,
                 };
                 Ok((xid.parse().unwrap_or_default(), status))

@@ -476,6 +476,16 @@ impl MockKafka {
         self.call(|done| MockCommand::BrokerUp(id, done));
     }
 
+    /// Every request to broker `id` takes `rtt` longer.
+    pub fn round_trip_time(&self, id: i32, rtt: Duration) {
+        self.call(|done| {
+            MockCommand::Run(
+                Box::new(move |cluster| cluster.broker_round_trip_time(id, rtt).unwrap()),
+                done,
+            )
+        });
+    }
+
     /// The next Produce requests fail with these errors, one each.
     pub fn fail_produce_requests(&self, errors: Vec<rdkafka::types::RDKafkaRespErr>) {
         self.call(|done| {
@@ -866,4 +876,43 @@ pub async fn status_of(
         .into_inner()
         .events
         .remove(0)
+}
+
+/// An immediate-mode token.
+pub fn immediate_token(
+    producer: &str,
+    transaction_id: &str,
+) -> Option<outboxd::proto::TransactionToken> {
+    Some(outboxd::proto::TransactionToken {
+        producer: producer.into(),
+        transaction_id: transaction_id.into(),
+        mode: outboxd::proto::TokenMode::Immediate as i32,
+        ..Default::default()
+    })
+}
+
+/// A plain event of `topic` with Kafka key `key`.
+pub fn keyed_event(topic: &str, key: &str, payload: &[u8]) -> outboxd::proto::Event {
+    outboxd::proto::Event {
+        topic: topic.to_owned(),
+        key: Some(key.as_bytes().to_vec().into()),
+        payload: payload.to_vec().into(),
+        aggregate_type: "order".into(),
+        aggregate_id: key.to_owned(),
+        event_type: "created".into(),
+        ..Default::default()
+    }
+}
+
+/// A first append (sequence 0) of `events` under `token`.
+pub fn append_request(
+    token: Option<outboxd::proto::TransactionToken>,
+    events: Vec<outboxd::proto::Event>,
+) -> outboxd::proto::AppendRequest {
+    outboxd::proto::AppendRequest {
+        token,
+        sequence: 0,
+        events,
+        correlation: 0,
+    }
 }

@@ -23,6 +23,7 @@ use crate::domain::{
 };
 
 mod batched;
+mod wake_ups;
 const READ_RELAY_ROWS: &str = include_str!("../sql/postgres/read_relay_rows.sql");
 const RECORD_DELIVERED: &str = include_str!("../sql/postgres/record_delivered.sql");
 const RECORD_FAILED: &str = include_str!("../sql/postgres/record_failed.sql");
@@ -42,6 +43,24 @@ const REGISTER_WRITER: &str = "INSERT INTO outbox_writer_slots (floor_xid, backe
 /// Moves a transaction's PENDING events to a new state.
 const TRANSITION_PENDING_EVENTS: &str =
     include_str!("../sql/postgres/transition_pending_events.sql");
+
+/// A pooled connection whose backend holds a visibility-gate slot. Unless
+/// the slot is known to be removed, the connection is closed instead of
+/// going back to the pool: a slot whose backend is gone no longer counts,
+/// while one left behind by a live backend would hold back every shard.
+/// (This also covers an append whose future is dropped halfway.)
+struct SlotHolder {
+    connection: sqlx::pool::PoolConnection<Postgres>,
+    released: bool,
+}
+
+impl Drop for SlotHolder {
+    fn drop(&mut self) {
+        if !self.released {
+            self.connection.close_on_drop();
+        }
+    }
+}
 
 /// PostgreSQL-backed [`Store`].
 pub struct PostgresStore {
@@ -536,26 +555,39 @@ impl Store for PostgresStore {
         &self,
         batches: &[AppendBatch],
     ) -> Result<Vec<Result<AppendOutcome, AppendRejection>>, StoreError> {
-        let mut connection = self.pool.acquire().await?;
+        let mut writer = SlotHolder {
+            connection: self.pool.acquire().await?,
+            released: false,
+        };
         let slot: i64 = sqlx::query_scalar(REGISTER_WRITER)
-            .fetch_one(&mut *connection)
+            .fetch_one(&mut *writer.connection)
             .await?;
         // Appends to new transactions, the common case: one statement, which
         // releases the slot in its own commit.
         let result =
-            match batched::append_new(&mut connection, slot, batches, self.shard_count()).await {
-                Ok(Some(results)) => return Ok(results),
-                Ok(None) => self.append_in_transaction(&mut connection, batches).await,
+            match batched::append_new(&mut writer.connection, slot, batches, self.shard_count())
+                .await
+            {
+                Ok(Some(results)) => {
+                    writer.released = true;
+                    return Ok(results);
+                }
+                Ok(None) => {
+                    self.append_in_transaction(&mut writer.connection, batches)
+                        .await
+                }
                 Err(error) => Err(error.into()),
             };
-        // Whatever happened, the slot goes. If the connection broke, its
-        // backend is gone and the slot no longer counts anyway.
-        if let Err(error) = sqlx::query("DELETE FROM outbox_writer_slots WHERE id = $1")
+        // Whatever happened, the slot goes.
+        match sqlx::query("DELETE FROM outbox_writer_slots WHERE id = $1")
             .bind(slot)
-            .execute(&mut *connection)
+            .execute(&mut *writer.connection)
             .await
         {
-            tracing::debug!(%error, "could not remove a writer slot");
+            Ok(_) => writer.released = true,
+            Err(error) => {
+                tracing::warn!(%error, "could not remove a writer slot; closing its connection")
+            }
         }
         result
     }
@@ -822,10 +854,15 @@ impl Store for PostgresStore {
 
     async fn open_xid_tokens(&self, limit: u32) -> Result<Vec<XidToken>, StoreError> {
         let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
-            "SELECT producer, transaction_id, caller_xid, caller_system_id FROM outbox_transactions \
-             WHERE state = 1 AND mode = 3 ORDER BY created_at LIMIT $1",
+            "(SELECT producer, transaction_id, caller_xid, caller_system_id FROM outbox_transactions \
+              WHERE state = 1 AND mode = 3 AND resolve_after <= now() \
+              ORDER BY resolve_after DESC LIMIT $1) \
+             UNION \
+             (SELECT producer, transaction_id, caller_xid, caller_system_id FROM outbox_transactions \
+              WHERE state = 1 AND mode = 3 AND resolve_after <= now() \
+              ORDER BY resolve_after LIMIT $1)",
         )
-        .bind(limit as i64)
+        .bind(limit.div_ceil(2) as i64)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -839,6 +876,46 @@ impl Store for PostgresStore {
                 system_id: system_id as u64,
             })
             .collect())
+    }
+
+    async fn listen_for_wake_ups(
+        &self,
+        instance: &str,
+    ) -> Result<Option<Box<dyn super::WakeUpListener>>, StoreError> {
+        Ok(Some(
+            wake_ups::listen(&self.pool, instance, self.shard_count()).await?,
+        ))
+    }
+
+    async fn announce_wake_up(
+        &self,
+        instance: &str,
+        wake: &super::WakeUp,
+    ) -> Result<(), StoreError> {
+        wake_ups::announce(&self.pool, instance, wake).await
+    }
+
+    async fn defer_xid_tokens(
+        &self,
+        transactions: &[TransactionRef],
+        delay: Duration,
+    ) -> Result<(), StoreError> {
+        let (producers, ids): (Vec<&str>, Vec<&str>) = transactions
+            .iter()
+            .map(|t| (t.producer.as_str(), t.transaction_id.as_str()))
+            .unzip();
+        sqlx::query(
+            "UPDATE outbox_transactions t \
+             SET resolve_after = now() + make_interval(secs => $3::double precision) \
+             FROM UNNEST($1::text[], $2::text[]) AS u(producer, transaction_id) \
+             WHERE t.producer = u.producer AND t.transaction_id = u.transaction_id AND t.state = 1",
+        )
+        .bind(&producers)
+        .bind(&ids)
+        .bind(delay.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn resolve_xid_tokens(
@@ -926,19 +1003,31 @@ impl Store for PostgresStore {
         .await?
         .rows_affected();
         let events = published + discarded;
+        // An append's record goes only once none of its events waits or is
+        // dead-lettered (a redrive may bring it back): until then a retry
+        // must still find it, or it would store the events again.
         sqlx::query(
             "DELETE FROM outbox_appends WHERE ctid IN ( \
-                 SELECT ctid FROM outbox_appends \
-                 WHERE created_at < now() - make_interval(secs => $1::double precision) LIMIT $2)",
+                 SELECT a.ctid FROM outbox_appends a \
+                 WHERE a.created_at < now() - make_interval(secs => $1::double precision) \
+                   AND NOT EXISTS ( \
+                       SELECT 1 FROM generate_series(0, length(a.event_ids) / 16 - 1) AS i \
+                       JOIN outbox_events e ON e.event_id = \
+                           encode(substring(a.event_ids FROM i * 16 + 1 FOR 16), 'hex')::uuid \
+                       WHERE e.state <> $3) \
+                 LIMIT $2)",
         )
         .bind(older_than.as_secs_f64())
         .bind(limit as i64)
+        .bind(EventState::Discarded as i16)
         .execute(&self.pool)
         .await?;
         sqlx::query(
             "DELETE FROM outbox_transactions WHERE ctid IN ( \
-                 SELECT ctid FROM outbox_transactions WHERE state <> 1 \
-                   AND coalesce(resolved_at, created_at) < now() - make_interval(secs => $1::double precision) \
+                 SELECT t.ctid FROM outbox_transactions t WHERE t.state <> 1 \
+                   AND coalesce(t.resolved_at, t.created_at) < now() - make_interval(secs => $1::double precision) \
+                   AND NOT EXISTS (SELECT 1 FROM outbox_appends a \
+                       WHERE a.producer = t.producer AND a.transaction_id = t.transaction_id) \
                  LIMIT $2)",
         )
         .bind(older_than.as_secs_f64())
