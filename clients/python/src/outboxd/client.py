@@ -435,12 +435,15 @@ class OutboxClient:
                 async for message in call:
                     attempt = 0
                     status = EventStatus.from_proto(message.status)
-                    cursor = max(cursor, status.cursor)
-                    if status.event_id in final:
-                        continue
-                    seen.add(status.event_id)
-                    if status.state.is_final:
-                        final.add(status.event_id)
+                    if producer is not None:
+                        # Resumes after the cursor: nothing to remember per event.
+                        cursor = max(cursor, status.cursor)
+                    elif status.event_id in final:
+                        continue  # re-sent by the snapshot of a resumed watch
+                    else:
+                        seen.add(status.event_id)
+                        if status.state.is_final:
+                            final.add(status.event_id)
                     yield StatusUpdate(status, message.snapshot)
                 ended_cleanly = True
             except grpc.aio.AioRpcError as error:
