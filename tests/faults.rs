@@ -634,3 +634,57 @@ async fn strict_mode_keeps_a_refused_record_ahead_of_its_key() {
     );
     gateway.stop().await;
 }
+
+/// In the default mode too, a record that comes back with an error outboxd
+/// retries (POLICY_VIOLATION) is never overtaken by a later record of its
+/// key, though the broker accepted the requests sent after it: each record
+/// goes in its own request, several requests in flight behind a slow broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_record_is_never_overtaken_by_its_key() {
+    let kafka = MockKafka::start(1);
+    let topic = support::unique("overtake");
+    kafka.create_topic(&topic, 1).await;
+    let mut config = support::test_config(&support::fresh_database().await, &kafka.bootstrap);
+    config.relay.retry_base = Duration::from_millis(50);
+    for (name, value) in [("linger.ms", "0"), ("batch.num.messages", "1")] {
+        config.kafka.producer.insert(name.into(), value.into());
+    }
+    let gateway = Gateway::start(config).await;
+    let mut client = gateway.client().await;
+    wait_for_relay_health(&gateway.channel().await, ServingStatus::Serving).await;
+    kafka.round_trip_time(1, Duration::from_millis(100));
+    kafka.fail_produce_requests(vec![
+        rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_POLICY_VIOLATION,
+    ]);
+    let keys = ["account-1", "account-2"];
+    let events: Vec<proto::Event> = (0..6)
+        .map(|n| support::keyed_event(&topic, keys[n % 2], n.to_string().as_bytes()))
+        .collect();
+    let ids = client
+        .append(support::append_request(
+            support::immediate_token("overtake", "t"),
+            events,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .event_ids;
+    let records = consume_until(
+        &kafka.bootstrap,
+        &topic,
+        &ids.iter().cloned().collect(),
+        Duration::from_millis(500),
+        Duration::from_secs(60),
+    )
+    .await;
+    let sightings = first_sightings_by_key(&records);
+    for (k, key) in keys.iter().enumerate() {
+        let appended: Vec<String> = ids.iter().skip(k).step_by(2).cloned().collect();
+        assert_eq!(
+            sightings[key.as_bytes()],
+            appended,
+            "{key}: first sightings in append order"
+        );
+    }
+    gateway.stop().await;
+}

@@ -3,12 +3,13 @@
 //! Rows are read in relay order after a cursor. Walking them with a set of
 //! blocked keys: a key is blocked once one of its rows is PENDING, waiting
 //! for a retry, or failed in flight; no later row of a blocked key is sent,
-//! every other READY row is handed to the producer without waiting. Outcomes
-//! are recorded in batches fenced by the lease epoch. Blocked rows are passed
-//! by the cursor, so the worker rewinds to the start of the shard when one
-//! of them may have become sendable.
+//! every other READY row is handed to the producer without waiting, one
+//! record per key at a time (the next of a key waits in memory for the ack
+//! of the one ahead). Outcomes are recorded in batches fenced by the lease
+//! epoch. Blocked rows are passed by the cursor, so the worker rewinds to the
+//! start of the shard when one of them may have become sendable.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,10 +72,17 @@ pub(super) struct ShardWorker {
     blocked_pending: bool,
     /// Seqs handed to the producer and not yet recorded; skipped by reads.
     sent: HashSet<i64>,
-    /// Records in flight per key (strict mode sends one at a time).
-    keys_in_flight: std::collections::HashMap<Vec<u8>, usize>,
+    /// Keys with a record in flight: each key has at most one.
+    keys_in_flight: HashSet<Vec<u8>>,
+    /// Sendable rows read while their key had a record in flight, in relay
+    /// order per key: the next is sent as soon as the one ahead is acked,
+    /// without reading the store again. Dropped at a rewind (the cursor is
+    /// past them, so the rewind reads them again).
+    held: HashMap<Vec<u8>, VecDeque<RelayRow>>,
+    /// Rows in `held`, counted against `max_in_flight_per_shard`.
+    held_rows: usize,
     /// When each sent event was appended, for the publish latency metric.
-    appended_at: std::collections::HashMap<i64, DateTime<Utc>>,
+    appended_at: HashMap<i64, DateTime<Utc>>,
     in_flight: FuturesUnordered<Pending>,
     delivered: Vec<Delivered>,
     failed: Vec<DeliveryFailed>,
@@ -110,8 +118,10 @@ impl ShardWorker {
             rewind_at: None,
             blocked_pending: false,
             sent: HashSet::new(),
-            appended_at: std::collections::HashMap::new(),
-            keys_in_flight: std::collections::HashMap::new(),
+            appended_at: HashMap::new(),
+            keys_in_flight: HashSet::new(),
+            held: HashMap::new(),
+            held_rows: 0,
             in_flight: FuturesUnordered::new(),
             delivered: Vec::new(),
             failed: Vec::new(),
@@ -137,7 +147,7 @@ impl ShardWorker {
                 continue;
             }
             if self.want_read
-                && self.sent.len() < self.config.max_in_flight_per_shard
+                && self.occupancy() < self.config.max_in_flight_per_shard
                 && self.breaker.allows_claims()
                 && !self.paused.load(Ordering::Acquire)
             {
@@ -145,7 +155,7 @@ impl ShardWorker {
                     self.on_store_error(error, &shutdown).await?;
                     continue;
                 }
-                if self.want_read && self.sent.len() < self.config.max_in_flight_per_shard {
+                if self.want_read && self.occupancy() < self.config.max_in_flight_per_shard {
                     continue;
                 }
             }
@@ -188,7 +198,8 @@ impl ShardWorker {
             while let Some(Some(outcome)) = self.in_flight.next().now_or_never() {
                 self.absorb(outcome);
             }
-            if self.capacity_limited && self.sent.len() <= self.config.max_in_flight_per_shard / 2 {
+            if self.capacity_limited && self.occupancy() <= self.config.max_in_flight_per_shard / 2
+            {
                 self.capacity_limited = false;
                 self.want_read = true;
             }
@@ -211,7 +222,7 @@ impl ShardWorker {
                     return Ok(());
                 }
             }
-            if self.want_read && self.sent.len() < self.config.max_in_flight_per_shard {
+            if self.want_read && self.occupancy() < self.config.max_in_flight_per_shard {
                 if let Err(error) = self.dispatch().await {
                     tracing::warn!(shard, %error, "could not read the shard at shutdown");
                     self.want_read = false;
@@ -228,7 +239,7 @@ impl ShardWorker {
                         self.absorb(outcome);
                     }
                     if self.capacity_limited
-                        && self.sent.len() <= self.config.max_in_flight_per_shard / 2
+                        && self.occupancy() <= self.config.max_in_flight_per_shard / 2
                     {
                         self.capacity_limited = false;
                         self.want_read = true;
@@ -266,13 +277,24 @@ impl ShardWorker {
     fn rewind(&mut self) {
         self.cursor = RelayCursor::default();
         self.blocked.clear();
+        self.held.clear();
+        self.held_rows = 0;
         self.rewind_at = None;
         self.blocked_pending = false;
         self.want_read = true;
     }
 
+    /// Records handed to the producer or held for their key, against
+    /// `max_in_flight_per_shard`.
+    fn occupancy(&self) -> usize {
+        self.sent.len() + self.held_rows
+    }
+
     fn block(&mut self, key: Option<Vec<u8>>) {
         if let Some(key) = key {
+            if let Some(rows) = self.held.remove(&key) {
+                self.held_rows -= rows.len();
+            }
             self.blocked.insert(key);
         }
     }
@@ -303,7 +325,7 @@ impl ShardWorker {
         self.recheck_at = page.held_back.then(|| Instant::now() + HELD_BACK_RECHECK);
         let now = Utc::now();
         for row in rows {
-            if self.sent.len() >= self.config.max_in_flight_per_shard {
+            if self.occupancy() >= self.config.max_in_flight_per_shard {
                 // The cursor stays before this row; read on when capacity frees.
                 self.want_read = false;
                 self.capacity_limited = true;
@@ -313,13 +335,10 @@ impl ShardWorker {
                 self.cursor = row.cursor();
                 continue;
             }
-            let key_blocked = row.kafka_key.as_ref().is_some_and(|key| {
-                self.blocked.contains(key)
-                    // Strict mode: one record per key in flight, so that a
-                    // record the broker refuses cannot be overtaken by the
-                    // next one of its key.
-                    || (self.config.dead_letter_holds_key && self.keys_in_flight.contains_key(key))
-            });
+            let key_blocked = row
+                .kafka_key
+                .as_ref()
+                .is_some_and(|key| self.blocked.contains(key));
             let sendable = match row.state {
                 EventState::Ready => true,
                 EventState::Retrying => match row.next_attempt_at {
@@ -340,6 +359,19 @@ impl ShardWorker {
             if key_blocked || !sendable {
                 self.block(row.kafka_key.clone());
                 self.cursor = row.cursor();
+                continue;
+            }
+            // One record per key in flight: a record that fails (for any
+            // reason, on this instance or on a zombie that lost the shard)
+            // can then never be overtaken by a later one of its key, which
+            // would otherwise be acked while the failed one waits for its
+            // retry. The next one waits in memory; other keys flow around.
+            if let Some(key) = &row.kafka_key
+                && self.keys_in_flight.contains(key)
+            {
+                self.cursor = row.cursor();
+                self.held.entry(key.clone()).or_default().push_back(row);
+                self.held_rows += 1;
                 continue;
             }
             match self.send(&row) {
@@ -376,7 +408,7 @@ impl ShardWorker {
         let attempts = row.attempts + 1;
         self.sent.insert(seq);
         if let Some(key) = &key {
-            *self.keys_in_flight.entry(key.clone()).or_insert(0) += 1;
+            self.keys_in_flight.insert(key.clone());
         }
         self.in_flight.push(Box::pin(async move {
             let result = match delivery.await {
@@ -399,18 +431,11 @@ impl ShardWorker {
     }
 
     fn absorb(&mut self, outcome: Outcome) {
-        if let Some(key) = &outcome.key
-            && let Some(count) = self.keys_in_flight.get_mut(key)
-        {
-            *count -= 1;
-            if *count == 0 {
-                self.keys_in_flight.remove(key);
-                // Strict mode held this key's next record back: look again.
-                if self.config.dead_letter_holds_key && self.blocked.contains(key) {
-                    self.rewind_no_later_than(Instant::now());
-                }
-            }
+        if let Some(key) = &outcome.key {
+            self.keys_in_flight.remove(key);
         }
+        let delivered = outcome.result.is_ok();
+        let key = outcome.key.clone();
         match outcome.result {
             Ok((partition, offset)) => {
                 self.breaker.success();
@@ -422,6 +447,35 @@ impl ShardWorker {
             }
             Err((error, message)) => {
                 self.fail(outcome.seq, outcome.key, outcome.attempts, error, message)
+            }
+        }
+        if delivered && let Some(key) = key {
+            self.send_held(key);
+        }
+    }
+
+    /// Sends the next row held behind `key`'s record that was just acked.
+    fn send_held(&mut self, key: Vec<u8>) {
+        let Some(rows) = self.held.get_mut(&key) else {
+            return;
+        };
+        let Some(row) = rows.pop_front() else {
+            return;
+        };
+        if rows.is_empty() {
+            self.held.remove(&key);
+        }
+        self.held_rows -= 1;
+        match self.send(&row) {
+            Ok(()) => {}
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                // Read again from the start once the queue has room.
+                self.block(Some(key));
+                self.rewind_no_later_than(Instant::now() + HELD_BACK_RECHECK);
+            }
+            Err((error, message)) => {
+                let attempts = row.attempts + 1;
+                self.fail(row.seq, Some(key), attempts, error, Some(*message));
             }
         }
     }
