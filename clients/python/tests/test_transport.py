@@ -5,6 +5,7 @@ the client, not of outboxd's store or relay)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ class Recorder:
     requests: list[tuple[pb.AppendRequest, dict[str, str]]] = field(default_factory=list)
     streams: int = 0
     streamed: list[tuple[int, str, int]] = field(default_factory=list)
+    #: When given, AppendStream reads every request as it comes and answers
+    #: none until this is set.
+    hold: asyncio.Event | None = None
 
     async def Append(self, request: pb.AppendRequest, context: Any) -> pb.AppendResponse:
         metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
@@ -67,6 +71,10 @@ class Recorder:
         answer everything."""
         self.streams += 1
         stream = self.streams
+        if self.hold is not None:
+            async for response in self._held(stream, requests):
+                yield response
+            return
         async for request in requests:
             self.streamed.append((stream, request.token.transaction_id, request.correlation))
             if stream == 1 and len(self.streamed) > 2:
@@ -76,6 +84,27 @@ class Recorder:
             yield pb.AppendResponse(
                 event_ids=[f"id-{request.token.transaction_id}"], correlation=request.correlation
             )
+
+
+    async def _held(
+        self, stream: int, requests: AsyncIterator[pb.AppendRequest]
+    ) -> AsyncIterator[pb.AppendResponse]:
+        received: asyncio.Queue[pb.AppendRequest | None] = asyncio.Queue()
+
+        async def read() -> None:
+            async for request in requests:
+                self.streamed.append((stream, request.token.transaction_id, request.correlation))
+                await received.put(request)
+            await received.put(None)
+
+        reader = asyncio.ensure_future(read())
+        assert self.hold is not None
+        await self.hold.wait()
+        while (request := await received.get()) is not None:
+            yield pb.AppendResponse(
+                event_ids=[f"id-{request.token.transaction_id}"], correlation=request.correlation
+            )
+        await reader
 
 
 @dataclass
@@ -267,5 +296,32 @@ async def test_a_broken_append_stream_resends_what_was_unanswered() -> None:
         # The new stream starts with the first unanswered batch, same
         # correlation, and goes on in order.
         assert second == [(f"tx-{n}", n) for n in range(2, 10)]
+    finally:
+        await server.stop(None)
+
+
+async def test_append_stream_keeps_at_most_max_in_flight_unanswered() -> None:
+    recorder = Recorder(lambda n, _: None, hold=asyncio.Event())
+    server, target = await serve(recorder)
+    try:
+        batches = [Batch([EVENT], Transaction.immediate("shop", f"tx-{n}")) for n in range(20)]
+        async with OutboxClient(target, producer="shop") as client:
+
+            async def collect() -> list[str]:
+                return [o.batch.transaction.transaction_id
+                        async for o in client.append_stream(batches, max_in_flight=3)]
+
+            outcomes = asyncio.ensure_future(collect())
+            for _ in range(200):
+                if len(recorder.streamed) >= 3:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            # Three sent, none answered: the client waits.
+            assert [t for _, t, _ in recorder.streamed] == ["tx-0", "tx-1", "tx-2"]
+            assert recorder.hold is not None
+            recorder.hold.set()
+            assert await asyncio.wait_for(outcomes, 10) == [f"tx-{n}" for n in range(20)]
+        assert [c for _, _, c in recorder.streamed] == list(range(20))
     finally:
         await server.stop(None)
