@@ -151,6 +151,13 @@ async def test_a_connection_outside_a_transaction_is_refused(
             await postgres_xid.append(client, autocommit, [event])
     finally:
         await autocommit.close()
+    engine = create_async_engine(_sqlalchemy_url(business_db, "asyncpg"), isolation_level="AUTOCOMMIT")
+    try:
+        async with AsyncSession(engine) as session:
+            with pytest.raises(NotInTransaction):
+                await postgres_xid.append(client, session, [event])
+    finally:
+        await engine.dispose()
 
 
 async def test_several_appends_in_one_transaction(

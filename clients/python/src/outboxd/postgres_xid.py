@@ -136,8 +136,9 @@ async def append(
     transaction take sequence 0, 1, 2… (and, when `transaction_id` is given, the
     same one). An `Unavailable` error means nothing was stored: roll back.
     """
-    token = await read_token(connection)
-    transaction = token.transaction(producer or client.producer or "", transaction_id)
-    if not transaction.producer:
+    producer = producer or client.producer
+    if not producer:
         raise ValueError("no producer: pass producer=… here or to OutboxClient(…)")
+    token = await read_token(connection)
+    transaction = token.transaction(producer, transaction_id)
     return await client.append(events, transaction=transaction, sequence=sequence, timeout=timeout)
