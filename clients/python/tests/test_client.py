@@ -102,6 +102,11 @@ async def test_a_retried_append_stores_nothing_twice(
 
     statuses = await client.status(transactions=[transaction])
     assert sorted(s.event_id for s in statuses) == sorted(first.event_ids)
+    # A watch on the transaction ends once each of its events is final.
+    updates = [u async for u in client.watch(transactions=[transaction])]
+    assert {u.status.event_id: u.status.state for u in updates if u.status.state.is_final} == {
+        event_id: EventState.PUBLISHED for event_id in first.event_ids
+    }
     records = first_sightings(await kafka.read_async(topic, first.event_ids))
     assert [r.event_id for r in records] == first.event_ids
 
