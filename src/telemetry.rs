@@ -34,6 +34,8 @@ pub mod names {
     pub const BREAKER_STATE: &str = "outboxd_breaker_state";
     /// Times the breaker opened after being closed.
     pub const BREAKER_OPENED: &str = "outboxd_breaker_opened_total";
+    /// Kafka producers replaced after a fatal error.
+    pub const PRODUCER_REPLACED: &str = "outboxd_producer_replaced_total";
     /// Shards this instance relays.
     pub const RELAY_SHARDS: &str = "outboxd_relay_shards";
     /// Unpublished events and the age of the oldest, per shard.

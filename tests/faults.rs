@@ -688,3 +688,84 @@ async fn a_retried_record_is_never_overtaken_by_its_key() {
     }
     gateway.stop().await;
 }
+
+/// A fatal error of the idempotent producer (here its sequence
+/// desynchronisation: OUT_OF_ORDER_SEQUENCE_NUMBER on the head-of-line
+/// request) replaces the producer: every event is published in order, none
+/// is dead-lettered or charged an attempt, and the replacement is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_producer_error_replaces_the_producer() {
+    let kafka = MockKafka::start(1);
+    let topic = support::unique("fatal");
+    kafka.create_topic(&topic, 1).await;
+    let mut config = support::test_config(&support::fresh_database().await, &kafka.bootstrap);
+    let metrics_port = support::free_port();
+    config.metrics_listen = Some(([127, 0, 0, 1], metrics_port).into());
+    let gateway = Gateway::start(config).await;
+    let mut client = gateway.client().await;
+    wait_for_relay_health(&gateway.channel().await, ServingStatus::Serving).await;
+    let keys = ["k1", "k2", "k3", "k4"];
+    let append = |transaction: &str, count: usize| {
+        let mut client = client.clone();
+        let request = support::append_request(
+            support::immediate_token("fatal", transaction),
+            (0..count)
+                .map(|n| support::keyed_event(&topic, keys[n % 4], n.to_string().as_bytes()))
+                .collect(),
+        );
+        async move { client.append(request).await.unwrap().into_inner().event_ids }
+    };
+    // Acked first, so that the producer has sequence numbers to lose.
+    let before = append("before", 4).await;
+    consume_until(
+        &kafka.bootstrap,
+        &topic,
+        &before.iter().cloned().collect(),
+        Duration::from_millis(100),
+        Duration::from_secs(30),
+    )
+    .await;
+    kafka.fail_produce_requests(vec![
+        rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+    ]);
+    let after = append("after", 40).await;
+    let records = consume_until(
+        &kafka.bootstrap,
+        &topic,
+        &after.iter().cloned().collect(),
+        Duration::from_millis(500),
+        Duration::from_secs(60),
+    )
+    .await;
+    let sightings = first_sightings_by_key(&records);
+    for (k, key) in keys.iter().enumerate() {
+        let appended: Vec<String> = before
+            .iter()
+            .skip(k)
+            .step_by(4)
+            .chain(after.iter().skip(k).step_by(4))
+            .cloned()
+            .collect();
+        assert_eq!(sightings[key.as_bytes()], appended, "{key}: append order");
+    }
+    for id in &after {
+        let status = status_of(&mut client, id).await;
+        assert_eq!(
+            status.state,
+            proto::EventState::Published as i32,
+            "{status:?}"
+        );
+        assert_eq!(
+            status.attempts, 0,
+            "a fatal producer error cost {id} an attempt"
+        );
+    }
+    let metrics = scrape(metrics_port).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("outboxd_producer_replaced_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    gateway.stop().await;
+}

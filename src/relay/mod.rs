@@ -159,6 +159,22 @@ impl Relay {
                         }
                     }
                 }
+                _ = self.publisher.error_seen() => {
+                    match self.publisher.replace_if_fatal() {
+                        Ok(None) => {}
+                        // Dropping the old producer purges and flushes: off the runtime.
+                        Ok(Some(old)) => {
+                            if let Err(error) = tokio::task::spawn_blocking(move || drop(old)).await {
+                                tracing::warn!(%error, "dropping the old kafka producer failed");
+                            }
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "could not create a new kafka producer; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            self.publisher.raise_error_seen();
+                        }
+                    }
+                }
                 Ok(()) = breaker_state.changed() => {
                     if *breaker_state.borrow_and_update() == BreakerState::Closed {
                         // Resume every shard at once.

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::Notify;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, Headers, OwnedHeaders, OwnedMessage};
@@ -122,14 +124,19 @@ pub fn classify(error: &KafkaError) -> FailureKind {
         | Code::TopicAuthorizationFailed
         | Code::ClusterAuthorizationFailed
         | Code::UnsupportedForMessageFormat => FailureKind::Permanent,
-        Code::PurgeQueue | Code::PurgeInflight => FailureKind::Purged,
+        // Purged, or the producer was lost to a fatal error and is being
+        // replaced: either way not the record's fault.
+        Code::PurgeQueue | Code::PurgeInflight | Code::Fatal => FailureKind::Purged,
         _ => FailureKind::Retriable,
     }
 }
 
-/// Sees librdkafka's client-level errors: "all brokers down" opens the breaker.
+/// Sees librdkafka's client-level errors: "all brokers down" opens the
+/// breaker; every error has the relay check whether the producer is lost to
+/// a fatal error (the callback reports the underlying code, not "fatal").
 pub struct RelayContext {
     breaker: Arc<SharedBreaker>,
+    error_seen: Arc<Notify>,
 }
 
 impl ClientContext for RelayContext {
@@ -138,12 +145,23 @@ impl ClientContext for RelayContext {
             self.breaker.trip();
         }
         tracing::warn!(%error, reason, "kafka client error");
+        self.error_seen.notify_one();
     }
 }
 
+type RelayProducer = FutureProducer<RelayContext>;
+
 /// Publishes relay rows as Kafka records.
 pub struct Publisher {
-    producer: FutureProducer<RelayContext>,
+    /// The current producer and its generation. A fatal error (the
+    /// idempotent producer can no longer vouch for order or once-ness) makes
+    /// every later produce fail; the producer is then replaced by a new one,
+    /// with a new producer id, in the next generation.
+    producer: RwLock<(u64, Arc<RelayProducer>)>,
+    config: ClientConfig,
+    breaker: Arc<SharedBreaker>,
+    /// Raised by the producer's error callback.
+    error_seen: Arc<Notify>,
     /// Where dead letters are also copied, when configured.
     dead_letter_topic: Option<String>,
 }
@@ -154,17 +172,85 @@ impl Publisher {
         breaker: Arc<SharedBreaker>,
         dead_letter_topic: Option<String>,
     ) -> Result<Self, KafkaError> {
+        let config = config.producer_config();
+        let error_seen = Arc::new(Notify::new());
+        let producer = Self::create(&config, &breaker, &error_seen)?;
         Ok(Publisher {
-            producer: config
-                .producer_config()
-                .create_with_context(RelayContext { breaker })?,
+            producer: RwLock::new((0, Arc::new(producer))),
+            config,
+            breaker,
+            error_seen,
             dead_letter_topic,
         })
     }
 
+    fn create(
+        config: &ClientConfig,
+        breaker: &Arc<SharedBreaker>,
+        error_seen: &Arc<Notify>,
+    ) -> Result<RelayProducer, KafkaError> {
+        config.create_with_context(RelayContext {
+            breaker: breaker.clone(),
+            error_seen: error_seen.clone(),
+        })
+    }
+
+    fn current(&self) -> (u64, Arc<RelayProducer>) {
+        self.producer.read().expect("producer lock").clone()
+    }
+
+    fn producer(&self) -> Arc<RelayProducer> {
+        self.current().1
+    }
+
+    /// Resolves when the producer reported an error: time to check
+    /// [`Publisher::replace_if_fatal`].
+    pub async fn error_seen(&self) {
+        self.error_seen.notified().await
+    }
+
+    /// Has the relay check the producer again.
+    pub fn raise_error_seen(&self) {
+        self.error_seen.notify_one();
+    }
+
+    /// Whether the producer of `generation` was lost to a fatal error: what
+    /// it failed is not the records' fault.
+    pub fn lost_to_fatal_error(&self, generation: u64) -> bool {
+        let (current, producer) = self.current();
+        generation != current || producer.client().fatal_error().is_some()
+    }
+
+    /// Replaces the producer with a new one if it hit a fatal error. The old
+    /// one is returned, for the caller to drop off the runtime: dropping
+    /// purges what it still holds (those records fail as purged, cost their
+    /// events nothing, and their shards send them again in order) and
+    /// blocks while it flushes.
+    pub fn replace_if_fatal(&self) -> Result<Option<Arc<RelayProducer>>, KafkaError> {
+        let (generation, producer) = self.current();
+        let Some((code, reason)) = producer.client().fatal_error() else {
+            return Ok(None);
+        };
+        tracing::error!(
+            ?code,
+            reason,
+            "fatal kafka producer error; replacing the producer"
+        );
+        let fresh = Arc::new(Self::create(&self.config, &self.breaker, &self.error_seen)?);
+        let (_, old) = std::mem::replace(
+            &mut *self.producer.write().expect("producer lock"),
+            (generation + 1, fresh),
+        );
+        metrics::counter!(crate::telemetry::names::PRODUCER_REPLACED).increment(1);
+        Ok(Some(old))
+    }
+
     /// Whether the cluster answers a metadata request (blocking).
     pub fn probe(&self, timeout: Duration) -> bool {
-        self.producer.client().fetch_metadata(None, timeout).is_ok()
+        self.producer()
+            .client()
+            .fetch_metadata(None, timeout)
+            .is_ok()
     }
 
     /// Copies a dead-lettered record to the dead-letter topic, with the
@@ -198,7 +284,7 @@ impl Publisher {
         if let Some(key) = message.key() {
             record = record.key(key);
         }
-        if let Err((error, _)) = self.producer.send_result(record) {
+        if let Err((error, _)) = self.producer().send_result(record) {
             tracing::warn!(%error, %topic, "could not copy a dead letter to the dead-letter topic");
         }
     }
@@ -206,7 +292,13 @@ impl Publisher {
     /// Hands the record of `row` to the producer without waiting for Kafka.
     /// Fails at once when the local queue is full or the record is invalid
     /// (then with the record as a message, for the dead-letter topic).
-    pub fn send(&self, row: &RelayRow) -> Result<DeliveryFuture, (KafkaError, Box<OwnedMessage>)> {
+    /// The delivery comes with the producer's generation, for
+    /// [`Publisher::lost_to_fatal_error`].
+    pub fn send(
+        &self,
+        row: &RelayRow,
+    ) -> Result<(DeliveryFuture, u64), (KafkaError, Box<OwnedMessage>)> {
+        let (generation, producer) = self.current();
         let event_id = row.event_id.to_string();
         let mut headers = OwnedHeaders::new_with_capacity(row.headers.len() + 8);
         for header in &row.headers {
@@ -240,8 +332,9 @@ impl Publisher {
         if let Some(key) = &row.kafka_key {
             record = record.key(&key[..]);
         }
-        self.producer
+        producer
             .send_result(record)
+            .map(|delivery| (delivery, generation))
             .map_err(|(error, record)| {
                 let message = Box::new(OwnedMessage::new(
                     Some(record.payload.map(<[u8]>::to_vec).unwrap_or_default()),
@@ -258,6 +351,6 @@ impl Publisher {
 
     /// Waits up to `timeout` for queued records to be delivered.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer.flush(timeout)
+        self.producer().flush(timeout)
     }
 }

@@ -48,6 +48,8 @@ struct Outcome {
     key: Option<Vec<u8>>,
     /// Attempts including this one.
     attempts: u32,
+    /// The producer generation that sent it.
+    generation: u64,
     result: Result<(i32, i64), (KafkaError, Option<OwnedMessage>)>,
 }
 
@@ -401,7 +403,7 @@ impl ShardWorker {
     }
 
     fn send(&mut self, row: &RelayRow) -> Result<(), (KafkaError, Box<OwnedMessage>)> {
-        let delivery = self.publisher.send(row)?;
+        let (delivery, generation) = self.publisher.send(row)?;
         let seq = row.seq;
         self.appended_at.insert(seq, row.appended_at);
         let key = row.kafka_key.clone();
@@ -424,6 +426,7 @@ impl ShardWorker {
                 seq,
                 key,
                 attempts,
+                generation,
                 result,
             }
         }));
@@ -446,6 +449,13 @@ impl ShardWorker {
                 })
             }
             Err((error, message)) => {
+                // Whatever a producer lost to a fatal error reports, the
+                // record is not at fault: it goes again on the new producer.
+                let error = if self.publisher.lost_to_fatal_error(outcome.generation) {
+                    KafkaError::MessageProduction(RDKafkaErrorCode::Fatal)
+                } else {
+                    error
+                };
                 self.fail(outcome.seq, outcome.key, outcome.attempts, error, message)
             }
         }
