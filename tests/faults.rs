@@ -769,3 +769,98 @@ async fn a_fatal_producer_error_replaces_the_producer() {
     );
     gateway.stop().await;
 }
+
+/// A delivery that cannot be recorded (its event id turned up in the
+/// published table, as a reused id could before that was closed) does not
+/// wedge its shard: that event is dead-lettered with the reason, and every
+/// other outcome of the batch is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_that_cannot_be_recorded_dead_letters_only_its_event() {
+    use sqlx::Connection;
+    let kafka = MockKafka::start(1);
+    let topic = support::unique("unrecordable");
+    kafka.create_topic(&topic, 1).await;
+    let store_url = support::fresh_database().await;
+    let mut config = support::test_config(&store_url, &kafka.bootstrap);
+    config.relay.shard_count = 1;
+    let gateway = Gateway::start(config).await;
+    let mut client = gateway.client().await;
+    let channel = gateway.channel().await;
+    wait_for_relay_health(&channel, ServingStatus::Serving).await;
+    let mut admin = outboxd::proto::outbox_admin_client::OutboxAdminClient::new(channel.clone());
+    admin
+        .pause_relay(proto::PauseRelayRequest {})
+        .await
+        .unwrap();
+    wait_for_relay_health(&channel, ServingStatus::NotServing).await;
+    let reused = uuid::Uuid::now_v7().to_string();
+    let mut events: Vec<proto::Event> = ["k1", "k2", "k1"]
+        .iter()
+        .map(|key| support::keyed_event(&topic, key, key.as_bytes()))
+        .collect();
+    events[0].event_id = reused.clone();
+    let ids = client
+        .append(support::append_request(
+            support::immediate_token("unrecordable", "t"),
+            events,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .event_ids;
+    let mut store = sqlx::PgConnection::connect(&store_url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO outbox_published (event_id, seq, producer, transaction_id, append_sequence, \
+             topic, kafka_partition, kafka_offset, attempts, published_at, change_seq) \
+         VALUES ($1::uuid, 0, 'elsewhere', 'x', 0, 'elsewhere', 0, 0, 0, now(), 0)",
+    )
+    .bind(&reused)
+    .execute(&mut store)
+    .await
+    .unwrap();
+    admin
+        .resume_relay(proto::ResumeRelayRequest {})
+        .await
+        .unwrap();
+    for id in &ids[1..] {
+        support::eventually(
+            "the other events to be published",
+            Duration::from_secs(30),
+            || {
+                let mut client = client.clone();
+                let id = id.clone();
+                async move {
+                    (status_of(&mut client, &id).await.state == proto::EventState::Published as i32)
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    // By transaction: the id also names the stranger's published row.
+    let status = client
+        .get_status(proto::GetStatusRequest {
+            transactions: vec![proto::TransactionRef {
+                producer: "unrecordable".into(),
+                transaction_id: "t".into(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+        .into_iter()
+        .find(|s| s.event_id == ids[0] && s.producer == "unrecordable")
+        .expect("the event's own status");
+    assert_eq!(
+        status.state,
+        proto::EventState::DeadLettered as i32,
+        "{status:?}"
+    );
+    assert!(
+        status.reason.contains("could not be recorded"),
+        "{status:?}"
+    );
+    gateway.stop().await;
+}

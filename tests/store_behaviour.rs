@@ -785,6 +785,75 @@ async fn postgres_a_failed_slot_release_does_not_freeze_the_gate() {
     .await;
 }
 
+/// A caller-chosen event id cannot be stored twice, not even while its
+/// first event is being moved to the published table by a concurrent
+/// delivery record. (PostgreSQL only: SQLite has one writer at a time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_event_id_being_published_cannot_be_taken_again() {
+    use sqlx::Connection;
+    let url = support::fresh_database().await;
+    let store = outboxd::store::connect(&url, 4, SHARDS).await.unwrap();
+    store.migrate().await.unwrap();
+    let id = EventId::generate();
+    let mut chosen = event("a", "first");
+    chosen.event_id = Some(id);
+    store
+        .append(&[batch("first", 0, vec![chosen.clone()])])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    // A delivery record moving it, not yet committed.
+    let mut mover = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut mover).await.unwrap();
+    sqlx::query(
+        "WITH gone AS (DELETE FROM outbox_events WHERE event_id = $1 \
+             RETURNING event_id, seq, producer, transaction_id, append_sequence, topic, attempts) \
+         INSERT INTO outbox_published (event_id, seq, producer, transaction_id, append_sequence, \
+             topic, kafka_partition, kafka_offset, attempts, published_at, change_seq) \
+         SELECT event_id, seq, producer, transaction_id, append_sequence, topic, 0, 0, attempts, \
+             now(), nextval('outbox_change_seq') FROM gone",
+    )
+    .bind(id.0)
+    .execute(&mut mover)
+    .await
+    .unwrap();
+    let again = tokio::spawn({
+        let store = store.clone();
+        let mut reused = event("b", "second");
+        reused.event_id = Some(id);
+        async move { store.append(&[batch("second", 0, vec![reused])]).await }
+    });
+    // Commit the move once the append waits for it (or has finished).
+    let watcher = sqlx::PgPool::connect(&url).await.unwrap();
+    support::eventually(
+        "the append to wait for the move",
+        Duration::from_secs(10),
+        || {
+            let finished = again.is_finished();
+            let watcher = watcher.clone();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&watcher)
+                .await
+                .unwrap();
+                (finished || waiting > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    sqlx::raw_sql("COMMIT").execute(&mut mover).await.unwrap();
+    match again.await.unwrap().unwrap().remove(0) {
+        Err(AppendRejection::EventIdTaken(violation)) => {
+            assert_eq!(violation.field, "events[0].event_id")
+        }
+        other => panic!("the id was taken twice: {other:?}"),
+    }
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         mod postgres {

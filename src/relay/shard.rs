@@ -560,22 +560,22 @@ impl ShardWorker {
     /// Records collected outcomes, one statement per kind.
     async fn record(&mut self) -> Result<(), StoreError> {
         if !self.delivered.is_empty() {
-            let statuses = self
+            match self
                 .store
                 .record_delivered(&self.lease, &self.delivered)
-                .await?;
-            metrics::counter!(names::EVENTS_PUBLISHED).increment(statuses.len() as u64);
-            let now = Utc::now();
-            for seq in self.delivered.iter().map(|d| d.seq) {
-                if let Some(appended_at) = self.appended_at.remove(&seq) {
-                    let seconds = (now - appended_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-                    metrics::histogram!(names::PUBLISH_SECONDS).record(seconds);
+                .await
+            {
+                Ok(statuses) => {
+                    let batch = std::mem::take(&mut self.delivered);
+                    self.published(&batch, statuses);
+                }
+                Err(error) if is_transient(&error) => return Err(error),
+                // One bad row must not fail the batch for ever.
+                Err(error) => {
+                    tracing::warn!(shard = self.lease.shard, %error, "recording deliveries failed; recording them one by one");
+                    self.record_delivered_one_by_one().await?;
                 }
             }
-            for delivered in self.delivered.drain(..) {
-                self.sent.remove(&delivered.seq);
-            }
-            self.bus.publish(statuses);
         }
         if !self.failed.is_empty() {
             let statuses = self.store.record_failed(&self.lease, &self.failed).await?;
@@ -592,4 +592,55 @@ impl ShardWorker {
         }
         Ok(())
     }
+
+    /// Records each delivery on its own; one that cannot be recorded is
+    /// dead-lettered with the reason, so that the shard goes on.
+    async fn record_delivered_one_by_one(&mut self) -> Result<(), StoreError> {
+        while let Some(&delivered) = self.delivered.first() {
+            match self.store.record_delivered(&self.lease, &[delivered]).await {
+                Ok(statuses) => {
+                    self.delivered.remove(0);
+                    self.published(&[delivered], statuses);
+                }
+                Err(error) if is_transient(&error) => return Err(error),
+                Err(error) => {
+                    self.delivered.remove(0);
+                    let reason = format!(
+                        "delivered to Kafka (partition {}, offset {}), but the delivery could not be recorded: {error}",
+                        delivered.partition, delivered.offset
+                    );
+                    tracing::error!(shard = self.lease.shard, seq = delivered.seq, %reason, "dead-lettering event");
+                    self.failed.push(DeliveryFailed {
+                        seq: delivered.seq,
+                        error: reason,
+                        retry_at: None,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Books recorded deliveries: metrics, in-flight accounting, the bus.
+    fn published(&mut self, batch: &[Delivered], statuses: Vec<crate::domain::EventStatus>) {
+        metrics::counter!(names::EVENTS_PUBLISHED).increment(statuses.len() as u64);
+        let now = Utc::now();
+        for delivered in batch {
+            if let Some(appended_at) = self.appended_at.remove(&delivered.seq) {
+                let seconds = (now - appended_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+                metrics::histogram!(names::PUBLISH_SECONDS).record(seconds);
+            }
+            self.sent.remove(&delivered.seq);
+        }
+        self.bus.publish(statuses);
+    }
+}
+
+/// Errors after which the same write may succeed later (the store is
+/// back) or must not be tried again (the lease is gone).
+fn is_transient(error: &StoreError) -> bool {
+    matches!(
+        error,
+        StoreError::Unavailable(_) | StoreError::LeaseLost { .. }
+    )
 }

@@ -2,7 +2,7 @@
 -- statement: the writer's slot (migration 0002) goes in the same commit as
 -- its rows. Refused (outbox_fast_append_check raises, nothing is stored)
 -- unless every transaction and append is new and no caller-chosen event id
--- is taken; a taken id in outbox_events fails its unique index instead.
+-- is taken.
 WITH slot AS (
     DELETE FROM outbox_writer_slots WHERE id = $1
 ),
@@ -42,4 +42,9 @@ FROM events AS e
 WHERE (SELECT outbox_fast_append_check(
            (SELECT count(*) FROM transactions) = cardinality($2::text[])
            AND (SELECT count(*) FROM appends) = cardinality($2::text[])
+           -- Both tables, under the statement's one snapshot: a concurrent
+           -- delivery record moving an id from one to the other cannot hide
+           -- it (the unique index alone would let the id in once the move
+           -- commits, and this snapshot would not see it published).
+           AND NOT EXISTS (SELECT 1 FROM outbox_events WHERE event_id = ANY ($29::uuid[]))
            AND NOT EXISTS (SELECT 1 FROM outbox_published WHERE event_id = ANY ($29::uuid[]))))
