@@ -202,6 +202,16 @@ impl Config {
         if self.ingest.writers == 0 || self.ingest.writers > 64 {
             return invalid("ingest.writers must be between 1 and 64");
         }
+        if self.ingest.max_coalesced_bytes < self.limits.max_request_bytes
+            || self.ingest.max_coalesced_bytes > 512 * 1024 * 1024
+        {
+            return invalid(
+                "ingest.max_coalesced_bytes must be at least limits.max_request_bytes and at most 512 MiB (PostgreSQL refuses messages of 1 GB)",
+            );
+        }
+        if self.ingest.max_queued_bytes < self.limits.max_request_bytes {
+            return invalid("ingest.max_queued_bytes must be at least limits.max_request_bytes");
+        }
         if self.limits.max_batch_events == 0 {
             return invalid("limits.max_batch_events must be positive");
         }

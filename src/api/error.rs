@@ -28,6 +28,12 @@ pub enum ApiError {
     /// The store cannot be reached: the caller must not commit.
     #[error("{0}")]
     Unavailable(String),
+    /// Over a limit for now; nothing was done. Retry after `retry_after`.
+    #[error("{message}")]
+    ResourceExhausted {
+        message: String,
+        retry_after: std::time::Duration,
+    },
     #[error("{0}")]
     Unimplemented(&'static str),
     /// Details go to the log, never to the client.
@@ -61,6 +67,7 @@ impl ApiError {
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::Unavailable(_) => Code::Unavailable,
+            ApiError::ResourceExhausted { .. } => Code::ResourceExhausted,
             ApiError::Unimplemented(_) => Code::Unimplemented,
             ApiError::Internal(_) => Code::Internal,
         }
@@ -79,6 +86,10 @@ impl From<ApiError> for Status {
     fn from(error: ApiError) -> Self {
         if let ApiError::Internal(detail) = &error {
             tracing::error!(%detail, "request failed");
+        }
+        if let ApiError::ResourceExhausted { retry_after, .. } = &error {
+            let details = ErrorDetails::with_retry_info(Some(*retry_after));
+            return Status::with_error_details(error.code(), error.to_string(), details);
         }
         let violations = error.violations();
         if violations.is_empty() {
@@ -145,6 +156,12 @@ impl From<IngestError> for ApiError {
             IngestError::ShuttingDown => {
                 ApiError::Unavailable("outboxd is shutting down; retry on another instance".into())
             }
+            IngestError::Overloaded { queued_limit } => ApiError::ResourceExhausted {
+                message: format!(
+                    "outboxd has {queued_limit} bytes of appends queued (ingest.max_queued_bytes); nothing was stored, retry shortly"
+                ),
+                retry_after: std::time::Duration::from_millis(100),
+            },
         }
     }
 }

@@ -174,6 +174,32 @@ pub struct AppendBatch {
 }
 
 impl AppendBatch {
+    /// About how many bytes this append takes in memory and in the store
+    /// transaction: what the caller sent, plus a fixed share per event for
+    /// ids, states and row overhead. Bounds coalescing and queued memory.
+    pub fn approximate_bytes(&self) -> usize {
+        const PER_EVENT: usize = 256;
+        let token = self.token.producer.len() + self.token.transaction_id.len();
+        let events: usize = self
+            .events
+            .iter()
+            .map(|e| {
+                PER_EVENT
+                    + e.topic.len()
+                    + e.key.as_ref().map_or(0, Vec::len)
+                    + e.payload.len()
+                    + e.headers
+                        .iter()
+                        .map(|h| h.key.len() + h.value.len() + 8)
+                        .sum::<usize>()
+                    + e.aggregate_type.len()
+                    + e.aggregate_id.len()
+                    + e.event_type.len()
+            })
+            .sum();
+        token + events
+    }
+
     /// A digest of everything the caller sent that defines this append, so a
     /// retry can be told apart from a different body under the same key.
     /// Generated ids and times are not part of it: a retry gets them anew.

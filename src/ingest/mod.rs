@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 mod transactions;
@@ -31,6 +31,13 @@ pub struct IngestConfig {
     pub writers: usize,
     /// Most events one store transaction takes.
     pub max_coalesced_events: usize,
+    /// Most bytes one store transaction takes (well below PostgreSQL's
+    /// 1 GB message limit); a single larger append still goes alone.
+    pub max_coalesced_bytes: usize,
+    /// Bytes of appends waiting for or in a store transaction, across all
+    /// writers and streams. Over it, a unary Append is refused with
+    /// RESOURCE_EXHAUSTED and an AppendStream waits (reading no further).
+    pub max_queued_bytes: usize,
     /// Requests that may wait per writer before callers are pushed back.
     pub queue_depth: usize,
 }
@@ -40,6 +47,8 @@ impl Default for IngestConfig {
         IngestConfig {
             writers: 2,
             max_coalesced_events: 5_000,
+            max_coalesced_bytes: 64 * 1024 * 1024,
+            max_queued_bytes: 256 * 1024 * 1024,
             queue_depth: 4_096,
         }
     }
@@ -58,11 +67,45 @@ pub enum IngestError {
     Store(String),
     #[error("outboxd is shutting down")]
     ShuttingDown,
+    /// Too many bytes of appends are queued: nothing of this one was
+    /// stored; retry after a short wait.
+    #[error("too many bytes of appends are queued ({queued_limit} bytes)")]
+    Overloaded { queued_limit: usize },
 }
 
 struct QueuedAppend {
     batch: AppendBatch,
+    /// Its share of the queued-bytes budget, given back once it is acked.
+    budget: OwnedSemaphorePermit,
+    bytes: usize,
     reply: oneshot::Sender<Result<AppendOutcome, IngestError>>,
+}
+
+/// The queued-bytes budget, counted in KiB (a semaphore's permits are u32
+/// per acquisition).
+#[derive(Clone)]
+struct ByteBudget {
+    kib: Arc<Semaphore>,
+    total_kib: u32,
+    limit_bytes: usize,
+}
+
+impl ByteBudget {
+    fn new(limit_bytes: usize) -> Self {
+        let total_kib = u32::try_from(limit_bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        ByteBudget {
+            kib: Arc::new(Semaphore::new(total_kib as usize)),
+            total_kib,
+            limit_bytes,
+        }
+    }
+
+    /// An append larger than the whole budget takes all of it.
+    fn share(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.total_kib)
+    }
 }
 
 /// Handle to the writers. Dropping every handle lets the writers finish what
@@ -71,12 +114,14 @@ struct QueuedAppend {
 pub struct Ingest {
     queues: Arc<Vec<mpsc::Sender<QueuedAppend>>>,
     next: Arc<AtomicUsize>,
+    budget: ByteBudget,
 }
 
 /// The writers' queue chosen for one stream of appends.
 #[derive(Clone)]
 pub struct WriterLane {
     queue: mpsc::Sender<QueuedAppend>,
+    budget: ByteBudget,
 }
 
 impl Ingest {
@@ -95,15 +140,19 @@ impl Ingest {
             let store = store.clone();
             let bus = bus.clone();
             let waker = waker.clone();
-            let max_events = config.max_coalesced_events.max(1);
+            let bounds = Coalescing {
+                max_events: config.max_coalesced_events.max(1),
+                max_bytes: config.max_coalesced_bytes.max(1),
+            };
             tasks.spawn(async move {
-                run_writer(writer, rx, store, bus, waker, max_events).await;
+                run_writer(writer, rx, store, bus, waker, bounds).await;
                 Ok(())
             });
         }
         Ingest {
             queues: Arc::new(queues),
             next: Arc::new(AtomicUsize::new(0)),
+            budget: ByteBudget::new(config.max_queued_bytes),
         }
     }
 
@@ -112,29 +161,79 @@ impl Ingest {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len();
         WriterLane {
             queue: self.queues[index].clone(),
+            budget: self.budget.clone(),
         }
     }
 
-    /// Stores one append and waits for its commit.
+    /// Stores one append and waits for its commit; refused at once when
+    /// the queued-bytes budget is spent.
     pub async fn append(&self, batch: AppendBatch) -> Result<AppendOutcome, IngestError> {
-        self.lane().submit(batch).await?.await
+        self.lane().try_submit(batch).await?.await
     }
 }
 
 impl WriterLane {
     /// Queues `batch`; the returned future resolves once it is committed.
-    /// Queuing waits when the writer is saturated (backpressure).
+    /// Queuing waits while the writer is saturated or the queued-bytes
+    /// budget is spent (backpressure).
     pub async fn submit(
         &self,
         batch: AppendBatch,
     ) -> Result<impl Future<Output = Result<AppendOutcome, IngestError>> + use<>, IngestError> {
+        let bytes = batch.approximate_bytes();
+        let budget = self
+            .budget
+            .kib
+            .clone()
+            .acquire_many_owned(self.budget.share(bytes))
+            .await
+            .map_err(|_| IngestError::ShuttingDown)?;
+        self.enqueue(batch, budget, bytes).await
+    }
+
+    /// Like [`WriterLane::submit`], but refused at once with
+    /// [`IngestError::Overloaded`] when the budget is spent.
+    pub async fn try_submit(
+        &self,
+        batch: AppendBatch,
+    ) -> Result<impl Future<Output = Result<AppendOutcome, IngestError>> + use<>, IngestError> {
+        let bytes = batch.approximate_bytes();
+        let budget = self
+            .budget
+            .kib
+            .clone()
+            .try_acquire_many_owned(self.budget.share(bytes))
+            .map_err(|_| IngestError::Overloaded {
+                queued_limit: self.budget.limit_bytes,
+            })?;
+        self.enqueue(batch, budget, bytes).await
+    }
+
+    async fn enqueue(
+        &self,
+        batch: AppendBatch,
+        budget: OwnedSemaphorePermit,
+        bytes: usize,
+    ) -> Result<impl Future<Output = Result<AppendOutcome, IngestError>> + use<>, IngestError> {
         let (reply, done) = oneshot::channel();
         self.queue
-            .send(QueuedAppend { batch, reply })
+            .send(QueuedAppend {
+                batch,
+                budget,
+                bytes,
+                reply,
+            })
             .await
             .map_err(|_| IngestError::ShuttingDown)?;
         Ok(async move { done.await.unwrap_or(Err(IngestError::ShuttingDown)) })
     }
+}
+
+/// How much one store transaction may take.
+#[derive(Clone, Copy)]
+struct Coalescing {
+    max_events: usize,
+    max_bytes: usize,
 }
 
 async fn run_writer(
@@ -143,19 +242,36 @@ async fn run_writer(
     store: Arc<dyn Store>,
     bus: StatusBus,
     waker: RelayWaker,
-    max_events: usize,
+    bounds: Coalescing,
 ) {
+    // An append that did not fit the last transaction opens the next.
+    let mut carried: Option<QueuedAppend> = None;
     // Ends when every sender is dropped and the queue is empty.
-    while let Some(first) = queue.recv().await {
+    loop {
+        let first = match carried.take() {
+            Some(first) => first,
+            None => match queue.recv().await {
+                Some(first) => first,
+                None => break,
+            },
+        };
         let mut events = first.batch.events.len();
+        let mut bytes = first.bytes;
         let mut batches = vec![first.batch];
         let mut replies = vec![first.reply];
-        while events < max_events {
+        let mut budget = vec![first.budget];
+        while events < bounds.max_events {
             match queue.try_recv() {
+                Ok(next) if bytes + next.bytes > bounds.max_bytes => {
+                    carried = Some(next);
+                    break;
+                }
                 Ok(next) => {
                     events += next.batch.events.len();
+                    bytes += next.bytes;
                     batches.push(next.batch);
                     replies.push(next.reply);
+                    budget.push(next.budget);
                 }
                 Err(_) => break,
             }
@@ -208,5 +324,6 @@ async fn run_writer(
                 }
             }
         }
+        drop(budget);
     }
 }

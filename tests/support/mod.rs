@@ -820,6 +820,18 @@ impl ServeProcess {
         assert!(status.success(), "kill {signal}");
     }
 
+    /// The most memory the process has had resident (VmHWM), in bytes.
+    pub fn peak_rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("reading the process status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in the process status");
+        kib * 1024
+    }
+
     /// SIGKILL: no shutdown of any kind.
     pub fn kill(mut self) {
         self.signal("-KILL");
