@@ -40,6 +40,9 @@ pub struct WatchConfig {
     pub resync_interval: Duration,
     /// Status changes buffered for slow watchers before they re-sync.
     pub bus_capacity: usize,
+    /// Open WatchStatus streams, all callers together; one more is refused
+    /// with RESOURCE_EXHAUSTED.
+    pub max_open: usize,
 }
 
 impl Default for WatchConfig {
@@ -47,6 +50,7 @@ impl Default for WatchConfig {
         WatchConfig {
             resync_interval: Duration::from_secs(1),
             bus_capacity: 65_536,
+            max_open: 10_000,
         }
     }
 }
@@ -224,6 +228,9 @@ impl Config {
                     "tokens.postgres_xid_clusters.{producer} must be a postgres:// URL"
                 )));
             }
+        }
+        if self.watch.max_open == 0 {
+            return invalid("watch.max_open must be positive");
         }
         if self.watch.resync_interval.is_zero() {
             return invalid("watch.resync_interval must be positive");

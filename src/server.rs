@@ -184,6 +184,7 @@ pub async fn run(
         bus,
         limits: config.limits.clone(),
         watch: config.watch.settings(),
+        open_watches: Arc::new(tokio::sync::Semaphore::new(config.watch.max_open)),
         shutdown: shutdown.clone(),
     };
     let max_message = config.limits.max_request_bytes;

@@ -269,3 +269,38 @@ async fn a_gigabyte_of_concurrent_appends_is_bounded_in_bytes() {
     assert_eq!(stored, APPENDS as i64, "each append stored once");
     gateway.stop();
 }
+
+/// Open watches are capped (`watch.max_open`): one more is refused with
+/// RESOURCE_EXHAUSTED and a retry delay, and a closed watch frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_watches_are_capped() {
+    let kafka = MockKafka::start(1);
+    let mut config = support::test_config(&support::sqlite_url(), &kafka.bootstrap);
+    config.watch.max_open = 2;
+    let gateway = Gateway::start(config).await;
+    let channel = gateway.channel().await;
+    let watch = |producer: &str| {
+        let mut client = proto::outbox_client::OutboxClient::new(channel.clone());
+        let request = proto::WatchStatusRequest {
+            producer: producer.into(),
+            ..Default::default()
+        };
+        async move { client.watch_status(request).await }
+    };
+    let first = watch("a").await.expect("the first watch");
+    let _second = watch("b").await.expect("the second watch");
+    let refused = watch("c").await.expect_err("a third watch is one too many");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.get_details_retry_info().is_some(), "{refused:?}");
+    drop(first);
+    support::eventually(
+        "a closed watch to free its place",
+        Duration::from_secs(10),
+        || {
+            let attempt = watch("c");
+            async move { attempt.await.ok() }
+        },
+    )
+    .await;
+    gateway.stop().await;
+}

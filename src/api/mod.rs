@@ -37,6 +37,8 @@ pub struct OutboxApi {
     pub bus: StatusBus,
     pub limits: Limits,
     pub watch: WatchSettings,
+    /// Places for open watches (`watch.max_open`); each stream holds one.
+    pub open_watches: Arc<tokio::sync::Semaphore>,
     /// Ends streams (AppendStream, WatchStatus) at shutdown.
     pub shutdown: CancellationToken,
 }
@@ -238,6 +240,12 @@ impl proto::outbox_server::Outbox for OutboxApi {
                 after_cursor: request.after_cursor,
             }
         };
+        let place = self.open_watches.clone().try_acquire_owned().map_err(|_| {
+            ApiError::ResourceExhausted {
+                message: "too many open watches (watch.max_open); retry shortly".into(),
+                retry_after: std::time::Duration::from_secs(1),
+            }
+        })?;
         let updates = crate::status::watch(
             self.store.clone(),
             &self.bus,
@@ -245,11 +253,15 @@ impl proto::outbox_server::Outbox for OutboxApi {
             self.watch,
             self.shutdown.clone(),
         );
-        let stream = ReceiverStream::new(updates).map(|update| match update {
-            Ok(update) => Ok(proto::StatusUpdate {
-                status: Some(convert::event_status(&update.status)),
-                snapshot: update.snapshot,
-            }),
+        // The place is given back when the stream is dropped.
+        let stream = ReceiverStream::new(updates).map(move |update| match update {
+            Ok(update) => {
+                let _held = &place;
+                Ok(proto::StatusUpdate {
+                    status: Some(convert::event_status(&update.status)),
+                    snapshot: update.snapshot,
+                })
+            }
             Err(error) => Err(Status::from(ApiError::from(error))),
         });
         Ok(Response::new(Box::pin(stream)))

@@ -93,43 +93,69 @@ impl Default for WatchSettings {
 }
 
 /// Tracks what a watch has sent, so that a change is sent once and never
-/// regresses (the bus and a re-sync may both report it).
+/// regresses (the bus and a re-sync may both report it). Changes of one
+/// event are ordered by their cursor, so a redriven dead letter's new states
+/// come through like any later change.
 struct Progress {
-    /// Last cursor sent per event that is not final yet.
-    last_cursor: HashMap<EventId, u64>,
-    /// Events already final (ids/transactions watches).
-    finished: HashSet<EventId>,
+    /// Last cursor sent per event, and whether that state was final.
+    sent: HashMap<EventId, (u64, bool)>,
+    /// Producer watches: every change up to here was read from the store
+    /// (in cursor order) and is no longer remembered per event.
+    horizon: u64,
 }
 
 impl Progress {
     fn new() -> Self {
         Progress {
-            last_cursor: HashMap::new(),
-            finished: HashSet::new(),
+            sent: HashMap::new(),
+            horizon: 0,
         }
     }
 
     /// Whether `status` is news; records it when it is.
     fn admit(&mut self, status: &EventStatus) -> bool {
-        if self.finished.contains(&status.event_id) {
+        // Behind the horizon, a state that is not final is old news (a later
+        // change was read from the store already); a final one may be a
+        // change that committed after a later-numbered one, so it goes.
+        if status.cursor <= self.horizon && !status.state.is_final() {
             return false;
         }
-        if let Some(last) = self.last_cursor.get(&status.event_id)
+        if let Some((last, _)) = self.sent.get(&status.event_id)
             && *last >= status.cursor
         {
             return false;
         }
-        if status.state.is_final() {
-            self.last_cursor.remove(&status.event_id);
-            self.finished.insert(status.event_id);
-        } else {
-            self.last_cursor.insert(status.event_id, status.cursor);
-        }
+        self.sent
+            .insert(status.event_id, (status.cursor, status.state.is_final()));
         true
     }
 
+    /// Events whose last state sent is not final.
     fn open_events(&self) -> Vec<EventId> {
-        self.last_cursor.keys().copied().collect()
+        self.sent
+            .iter()
+            .filter(|(_, (_, is_final))| !is_final)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn all_final(&self) -> bool {
+        self.sent.values().all(|(_, is_final)| *is_final)
+    }
+
+    /// A producer watch has read every change up to `cursor` from the
+    /// store: what it sent up to there need not be remembered, which keeps
+    /// a long watch's memory to the changes since its last read.
+    fn forget_through(&mut self, cursor: u64) {
+        if cursor > self.horizon {
+            self.horizon = cursor;
+            self.sent.retain(|_, (last, _)| *last > cursor);
+        }
+    }
+
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
+        self.sent.len()
     }
 }
 
@@ -212,12 +238,11 @@ impl Watcher {
         let mut max_cursor = from_cursor;
         let statuses = match target {
             WatchTarget::Events(ids) => {
-                let open: Vec<EventId> =
-                    if self.progress.last_cursor.is_empty() && self.progress.finished.is_empty() {
-                        ids.clone()
-                    } else {
-                        self.progress.open_events()
-                    };
+                let open: Vec<EventId> = if self.progress.sent.is_empty() {
+                    ids.clone()
+                } else {
+                    self.progress.open_events()
+                };
                 self.store.status_by_ids(&open).await?
             }
             WatchTarget::Transactions(transactions) => {
@@ -257,13 +282,14 @@ impl Watcher {
                 }
             }
             if !full {
+                self.progress.forget_through(cursor);
                 return Ok((cursor, false));
             }
         }
     }
 
     fn done(&self, target: &WatchTarget) -> bool {
-        !matches!(target, WatchTarget::Producer { .. }) && self.progress.last_cursor.is_empty()
+        !matches!(target, WatchTarget::Producer { .. }) && self.progress.all_final()
     }
 
     async fn follow(
@@ -376,6 +402,33 @@ mod tests {
             updated_at: Utc::now(),
             cursor,
         }
+    }
+
+    #[test]
+    fn a_redriven_event_s_new_states_come_through() {
+        let id = EventId::generate();
+        let mut progress = Progress::new();
+        assert!(progress.admit(&status(id, EventState::DeadLettered, 5)));
+        assert!(progress.all_final());
+        assert!(progress.admit(&status(id, EventState::Ready, 8)));
+        assert!(!progress.all_final());
+        assert!(progress.admit(&status(id, EventState::Published, 9)));
+        assert!(progress.all_final());
+    }
+
+    #[test]
+    fn a_producer_watch_forgets_what_its_cursor_passed() {
+        let mut progress = Progress::new();
+        for cursor in 1..=1_000 {
+            assert!(progress.admit(&status(EventId::generate(), EventState::Published, cursor)));
+        }
+        progress.forget_through(1_000);
+        assert_eq!(progress.remembered(), 0);
+        // A state the cursor passed that is not final is old news; a final
+        // one may have committed late, and goes through.
+        assert!(!progress.admit(&status(EventId::generate(), EventState::Ready, 999)));
+        assert!(progress.admit(&status(EventId::generate(), EventState::Published, 998)));
+        assert!(progress.admit(&status(EventId::generate(), EventState::Ready, 1_001)));
     }
 
     #[test]
