@@ -343,17 +343,35 @@ async fn relay_writes_are_fenced_by_the_lease_epoch(store: Arc<dyn Store>) {
         .acquire_leases("instance-a", ttl, SHARDS)
         .await
         .unwrap();
-    assert_eq!(
-        renewed,
-        renewed
+    let by_shard = |leases: &[outboxd::store::Lease]| {
+        leases
             .iter()
-            .map(|l| {
-                let before = old.iter().find(|o| o.shard == l.shard).unwrap();
-                assert_eq!(before.epoch, l.epoch, "renewal keeps the epoch");
-                l.clone()
-            })
-            .collect::<Vec<_>>()
+            .map(|l| (l.shard, l.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let (old_by_shard, renewed_by_shard) = (by_shard(&old), by_shard(&renewed));
+    assert_eq!(
+        renewed.len(),
+        SHARDS as usize,
+        "a renewal returns every lease the owner holds, once each: {renewed:?}"
     );
+    assert_eq!(
+        renewed_by_shard.keys().collect::<Vec<_>>(),
+        old_by_shard.keys().collect::<Vec<_>>(),
+        "the renewed leases are the shards held before"
+    );
+    for (shard, lease) in &renewed_by_shard {
+        let before = &old_by_shard[shard];
+        assert_eq!(lease.owner, "instance-a", "shard {shard} keeps its owner");
+        assert_eq!(
+            lease.epoch, before.epoch,
+            "renewal keeps the epoch of shard {shard}"
+        );
+        assert!(
+            lease.expires_at >= before.expires_at,
+            "renewal does not shorten the lease of shard {shard}"
+        );
+    }
     let old_lease = old.iter().find(|l| l.shard == shard).unwrap().clone();
 
     // instance-a pauses; its lease goes to instance-b.
