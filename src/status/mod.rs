@@ -274,7 +274,9 @@ impl Watcher {
                 .store
                 .status_changes(producer, cursor, self.settings.page_size)
                 .await?;
-            let full = page.len() as u32 == self.settings.page_size;
+            // A page holds whole transactions, so one cut short of the page
+            // size may still have more behind it.
+            let full = page.len() as u32 >= self.settings.page_size / 2;
             for status in &page {
                 cursor = cursor.max(status.cursor);
                 if self.offer(status, snapshot).await.is_err() {
@@ -359,6 +361,16 @@ impl Watcher {
         while !self.done(target) {
             tokio::select! {
                 message = bus.recv() => match message {
+                    // A producer watch sends only what its feed reads, in
+                    // commit order; the bus only tells it to read.
+                    Ok(status) if matches!(target, WatchTarget::Producer { .. }) => {
+                        if Self::matches(target, &status, &known) {
+                            while let Ok(more) = bus.try_recv() {
+                                drop(more);
+                            }
+                            cursor = self.resync(target, cursor).await?;
+                        }
+                    }
                     Ok(status) => {
                         if Self::matches(target, &status, &known)
                             && self.offer(&status, false).await.is_err()

@@ -499,6 +499,29 @@ fn status_from_row(row: &PgRow) -> Result<EventStatus, StoreError> {
 
 const STATUS_COLUMNS: &str = include_str!("../sql/postgres/status_columns.sql");
 
+/// Where the change feed may be read up to (exclusive): the oldest xid of a
+/// transaction still running on an outboxd connection to this database, or
+/// the next xid to be assigned (pg_stat_activity shows 32-bit xids; each is
+/// widened to the xid8 at or below the snapshot's xmax with the same low
+/// bits). Other transactions on the cluster (callers' own) hold nothing back.
+const CHANGE_FEED_GATE: &str = include_str!("../sql/postgres/change_feed_gate.sql");
+
+/// Cursors of a producer's changes, in feed order: a change's cursor is
+/// twice its transaction's xid, less one except for the transaction's last
+/// change, so that resuming after any change reads on from the first change
+/// of its transaction not surely delivered (`after_cursor / 2` is the last
+/// transaction delivered whole).
+fn feed_positions(changes: Vec<(i64, EventStatus)>) -> Vec<EventStatus> {
+    let mut statuses = Vec::with_capacity(changes.len());
+    let mut changes = changes.into_iter().peekable();
+    while let Some((xid, mut status)) = changes.next() {
+        let last_of_transaction = changes.peek().is_none_or(|(next, _)| *next != xid);
+        status.cursor = 2 * xid as u64 - u64::from(!last_of_transaction);
+        statuses.push(status);
+    }
+    statuses
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -955,7 +978,7 @@ impl Store for PostgresStore {
                     // Stays PENDING; the reason shows in its status (once).
                     let rows = sqlx::query(
                         "UPDATE outbox_events SET last_error = $3, \
-                             change_seq = nextval('outbox_change_seq'), updated_at = now() \
+                             change_seq = nextval('outbox_change_seq'), change_xid = pg_current_xact_id(), updated_at = now() \
                          WHERE producer = $1 AND transaction_id = $2 AND state = 1 \
                            AND last_error IS DISTINCT FROM $3 \
                          RETURNING event_id, producer, transaction_id, append_sequence, topic, state, \
@@ -1071,7 +1094,7 @@ impl Store for PostgresStore {
         let ids: Vec<Uuid> = filter.event_ids.iter().map(|id| id.0).collect();
         let rows = sqlx::query(
             "UPDATE outbox_events SET state = 2, attempts = 0, last_error = NULL, \
-                 next_attempt_at = NULL, change_seq = nextval('outbox_change_seq'), updated_at = now() \
+                 next_attempt_at = NULL, change_seq = nextval('outbox_change_seq'), change_xid = pg_current_xact_id(), updated_at = now() \
              WHERE state = 5 \
                AND (cardinality($1::uuid[]) = 0 OR event_id = ANY($1)) \
                AND ($2::text IS NULL OR producer = $2) \
@@ -1202,16 +1225,60 @@ impl Store for PostgresStore {
         after_cursor: u64,
         limit: u32,
     ) -> Result<Vec<EventStatus>, StoreError> {
+        // First the gate, then (in a later snapshot) the page below it:
+        // every transaction under the gate had ended when it was read.
+        let gate: i64 = sqlx::query_scalar(CHANGE_FEED_GATE)
+            .fetch_one(&self.pool)
+            .await?;
+        let after_xid = (after_cursor / 2) as i64;
         let sql = format!(
-            "SELECT {STATUS_COLUMNS} FROM outbox_event_statuses \
-             WHERE producer = $1 AND change_seq > $2 ORDER BY change_seq LIMIT $3"
+            "SELECT {STATUS_COLUMNS}, (change_xid::text)::bigint AS change_xid_value \
+             FROM outbox_event_statuses \
+             WHERE producer = $1 AND change_xid > ($2::bigint)::text::xid8 \
+               AND change_xid < ($3::bigint)::text::xid8 \
+             ORDER BY change_xid, change_seq LIMIT $4"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(producer)
-            .bind(after_cursor as i64)
-            .bind(limit as i64)
+            .bind(after_xid)
+            .bind(gate)
+            .bind(limit.max(1) as i64)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(status_from_row).collect()
+        let mut changes = rows
+            .iter()
+            .map(|row| {
+                Ok((
+                    row.try_get::<i64, _>("change_xid_value")?,
+                    status_from_row(row)?,
+                ))
+            })
+            .collect::<Result<Vec<(i64, EventStatus)>, StoreError>>()?;
+        // A page holds whole transactions: a position inside one would
+        // otherwise skip the rest of it on resume.
+        if changes.len() == limit.max(1) as usize
+            && let Some(&(last, _)) = changes.last()
+        {
+            if changes.first().is_some_and(|(first, _)| *first == last) {
+                let sql = format!(
+                    "SELECT {STATUS_COLUMNS}, (change_xid::text)::bigint AS change_xid_value \
+                     FROM outbox_event_statuses \
+                     WHERE producer = $1 AND change_xid = ($2::bigint)::text::xid8 \
+                     ORDER BY change_seq"
+                );
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(producer)
+                    .bind(last)
+                    .fetch_all(&self.pool)
+                    .await?;
+                changes = rows
+                    .iter()
+                    .map(|row| Ok((last, status_from_row(row)?)))
+                    .collect::<Result<_, StoreError>>()?;
+            } else {
+                changes.retain(|(xid, _)| *xid != last);
+            }
+        }
+        Ok(feed_positions(changes))
     }
 }

@@ -9,6 +9,7 @@ SET state = CASE WHEN u.retry_at IS NULL THEN 5 ELSE 3 END,
     last_error = u.error,
     next_attempt_at = u.retry_at,
     change_seq = nextval('outbox_change_seq'),
+    change_xid = pg_current_xact_id(),
     updated_at = now()
 FROM UNNEST($3::bigint[], $4::text[], $5::timestamptz[]) AS u(seq, error, retry_at)
 WHERE e.seq = u.seq

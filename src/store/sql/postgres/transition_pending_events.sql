@@ -4,6 +4,7 @@ UPDATE outbox_events
 SET state = $3,
     last_error = $4,
     change_seq = nextval('outbox_change_seq'),
+    change_xid = pg_current_xact_id(),
     updated_at = now()
 WHERE producer = $1
   AND transaction_id = $2

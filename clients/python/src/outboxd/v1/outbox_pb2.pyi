@@ -468,7 +468,10 @@ class EventStatus(_message.Message):
     reason: _builtins.str
     """Last error or dead-letter reason."""
     cursor: _builtins.int
-    """Position in the producer's change feed; resume a producer watch after it."""
+    """In a producer watch: its position in the producer's change feed, an
+    opaque number; a watch resumed after it misses no later change (it may
+    repeat a few). Elsewhere it only orders the changes of one event.
+    """
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(

@@ -1,0 +1,159 @@
+//! Producer watches against concurrent writers: a watch resumed from any
+//! cursor it was given learns every final state that came after it.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use outboxd::proto;
+use outboxd::proto::outbox_client::OutboxClient;
+use support::{Gateway, MockKafka, append_request, immediate_token, keyed_event};
+use tonic::transport::Channel;
+
+/// Every update a producer watch from `after` delivered so far, in order.
+fn follow(
+    channel: Channel,
+    producer: &str,
+    after: u64,
+) -> (
+    Arc<Mutex<Vec<proto::EventStatus>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let task = tokio::spawn({
+        let seen = seen.clone();
+        let producer = producer.to_owned();
+        async move {
+            let mut stream = OutboxClient::new(channel)
+                .watch_status(proto::WatchStatusRequest {
+                    producer,
+                    after_cursor: after,
+                    ..Default::default()
+                })
+                .await
+                .expect("a producer watch")
+                .into_inner();
+            while let Some(update) = stream.next().await {
+                let status = update.expect("a watch update").status.expect("a status");
+                seen.lock().unwrap().push(status);
+            }
+        }
+    });
+    (seen, task)
+}
+
+fn is_final(state: i32) -> bool {
+    [
+        proto::EventState::Published as i32,
+        proto::EventState::DeadLettered as i32,
+        proto::EventState::Discarded as i32,
+    ]
+    .contains(&state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_resumed_from_any_cursor_misses_no_final_state() {
+    const WRITERS: usize = 8;
+    const APPENDS: usize = 40;
+    const EVENTS: usize = 5;
+    let kafka = MockKafka::start(1);
+    let topic = support::unique("watched");
+    kafka.create_topic(&topic, 4).await;
+    let mut config = support::test_config(&support::fresh_database().await, &kafka.bootstrap);
+    config.ingest.writers = 4;
+    let gateway = Gateway::start(config).await;
+    let channel = gateway.channel().await;
+    let (first, first_task) = follow(channel.clone(), "watched", 0);
+
+    let writers = (0..WRITERS).map(|writer| {
+        let mut client = OutboxClient::new(channel.clone());
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..APPENDS {
+                let events = (0..EVENTS)
+                    .map(|e| keyed_event(&topic, &format!("k{writer}-{}", (n + e) % 7), b"x"))
+                    .collect();
+                let request = append_request(
+                    immediate_token("watched", &format!("w{writer}-{n}")),
+                    events,
+                );
+                ids.extend(client.append(request).await.unwrap().into_inner().event_ids);
+            }
+            ids
+        })
+    });
+    let mut all: HashSet<String> = HashSet::new();
+    for writer in writers {
+        all.extend(writer.await.unwrap());
+    }
+    assert_eq!(all.len(), WRITERS * APPENDS * EVENTS);
+
+    // The first watch learns every final state.
+    support::eventually(
+        "the first watch to see every event final",
+        Duration::from_secs(60),
+        || {
+            let finals: HashSet<String> = first
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| is_final(s.state))
+                .map(|s| s.event_id.clone())
+                .collect();
+            let done = all.is_subset(&finals);
+            async move { done.then_some(()) }
+        },
+    )
+    .await;
+    first_task.abort();
+    let delivered: Vec<proto::EventStatus> = first.lock().unwrap().clone();
+
+    // Resumed from a spread of the cursors it gave, a watch must deliver
+    // the final state of every event whose final state came later.
+    let step = (delivered.len() / 25).max(1);
+    for index in (0..delivered.len()).step_by(step) {
+        let cursor = delivered[index].cursor;
+        let expected: HashSet<String> = delivered[index + 1..]
+            .iter()
+            .filter(|s| is_final(s.state))
+            .map(|s| s.event_id.clone())
+            .collect();
+        let (resumed, task) = follow(channel.clone(), "watched", cursor);
+        let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let finals: HashMap<String, i32> = resumed
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|s| is_final(s.state))
+                    .map(|s| (s.event_id.clone(), s.state))
+                    .collect();
+                if expected.iter().all(|id| finals.contains_key(id)) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        task.abort();
+        if outcome.is_err() {
+            let finals: HashSet<String> = resumed
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| is_final(s.state))
+                .map(|s| s.event_id.clone())
+                .collect();
+            let missed = expected.difference(&finals).count();
+            panic!(
+                "resumed after cursor {cursor} (update {index} of {}), the watch missed {missed} final states",
+                delivered.len()
+            );
+        }
+    }
+    gateway.stop().await;
+}
