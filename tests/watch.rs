@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,6 +43,17 @@ fn follow(
         }
     });
     (seen, task)
+}
+
+/// The ids of the events whose final state is among `statuses`.
+fn finals(statuses: &Mutex<Vec<proto::EventStatus>>) -> HashSet<String> {
+    statuses
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| is_final(s.state))
+        .map(|s| s.event_id.clone())
+        .collect()
 }
 
 fn is_final(state: i32) -> bool {
@@ -97,14 +108,7 @@ async fn a_watch_resumed_from_any_cursor_misses_no_final_state() {
         "the first watch to see every event final",
         Duration::from_secs(60),
         || {
-            let finals: HashSet<String> = first
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|s| is_final(s.state))
-                .map(|s| s.event_id.clone())
-                .collect();
-            let done = all.is_subset(&finals);
+            let done = all.is_subset(&finals(&first));
             async move { done.then_some(()) }
         },
     )
@@ -125,14 +129,7 @@ async fn a_watch_resumed_from_any_cursor_misses_no_final_state() {
         let (resumed, task) = follow(channel.clone(), "watched", cursor);
         let outcome = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
-                let finals: HashMap<String, i32> = resumed
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|s| is_final(s.state))
-                    .map(|s| (s.event_id.clone(), s.state))
-                    .collect();
-                if expected.iter().all(|id| finals.contains_key(id)) {
+                if expected.is_subset(&finals(&resumed)) {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -141,14 +138,7 @@ async fn a_watch_resumed_from_any_cursor_misses_no_final_state() {
         .await;
         task.abort();
         if outcome.is_err() {
-            let finals: HashSet<String> = resumed
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|s| is_final(s.state))
-                .map(|s| s.event_id.clone())
-                .collect();
-            let missed = expected.difference(&finals).count();
+            let missed = expected.difference(&finals(&resumed)).count();
             panic!(
                 "resumed after cursor {cursor} (update {index} of {}), the watch missed {missed} final states",
                 delivered.len()

@@ -180,15 +180,7 @@ impl WriterLane {
         &self,
         batch: AppendBatch,
     ) -> Result<impl Future<Output = Result<AppendOutcome, IngestError>> + use<>, IngestError> {
-        let bytes = batch.approximate_bytes();
-        let budget = self
-            .budget
-            .kib
-            .clone()
-            .acquire_many_owned(self.budget.share(bytes))
-            .await
-            .map_err(|_| IngestError::ShuttingDown)?;
-        self.enqueue(batch, budget, bytes).await
+        self.queue_up(batch, true).await
     }
 
     /// Like [`WriterLane::submit`], but refused at once with
@@ -197,24 +189,27 @@ impl WriterLane {
         &self,
         batch: AppendBatch,
     ) -> Result<impl Future<Output = Result<AppendOutcome, IngestError>> + use<>, IngestError> {
-        let bytes = batch.approximate_bytes();
-        let budget = self
-            .budget
-            .kib
-            .clone()
-            .try_acquire_many_owned(self.budget.share(bytes))
-            .map_err(|_| IngestError::Overloaded {
-                queued_limit: self.budget.limit_bytes,
-            })?;
-        self.enqueue(batch, budget, bytes).await
+        self.queue_up(batch, false).await
     }
 
-    async fn enqueue(
+    async fn queue_up(
         &self,
         batch: AppendBatch,
-        budget: OwnedSemaphorePermit,
-        bytes: usize,
+        wait_for_budget: bool,
     ) -> Result<impl Future<Output = Result<AppendOutcome, IngestError>> + use<>, IngestError> {
+        let bytes = batch.approximate_bytes();
+        let share = self.budget.share(bytes);
+        let kib = self.budget.kib.clone();
+        let budget = if wait_for_budget {
+            kib.acquire_many_owned(share)
+                .await
+                .map_err(|_| IngestError::ShuttingDown)?
+        } else {
+            kib.try_acquire_many_owned(share)
+                .map_err(|_| IngestError::Overloaded {
+                    queued_limit: self.budget.limit_bytes,
+                })?
+        };
         let (reply, done) = oneshot::channel();
         self.queue
             .send(QueuedAppend {
