@@ -82,6 +82,7 @@ pub struct Config {
     pub limits: Limits,
     pub watch: WatchConfig,
     pub tokens: TokenConfig,
+    pub auth: crate::api::AuthConfig,
 }
 
 impl Default for Config {
@@ -97,6 +98,7 @@ impl Default for Config {
             limits: Limits::default(),
             watch: WatchConfig::default(),
             tokens: TokenConfig::default(),
+            auth: crate::api::AuthConfig::default(),
         }
     }
 }
@@ -229,6 +231,7 @@ impl Config {
                 )));
             }
         }
+        self.auth.validate().map_err(ConfigError::Invalid)?;
         if self.watch.max_open == 0 {
             return invalid("watch.max_open must be positive");
         }

@@ -12,7 +12,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
-use crate::api::{AdminApi, OutboxApi};
+use crate::api::{AdminApi, Authenticator, OutboxApi};
 use crate::config::Config;
 use crate::ingest::{Ingest, Transactions};
 use crate::proto;
@@ -172,6 +172,12 @@ pub async fn run(
         .context("building the reflection service")?;
 
     let admin_bus = bus.clone();
+    let auth = Authenticator::new(&config.auth);
+    if auth.is_open() {
+        tracing::warn!(
+            "no [auth] identities configured: every caller may act for every producer and use OutboxAdmin"
+        );
+    }
     let api = OutboxApi {
         ingest: ingest.clone(),
         transactions: Transactions {
@@ -184,6 +190,7 @@ pub async fn run(
         bus,
         limits: config.limits.clone(),
         watch: config.watch.settings(),
+        auth: auth.clone(),
         open_watches: Arc::new(tokio::sync::Semaphore::new(config.watch.max_open)),
         shutdown: shutdown.clone(),
     };
@@ -211,6 +218,7 @@ pub async fn run(
         .add_service(proto::outbox_admin_server::OutboxAdminServer::new(
             AdminApi {
                 store: store.clone(),
+                auth,
                 bus: admin_bus,
                 waker: waker.clone(),
             },

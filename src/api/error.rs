@@ -36,6 +36,12 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Unimplemented(&'static str),
+    /// Credentials are needed and missing or unknown.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller may not act for this producer, topic or operation.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// Details go to the log, never to the client.
     #[error("internal error")]
     Internal(String),
@@ -69,6 +75,8 @@ impl ApiError {
             ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::ResourceExhausted { .. } => Code::ResourceExhausted,
             ApiError::Unimplemented(_) => Code::Unimplemented,
+            ApiError::Unauthenticated(_) => Code::Unauthenticated,
+            ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::Internal(_) => Code::Internal,
         }
     }

@@ -1,6 +1,7 @@
 //! gRPC adapters: each RPC extracts, calls the domain, converts the result.
 //! Errors become `tonic::Status` only in `error.rs`.
 
+pub mod auth;
 mod convert;
 mod error;
 
@@ -14,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+pub use auth::{AuthConfig, Authenticator};
 pub use error::ApiError;
 
 use crate::domain::{AppendBatch, AppendOutcome, FieldViolation, Limits, TokenMode};
@@ -37,6 +39,8 @@ pub struct OutboxApi {
     pub bus: StatusBus,
     pub limits: Limits,
     pub watch: WatchSettings,
+    /// Who the callers are and what they may do.
+    pub auth: Authenticator,
     /// Places for open watches (`watch.max_open`); each stream holds one.
     pub open_watches: Arc<tokio::sync::Semaphore>,
     /// Ends streams (AppendStream, WatchStatus) at shutdown.
@@ -44,6 +48,16 @@ pub struct OutboxApi {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// PERMISSION_DENIED unless the caller may act for the batch's producer and
+/// write to each of its topics; checked before anything is stored.
+fn authorize_append(access: &auth::Access, batch: &AppendBatch) -> Result<(), ApiError> {
+    access.check_producer(&batch.token.producer)?;
+    for event in &batch.events {
+        access.check_topic(&event.topic)?;
+    }
+    Ok(())
+}
 
 /// Refuses a postgres_xid token that nothing could ever resolve.
 fn check_resolvable(batch: &AppendBatch, sources: &XidSources) -> Result<(), ApiError> {
@@ -66,10 +80,12 @@ impl proto::outbox_server::Outbox for OutboxApi {
         &self,
         request: Request<proto::AppendRequest>,
     ) -> Result<Response<proto::AppendResponse>, Status> {
+        let access = self.auth.access(request.metadata())?;
         let trace = convert::trace_context(request.metadata());
         let request = request.into_inner();
         let correlation = request.correlation;
         let batch = convert::append_batch(request, trace, &self.limits)?;
+        authorize_append(&access, &batch)?;
         check_resolvable(&batch, &self.xid_sources)?;
         let outcome = self.ingest.append(batch).await.map_err(ApiError::from)?;
         Ok(Response::new(convert::append_response(
@@ -84,6 +100,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
         &self,
         request: Request<Streaming<proto::AppendRequest>>,
     ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let access = self.auth.access(request.metadata())?;
         let trace = convert::trace_context(request.metadata());
         let mut inbound = request.into_inner();
         // One writer lane per stream: its appends commit in stream order.
@@ -106,6 +123,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
                             Ok(Some(request)) => {
                                 let correlation = request.correlation;
                                 let batch = convert::append_batch(request, trace.clone(), &limits)
+                                    .and_then(|batch| authorize_append(&access, &batch).map(|()| batch))
                                     .and_then(|batch| check_resolvable(&batch, &sources).map(|()| batch));
                                 let pending: PendingAck = match batch {
                                     Err(error) => Box::pin(async move { (correlation, Err(error)) }),
@@ -148,8 +166,10 @@ impl proto::outbox_server::Outbox for OutboxApi {
         &self,
         request: Request<proto::CommitRequest>,
     ) -> Result<Response<proto::CommitResponse>, Status> {
+        let access = self.auth.access(request.metadata())?;
         let request = request.into_inner();
         let transaction = convert::transaction_ref(request.producer, request.transaction_id)?;
+        access.check_producer(&transaction.producer)?;
         let events = self
             .transactions
             .commit(&transaction)
@@ -162,8 +182,10 @@ impl proto::outbox_server::Outbox for OutboxApi {
         &self,
         request: Request<proto::AbortRequest>,
     ) -> Result<Response<proto::AbortResponse>, Status> {
+        let access = self.auth.access(request.metadata())?;
         let request = request.into_inner();
         let transaction = convert::transaction_ref(request.producer, request.transaction_id)?;
+        access.check_producer(&transaction.producer)?;
         let events = self
             .transactions
             .abort(&transaction)
@@ -176,6 +198,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
         &self,
         request: Request<proto::GetStatusRequest>,
     ) -> Result<Response<proto::GetStatusResponse>, Status> {
+        let access = self.auth.access(request.metadata())?;
         let request = request.into_inner();
         let statuses = match (
             request.event_ids.is_empty(),
@@ -190,6 +213,9 @@ impl proto::outbox_server::Outbox for OutboxApi {
             }
             (true, false) => {
                 let refs = convert::transaction_refs(request.transactions, "transactions")?;
+                for transaction in &refs {
+                    access.check_producer(&transaction.producer)?;
+                }
                 self.store
                     .status_by_transactions(&refs)
                     .await
@@ -203,8 +229,13 @@ impl proto::outbox_server::Outbox for OutboxApi {
                 .into());
             }
         };
+        // Others' events are not there, as far as this caller can tell.
         Ok(Response::new(proto::GetStatusResponse {
-            events: statuses.iter().map(convert::event_status).collect(),
+            events: statuses
+                .iter()
+                .filter(|status| access.allows_producer(&status.producer))
+                .map(convert::event_status)
+                .collect(),
         }))
     }
 
@@ -214,6 +245,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
         &self,
         request: Request<proto::WatchStatusRequest>,
     ) -> Result<Response<Self::WatchStatusStream>, Status> {
+        let access = self.auth.access(request.metadata())?;
         let request = request.into_inner();
         let targets = [
             !request.event_ids.is_empty(),
@@ -228,13 +260,36 @@ impl proto::outbox_server::Outbox for OutboxApi {
             .into());
         }
         let target = if targets[0] {
-            WatchTarget::Events(convert::event_ids(&request.event_ids, "event_ids")?)
+            let ids = convert::event_ids(&request.event_ids, "event_ids")?;
+            if !matches!(access, auth::Access::Open) {
+                // Another producer's event is as unknown as one that never was.
+                let statuses = self
+                    .store
+                    .status_by_ids(&ids)
+                    .await
+                    .map_err(ApiError::from)?;
+                let theirs: Vec<String> = statuses
+                    .iter()
+                    .filter(|s| !access.allows_producer(&s.producer))
+                    .map(|s| s.event_id.to_string())
+                    .collect();
+                if !theirs.is_empty() {
+                    return Err(ApiError::NotFound(format!(
+                        "unknown event ids: {}",
+                        theirs.join(", ")
+                    ))
+                    .into());
+                }
+            }
+            WatchTarget::Events(ids)
         } else if targets[1] {
-            WatchTarget::Transactions(convert::transaction_refs(
-                request.transactions,
-                "transactions",
-            )?)
+            let refs = convert::transaction_refs(request.transactions, "transactions")?;
+            for transaction in &refs {
+                access.check_producer(&transaction.producer)?;
+            }
+            WatchTarget::Transactions(refs)
         } else {
+            access.check_producer(&request.producer)?;
             WatchTarget::Producer {
                 producer: request.producer,
                 after_cursor: request.after_cursor,
@@ -278,6 +333,9 @@ const MAX_DEAD_LETTER_PAGE: u32 = 1_000;
 #[derive(Clone)]
 pub struct AdminApi {
     pub store: Arc<dyn Store>,
+    /// Who the callers are: OutboxAdmin needs the admin role (ListPrepared
+    /// only the right to act for its producer).
+    pub auth: Authenticator,
     pub bus: StatusBus,
     pub waker: RelayWaker,
 }
@@ -288,6 +346,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         &self,
         request: Request<proto::ListDeadLettersRequest>,
     ) -> Result<Response<proto::ListDeadLettersResponse>, Status> {
+        self.auth.access(request.metadata())?.check_admin()?;
         let request = request.into_inner();
         let after_seq = if request.page_token.is_empty() {
             0
@@ -331,6 +390,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         &self,
         request: Request<proto::RedriveRequest>,
     ) -> Result<Response<proto::RedriveResponse>, Status> {
+        self.auth.access(request.metadata())?.check_admin()?;
         let request = request.into_inner();
         if request.event_ids.is_empty() && request.producer.is_empty() && request.topic.is_empty() {
             return Err(ApiError::invalid(vec![FieldViolation::new(
@@ -350,8 +410,9 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
 
     async fn pause_relay(
         &self,
-        _: Request<proto::PauseRelayRequest>,
+        request: Request<proto::PauseRelayRequest>,
     ) -> Result<Response<proto::PauseRelayResponse>, Status> {
+        self.auth.access(request.metadata())?.check_admin()?;
         self.store
             .set_relay_paused(true)
             .await
@@ -361,8 +422,9 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
 
     async fn resume_relay(
         &self,
-        _: Request<proto::ResumeRelayRequest>,
+        request: Request<proto::ResumeRelayRequest>,
     ) -> Result<Response<proto::ResumeRelayResponse>, Status> {
+        self.auth.access(request.metadata())?.check_admin()?;
         self.store
             .set_relay_paused(false)
             .await
@@ -372,8 +434,9 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
 
     async fn get_backlog(
         &self,
-        _: Request<proto::GetBacklogRequest>,
+        request: Request<proto::GetBacklogRequest>,
     ) -> Result<Response<proto::GetBacklogResponse>, Status> {
+        self.auth.access(request.metadata())?.check_admin()?;
         let backlog = self.store.backlog().await.map_err(ApiError::from)?;
         let now = chrono::Utc::now();
         Ok(Response::new(proto::GetBacklogResponse {
@@ -396,8 +459,9 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
 
     async fn list_leases(
         &self,
-        _: Request<proto::ListLeasesRequest>,
+        request: Request<proto::ListLeasesRequest>,
     ) -> Result<Response<proto::ListLeasesResponse>, Status> {
+        self.auth.access(request.metadata())?.check_admin()?;
         let leases = self.store.leases().await.map_err(ApiError::from)?;
         Ok(Response::new(proto::ListLeasesResponse {
             leases: leases
@@ -416,6 +480,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         &self,
         request: Request<proto::ListPreparedRequest>,
     ) -> Result<Response<proto::ListPreparedResponse>, Status> {
+        let access = self.auth.access(request.metadata())?;
         let request = request.into_inner();
         if request.producer.is_empty() {
             return Err(ApiError::invalid(vec![FieldViolation::new(
@@ -424,6 +489,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
             )])
             .into());
         }
+        access.check_producer(&request.producer)?;
         let older_than = match request.older_than {
             None => std::time::Duration::ZERO,
             Some(d) if d.seconds >= 0 && (0..1_000_000_000).contains(&d.nanos) => {

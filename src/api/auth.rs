@@ -1,0 +1,317 @@
+//! Who is calling, and what they may do: bearer tokens (kept as SHA-256
+//! hashes in the configuration) name identities; each identity may act for
+//! the producer namespaces and write to the topics its patterns allow, and
+//! the admin role may use `OutboxAdmin`. With no identity configured the
+//! gateway is open, as before authentication existed.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tonic::metadata::MetadataMap;
+
+use super::ApiError;
+
+/// Authentication settings (`[auth]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Who may call; none: every caller may do everything.
+    pub identities: Vec<IdentityConfig>,
+}
+
+/// One caller (`[[auth.identities]]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// For logs and error messages.
+    pub name: String,
+    /// Hex SHA-256 of the bearer token (`printf %s "$TOKEN" | sha256sum`).
+    pub token_sha256: String,
+    /// Producer namespaces it may act for: exact names, or a prefix ending
+    /// in `*` (`billing-*`); `*` is every producer.
+    pub producers: Vec<String>,
+    /// Topics it may append to, in the same pattern form.
+    pub topics: Vec<String>,
+    /// May use `OutboxAdmin` (dead letters, redrive, pause, leases…).
+    pub admin: bool,
+}
+
+impl AuthConfig {
+    /// Why this configuration may not be used, if it may not.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut hashes = std::collections::HashSet::new();
+        for identity in &self.identities {
+            let name = &identity.name;
+            if name.is_empty() {
+                return Err("auth.identities: every identity needs a name".into());
+            }
+            if decode_hash(&identity.token_sha256).is_none() {
+                return Err(format!(
+                    "auth.identities {name:?}: token_sha256 must be 64 hex digits (a SHA-256)"
+                ));
+            }
+            if !hashes.insert(identity.token_sha256.to_ascii_lowercase()) {
+                return Err(format!(
+                    "auth.identities {name:?}: another identity has the same token"
+                ));
+            }
+            for pattern in identity.producers.iter().chain(&identity.topics) {
+                if pattern.is_empty() || pattern[..pattern.len() - 1].contains('*') {
+                    return Err(format!(
+                        "auth.identities {name:?}: pattern {pattern:?} may only end in '*'"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn decode_hash(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    for (i, byte) in hash.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(hash)
+}
+
+/// A name or a prefix ending in `*`.
+#[derive(Debug, Clone)]
+struct Pattern(String);
+
+impl Pattern {
+    fn matches(&self, value: &str) -> bool {
+        match self.0.strip_suffix('*') {
+            Some(prefix) => value.starts_with(prefix),
+            None => self.0 == value,
+        }
+    }
+}
+
+/// A configured caller.
+#[derive(Debug)]
+pub struct Identity {
+    pub name: String,
+    token_hash: [u8; 32],
+    producers: Vec<Pattern>,
+    topics: Vec<Pattern>,
+    admin: bool,
+}
+
+/// Finds the identity of a request.
+#[derive(Debug, Clone, Default)]
+pub struct Authenticator {
+    identities: Arc<Vec<Identity>>,
+}
+
+impl Authenticator {
+    pub fn new(config: &AuthConfig) -> Self {
+        let identities = config
+            .identities
+            .iter()
+            .filter_map(|identity| {
+                Some(Identity {
+                    name: identity.name.clone(),
+                    token_hash: decode_hash(&identity.token_sha256)?,
+                    producers: identity.producers.iter().cloned().map(Pattern).collect(),
+                    topics: identity.topics.iter().cloned().map(Pattern).collect(),
+                    admin: identity.admin,
+                })
+            })
+            .collect();
+        Authenticator {
+            identities: Arc::new(identities),
+        }
+    }
+
+    /// Whether callers must authenticate.
+    pub fn is_open(&self) -> bool {
+        self.identities.is_empty()
+    }
+
+    /// What the caller of a request may do: UNAUTHENTICATED when
+    /// credentials are needed and missing or unknown.
+    pub fn access(&self, metadata: &MetadataMap) -> Result<Access, ApiError> {
+        if self.is_open() {
+            return Ok(Access::Open);
+        }
+        let token = metadata
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                ApiError::Unauthenticated(
+                    "a bearer token is required (authorization: Bearer …)".into(),
+                )
+            })?;
+        let hash: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+        // Every stored hash is compared in full, so that the time taken
+        // tells nothing about which one (if any) came close.
+        let mut found = None;
+        for (index, identity) in self.identities.iter().enumerate() {
+            if constant_time_eq(&identity.token_hash, &hash) {
+                found = Some(index);
+            }
+        }
+        match found {
+            Some(index) => Ok(Access::Identity(IdentityRef {
+                identities: self.identities.clone(),
+                index,
+            })),
+            None => Err(ApiError::Unauthenticated("unknown bearer token".into())),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+/// An authenticated identity, shared with the authenticator.
+#[derive(Debug, Clone)]
+pub struct IdentityRef {
+    identities: Arc<Vec<Identity>>,
+    index: usize,
+}
+
+impl std::ops::Deref for IdentityRef {
+    type Target = Identity;
+    fn deref(&self) -> &Identity {
+        &self.identities[self.index]
+    }
+}
+
+/// What one request's caller may do.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// No identities are configured: everything.
+    Open,
+    Identity(IdentityRef),
+}
+
+impl Access {
+    /// Whether the caller may act for (append, resolve, read, watch) `producer`.
+    pub fn allows_producer(&self, producer: &str) -> bool {
+        match self {
+            Access::Open => true,
+            Access::Identity(identity) => identity.producers.iter().any(|p| p.matches(producer)),
+        }
+    }
+
+    /// PERMISSION_DENIED naming the producer, unless the caller may act for it.
+    pub fn check_producer(&self, producer: &str) -> Result<(), ApiError> {
+        match self {
+            _ if self.allows_producer(producer) => Ok(()),
+            Access::Identity(identity) => Err(ApiError::PermissionDenied(format!(
+                "identity {:?} may not act for producer {producer:?}",
+                identity.name
+            ))),
+            Access::Open => Ok(()),
+        }
+    }
+
+    /// PERMISSION_DENIED naming the topic, unless the caller may write to it.
+    pub fn check_topic(&self, topic: &str) -> Result<(), ApiError> {
+        match self {
+            Access::Open => Ok(()),
+            Access::Identity(identity) if identity.topics.iter().any(|p| p.matches(topic)) => {
+                Ok(())
+            }
+            Access::Identity(identity) => Err(ApiError::PermissionDenied(format!(
+                "identity {:?} may not append to topic {topic:?}",
+                identity.name
+            ))),
+        }
+    }
+
+    /// PERMISSION_DENIED unless the caller has the admin role.
+    pub fn check_admin(&self) -> Result<(), ApiError> {
+        match self {
+            Access::Open => Ok(()),
+            Access::Identity(identity) if identity.admin => Ok(()),
+            Access::Identity(identity) => Err(ApiError::PermissionDenied(format!(
+                "identity {:?} may not use OutboxAdmin (it has no admin role)",
+                identity.name
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(token: &str) -> String {
+        Sha256::digest(token.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    fn config() -> AuthConfig {
+        AuthConfig {
+            identities: vec![IdentityConfig {
+                name: "shop".into(),
+                token_sha256: hash("secret"),
+                producers: vec!["shop".into(), "shop-*".into()],
+                topics: vec!["orders.*".into()],
+                admin: false,
+            }],
+        }
+    }
+
+    fn with_token(token: &str) -> MetadataMap {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        metadata
+    }
+
+    #[test]
+    fn a_known_token_names_its_identity_and_its_rights() {
+        let auth = Authenticator::new(&config());
+        let access = auth.access(&with_token("secret")).unwrap();
+        assert!(access.allows_producer("shop") && access.allows_producer("shop-eu"));
+        assert!(!access.allows_producer("shopping") && !access.allows_producer("billing"));
+        assert!(access.check_topic("orders.created").is_ok());
+        assert!(access.check_topic("invoices").is_err());
+        assert!(access.check_admin().is_err());
+    }
+
+    #[test]
+    fn missing_and_unknown_tokens_are_refused() {
+        let auth = Authenticator::new(&config());
+        assert!(matches!(
+            auth.access(&MetadataMap::new()),
+            Err(ApiError::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            auth.access(&with_token("guess")),
+            Err(ApiError::Unauthenticated(_))
+        ));
+    }
+
+    #[test]
+    fn no_identities_is_open() {
+        let auth = Authenticator::new(&AuthConfig::default());
+        let access = auth.access(&MetadataMap::new()).unwrap();
+        assert!(access.allows_producer("anyone") && access.check_admin().is_ok());
+    }
+
+    #[test]
+    fn bad_configurations_are_named() {
+        let mut bad = config();
+        bad.identities[0].token_sha256 = "abc".into();
+        assert!(bad.validate().unwrap_err().contains("64 hex digits"));
+        let mut bad = config();
+        bad.identities[0].topics = vec!["or*ders".into()];
+        assert!(bad.validate().unwrap_err().contains("may only end in '*'"));
+        let mut twice = config();
+        twice.identities.push(twice.identities[0].clone());
+        twice.identities[1].name = "again".into();
+        assert!(twice.validate().unwrap_err().contains("same token"));
+    }
+}
