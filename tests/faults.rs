@@ -5,9 +5,9 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use outboxd::proto;
 use outboxd::proto::outbox_client::OutboxClient;
@@ -16,22 +16,6 @@ use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-
-/// The gateway's Prometheus metrics, as text.
-async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
-}
 
 async fn relay_health(channel: &Channel) -> i32 {
     HealthClient::new(channel.clone())
@@ -55,17 +39,44 @@ async fn wait_for_relay_health(channel: &Channel, wanted: ServingStatus) {
     .await;
 }
 
-/// Appends batches over `keys` keys until told to stop; returns each key's
-/// event ids in append order and the number of failed appends.
+/// One acknowledged append: when it was sent, when its ack came, its ids.
+struct Ack {
+    sent: Instant,
+    acked: Instant,
+    event_ids: Vec<String>,
+}
+
+/// What [`keep_appending`] saw.
+#[derive(Default)]
+struct Appended {
+    /// Each key's event ids in append order.
+    by_key: HashMap<String, Vec<String>>,
+    /// Every acknowledged append, in the order the acks came.
+    acks: Vec<Ack>,
+    failures: usize,
+}
+
+impl Appended {
+    /// Acks of appends that were sent at or after `since`.
+    fn acked_since(&self, since: Instant) -> impl Iterator<Item = &Ack> {
+        self.acks.iter().filter(move |ack| ack.sent >= since)
+    }
+}
+
+/// Appends batches over `keys` keys, one at a time, until told to stop;
+/// what it saw is shared as it goes.
 fn keep_appending(
     mut client: OutboxClient<Channel>,
     topic: String,
     keys: usize,
     stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(HashMap<String, Vec<String>>, usize)> {
-    tokio::spawn(async move {
-        let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
-        let mut failures = 0;
+) -> (
+    Arc<Mutex<Appended>>,
+    tokio::task::JoinHandle<Arc<Mutex<Appended>>>,
+) {
+    let appended = Arc::new(Mutex::new(Appended::default()));
+    let shared = appended.clone();
+    let task = tokio::spawn(async move {
         let mut transaction = 0;
         while !stop.load(Ordering::Relaxed) {
             let events: Vec<(String, proto::Event)> = (0..10)
@@ -91,20 +102,47 @@ fn keep_appending(
                 correlation: 0,
             };
             transaction += 1;
-            match client.append(request).await {
-                Ok(response) => {
-                    for ((key, _), id) in events.into_iter().zip(response.into_inner().event_ids) {
-                        by_key.entry(key).or_default().push(id);
+            let sent = Instant::now();
+            let result = support::append_with_deadline(&mut client, request).await;
+            let acked = Instant::now();
+            {
+                let mut appended = shared.lock().unwrap();
+                match result {
+                    Ok(response) => {
+                        for ((key, _), id) in events.into_iter().zip(&response.event_ids) {
+                            appended.by_key.entry(key).or_default().push(id.clone());
+                        }
+                        appended.acks.push(Ack {
+                            sent,
+                            acked,
+                            event_ids: response.event_ids,
+                        });
                     }
+                    Err(_) => appended.failures += 1,
                 }
-                Err(_) => failures += 1,
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        (by_key, failures)
-    })
+        shared
+    });
+    (appended, task)
 }
 
+/// Waits until `count` more appends, sent from now on, are acknowledged.
+async fn wait_for_new_acks(appended: &Mutex<Appended>, count: usize, what: &str) -> Instant {
+    let since = Instant::now();
+    support::eventually(what, Duration::from_secs(30), || async {
+        let appended = appended.lock().unwrap();
+        (appended.acked_since(since).count() >= count).then_some(())
+    })
+    .await;
+    since
+}
+
+/// Appends are acknowledged *while* every broker is down: hundreds of them
+/// are sent and answered inside the outage, their events stored and waiting
+/// for Kafka. Once the brokers are back the relay delivers everything, in
+/// per-key order and at no cost in attempts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_kafka_outage_fails_no_append_and_loses_nothing() {
     let kafka = MockKafka::start(3);
@@ -121,8 +159,8 @@ async fn a_kafka_outage_fails_no_append_and_loses_nothing() {
     wait_for_relay_health(&channel, ServingStatus::Serving).await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let appender = keep_appending(client.clone(), topic.clone(), 8, stop.clone());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (appended, appender) = keep_appending(client.clone(), topic.clone(), 8, stop.clone());
+    wait_for_new_acks(&appended, 20, "appends before the outage").await;
 
     for broker in 1..=3 {
         kafka.broker_down(broker);
@@ -134,34 +172,93 @@ async fn a_kafka_outage_fails_no_append_and_loses_nothing() {
         "the breaker to show open in the metrics",
         Duration::from_secs(10),
         || async move {
-            let text = scrape(metrics_port).await;
+            let text = support::scrape_metrics(metrics_port).await;
             text.lines()
                 .any(|l| l == "outboxd_breaker_state 1" || l == "outboxd_breaker_state 2")
                 .then_some(())
         },
     )
     .await;
-    // Appending goes on at full speed through a sustained outage.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The outage is established: from here until the brokers come back, a
+    // gateway that held appends until Kafka returned would ack nothing.
+    const DURING_OUTAGE: usize = 200;
+    let outage_seen = wait_for_new_acks(
+        &appended,
+        DURING_OUTAGE,
+        "appends to be acknowledged while every broker is down",
+    )
+    .await;
+    assert_eq!(
+        relay_health(&channel).await,
+        ServingStatus::NotServing as i32,
+        "the relay could not reach Kafka the whole time"
+    );
+    let during: Vec<String> = {
+        let appended = appended.lock().unwrap();
+        appended
+            .acked_since(outage_seen)
+            .flat_map(|ack| ack.event_ids.iter().cloned())
+            .collect()
+    };
+    let mut probe = client.clone();
+    let statuses = probe
+        .get_status(proto::GetStatusRequest {
+            event_ids: during.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(statuses.len(), during.len());
+    for status in &statuses {
+        assert_eq!(
+            status.state,
+            proto::EventState::Ready as i32,
+            "{} was acknowledged while Kafka could not have it",
+            status.event_id
+        );
+    }
+    let outage_over = Instant::now();
     for broker in 1..=3 {
         kafka.broker_up(broker);
     }
+    {
+        let appended = appended.lock().unwrap();
+        let mut latencies: Vec<Duration> = appended
+            .acked_since(outage_seen)
+            .filter(|ack| ack.acked < outage_over)
+            .map(|ack| ack.acked - ack.sent)
+            .collect();
+        latencies.sort();
+        assert!(
+            latencies.len() >= DURING_OUTAGE,
+            "{} appends sent and acknowledged during the outage",
+            latencies.len()
+        );
+        println!(
+            "outage: {} appends acknowledged while every broker was down, in {:?}; ack latency p50 {:?}, max {:?}",
+            latencies.len(),
+            outage_over - outage_seen,
+            latencies[latencies.len() / 2],
+            latencies[latencies.len() - 1]
+        );
+    }
     wait_for_relay_health(&channel, ServingStatus::Serving).await;
-    let after = scrape(metrics_port).await;
-    let opened = after
-        .lines()
-        .find_map(|l| l.strip_prefix("outboxd_breaker_opened_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0);
+    let after = support::scrape_metrics(metrics_port).await;
     assert!(
-        opened >= 1.0,
+        support::metric_value(&after, "outboxd_breaker_opened_total") >= 1.0,
         "the breaker's openings are counted:\n{after}"
     );
     assert!(after.contains("outboxd_events_published_total"), "{after}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for_new_acks(&appended, 20, "appends after the outage").await;
     stop.store(true, Ordering::Relaxed);
-    let (by_key, failures) = appender.await.unwrap();
-    assert_eq!(failures, 0, "no append failed during the outage");
+    let by_key = {
+        let appended = appender.await.unwrap();
+        let appended = appended.lock().unwrap();
+        assert_eq!(appended.failures, 0, "no append failed during the outage");
+        appended.by_key.clone()
+    };
 
     let all: Vec<String> = by_key.values().flatten().cloned().collect();
     let expected: HashSet<String> = all.iter().cloned().collect();
@@ -760,7 +857,7 @@ async fn a_fatal_producer_error_replaces_the_producer() {
             "a fatal producer error cost {id} an attempt"
         );
     }
-    let metrics = scrape(metrics_port).await;
+    let metrics = support::scrape_metrics(metrics_port).await;
     assert!(
         metrics
             .lines()

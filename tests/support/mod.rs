@@ -123,6 +123,9 @@ pub struct PgCluster {
     bin: PathBuf,
     /// PostgreSQL refuses to run as root: then commands run as `postgres`.
     run_as: Option<&'static str>,
+    /// fsync on, as in production; off (the default for tests) saves the
+    /// shared cluster its disk flushes.
+    durable: bool,
 }
 
 impl PgCluster {
@@ -143,6 +146,15 @@ impl PgCluster {
 
     /// A new cluster of its own, e.g. for a test that stops it.
     pub fn start() -> PgCluster {
+        Self::start_with(false)
+    }
+
+    /// A new cluster of its own with fsync on, for a test that crashes it.
+    pub fn start_durable() -> PgCluster {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> PgCluster {
         let bin = pg_bin_dir();
         let dir = std::env::temp_dir().join(unique("outboxd-pg"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -161,6 +173,7 @@ impl PgCluster {
             dir,
             bin,
             run_as,
+            durable,
         };
         watchdog(&format!(
             "{} ; rm -rf {}",
@@ -221,9 +234,10 @@ impl PgCluster {
     /// Starts the server and waits (pg_ctl -w probes readiness) until it accepts connections.
     pub fn start_server(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=400 -c shared_buffers=128MB",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=400 -c shared_buffers=128MB",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            if self.durable { "on" } else { "off" }
         );
         self.run(
             "pg_ctl",
@@ -251,6 +265,23 @@ impl PgCluster {
                 &format!("{}/data", self.dir.display()),
                 "-m",
                 "fast",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+
+    /// Immediate shutdown: every server process quits at once, with no
+    /// checkpoint and nothing written that was not written already; the
+    /// next start recovers from the WAL, as after a crash.
+    pub fn crash_server(&self) {
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &format!("{}/data", self.dir.display()),
+                "-m",
+                "immediate",
                 "-w",
                 "stop",
             ],
@@ -762,6 +793,10 @@ impl CallerTransaction {
     }
 }
 
+/// How long a graceful stop of `outboxd serve` may take: its shutdown
+/// timeout (20 s in [`test_config`]) and a margin.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(45);
+
 /// A real `outboxd serve` process, for tests that kill or pause it.
 pub struct ServeProcess {
     pub address: SocketAddr,
@@ -847,11 +882,75 @@ impl ServeProcess {
         self.signal("-CONT");
     }
 
-    /// SIGTERM and wait for a clean exit.
+    /// SIGTERM and wait for a clean exit; a process still running after
+    /// [`STOP_TIMEOUT`] is killed and fails the test.
     pub fn stop(mut self) {
         self.signal("-TERM");
-        let status = self.child.wait().unwrap();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("outboxd serve did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert!(status.success(), "outboxd serve exited with {status}");
+    }
+}
+
+/// A gateway's Prometheus metrics (`metrics_listen` on `port`), as text.
+pub async fn scrape_metrics(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .expect("the metrics endpoint answers within 10s")
+    .unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The value of an unlabelled counter or gauge in scraped metrics (0 when
+/// it has not been set yet).
+pub fn metric_value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// How long a test's append may take before the test treats it as failed
+/// (not acknowledged): a hung gateway fails the test instead of hanging it.
+pub const APPEND_DEADLINE: Duration = Duration::from_secs(10);
+
+/// `Append` with [`APPEND_DEADLINE`]: the deadline travels as `grpc-timeout`
+/// and is enforced here too; running out of it is `DEADLINE_EXCEEDED`.
+pub async fn append_with_deadline(
+    client: &mut OutboxClient<tonic::transport::Channel>,
+    request: outboxd::proto::AppendRequest,
+) -> Result<outboxd::proto::AppendResponse, tonic::Status> {
+    let mut request = tonic::Request::new(request);
+    request.set_timeout(APPEND_DEADLINE);
+    match tokio::time::timeout(APPEND_DEADLINE, client.append(request)).await {
+        Ok(result) => result.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "no answer within {APPEND_DEADLINE:?}"
+        ))),
     }
 }
 
