@@ -36,6 +36,9 @@ pub mod names {
     pub const BREAKER_OPENED: &str = "outboxd_breaker_opened_total";
     /// Kafka producers replaced after a fatal error.
     pub const PRODUCER_REPLACED: &str = "outboxd_producer_replaced_total";
+    /// Relay writes refused because the shard's lease had moved to another
+    /// instance (this one was paused or cut off past its lease).
+    pub const RELAY_WRITES_FENCED: &str = "outboxd_relay_writes_fenced_total";
     /// Shards this instance relays.
     pub const RELAY_SHARDS: &str = "outboxd_relay_shards";
     /// Unpublished events and the age of the oldest, per shard.

@@ -64,11 +64,11 @@ fn appender(
                 events: events.iter().map(|(_, e)| e.clone()).collect(),
                 correlation: 0,
             };
-            match client.as_mut().unwrap().append(request).await {
+            match support::append_with_deadline(client.as_mut().unwrap(), request).await {
                 Ok(response) => {
                     transaction += 1;
                     acked_requests.fetch_add(1, Ordering::Relaxed);
-                    for ((key, _), id) in events.into_iter().zip(response.into_inner().event_ids) {
+                    for ((key, _), id) in events.into_iter().zip(response.event_ids) {
                         by_key.entry(key).or_default().push(id);
                     }
                 }
@@ -113,6 +113,23 @@ async fn verify(bootstrap: &str, topic: &str, by_key: &HashMap<String, Vec<Strin
             .map(|r| r.event_id())
             .collect::<HashSet<_>>()
             .len()
+}
+
+/// Ordering keys `{prefix}-{n}`, the first one of each of `shards` shards,
+/// in shard order.
+fn one_key_per_shard(prefix: &str, shards: u32) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::new();
+    for n in 0.. {
+        let key = format!("{prefix}-{n}");
+        let shard = outboxd::domain::murmur2::kafka_partition(key.as_bytes(), shards);
+        if shard as usize == keys.len() {
+            keys.push(key);
+            if keys.len() == shards as usize {
+                break;
+            }
+        }
+    }
+    keys
 }
 
 async fn wait_for_acks(acked: &AtomicUsize, more: usize) {
@@ -242,7 +259,8 @@ async fn two_instances_split_the_shards_and_survive_each_other() {
         "taken over within a few lease periods"
     );
     wait_for_acks(&acked, 50).await;
-    // The paused instance wakes as a zombie: its writes are fenced off.
+    // The paused instance wakes up as a zombie (that its writes are refused
+    // is the next test's subject), and dies.
     second.resume();
     wait_for_acks(&acked, 50).await;
     second.kill();
@@ -253,6 +271,275 @@ async fn two_instances_split_the_shards_and_survive_each_other() {
     println!("two instances: {duplicates} duplicates after a pause and a kill");
     let _ = &mut admin;
     first.stop();
+}
+
+/// An instance paused past its leases wakes up as a zombie: the leases
+/// expired and another owner took them (a new epoch), yet the zombie still
+/// relays what it finds in its old shards. Kafka gets those records, but
+/// every write of their outcomes is refused (counted in
+/// `outboxd_relay_writes_fenced_total`): no event's final state comes from
+/// the zombie. The events are published once the shards have an owner with
+/// a current lease, each recorded with that owner's record, not the
+/// zombie's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_zombie_is_fenced_off_after_its_leases_expire() {
+    use outboxd::domain::{AppendBatch, NewEvent, TokenMode, TraceContext, TransactionToken};
+    const SHARDS: u32 = 8;
+    let tansu = Tansu::shared();
+    let topic = support::unique("zombie");
+    tansu.create_topic(&topic, 4).await;
+    let store_url = support::fresh_database().await;
+    let mut config = failover_config(&store_url, &tansu.bootstrap);
+    let metrics_port = support::free_port();
+    config.metrics_listen = Some(([127, 0, 0, 1], metrics_port).into());
+    let zombie = ServeProcess::start(&config).await;
+    let mut client = OutboxClient::connect(zombie.endpoint()).await.unwrap();
+    let admin = OutboxAdminClient::connect(zombie.endpoint()).await.unwrap();
+    let live_leases = |admin: &OutboxAdminClient<tonic::transport::Channel>| {
+        let mut admin = admin.clone();
+        async move {
+            let leases = admin
+                .list_leases(proto::ListLeasesRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .leases;
+            let now = chrono::Utc::now().timestamp();
+            let live = leases
+                .iter()
+                .filter(|l| l.expires_at.as_ref().is_some_and(|t| t.seconds > now))
+                .count();
+            (live == SHARDS as usize).then_some(leases)
+        }
+    };
+    let old_leases = support::eventually(
+        "the instance to hold every shard",
+        Duration::from_secs(30),
+        || live_leases(&admin),
+    )
+    .await;
+    let keys = one_key_per_shard("zombie", SHARDS);
+    let event = |key: &String, label: &str| support::keyed_event(&topic, key, label.as_bytes());
+
+    // It relays while its leases are current; once these are published it
+    // has nothing in flight.
+    let relayed = support::append_with_deadline(
+        &mut client,
+        support::append_request(
+            support::immediate_token("zombie", "before"),
+            keys.iter().map(|k| event(k, "before")).collect(),
+        ),
+    )
+    .await
+    .unwrap()
+    .event_ids;
+    support::eventually(
+        "the first events to be published",
+        Duration::from_secs(30),
+        || {
+            let mut client = client.clone();
+            let ids = relayed.clone();
+            async move {
+                let statuses = client
+                    .get_status(proto::GetStatusRequest {
+                        event_ids: ids,
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .events;
+                statuses
+                    .iter()
+                    .all(|s| s.state == proto::EventState::Published as i32)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+
+    // Paused past its leases: they expire, and another owner takes them
+    // through the store as an instance would, and holds them without
+    // relaying. The paused instance released nothing.
+    zombie.pause();
+    let store = outboxd::store::connect(&store_url, 2, SHARDS)
+        .await
+        .unwrap();
+    let taken = support::eventually(
+        "the paused instance's leases to expire and be taken",
+        Duration::from_secs(30),
+        || {
+            let store = store.clone();
+            async move {
+                let leases = store
+                    .acquire_leases("new-owner", Duration::from_secs(120), SHARDS)
+                    .await
+                    .ok()?;
+                (leases.len() == SHARDS as usize).then_some(leases)
+            }
+        },
+    )
+    .await;
+    for lease in &taken {
+        let old = old_leases
+            .iter()
+            .find(|l| l.shard == lease.shard)
+            .expect("the shard had a lease");
+        assert!(
+            lease.epoch > old.epoch as i64,
+            "taking an expired lease moves its epoch on: {lease:?} after {old:?}"
+        );
+    }
+    // Meanwhile one event per shard is appended (through the store: the
+    // paused instance answers no request). Only the zombie will relay them.
+    let stranded: Vec<String> = store
+        .append(&[AppendBatch {
+            token: TransactionToken {
+                producer: "zombie".into(),
+                transaction_id: "stranded".into(),
+                mode: TokenMode::Immediate,
+            },
+            sequence: 0,
+            events: keys
+                .iter()
+                .map(|key| NewEvent {
+                    event_id: None,
+                    topic: topic.clone(),
+                    key: Some(key.as_bytes().to_vec()),
+                    payload: b"stranded".to_vec(),
+                    headers: vec![],
+                    aggregate_type: "order".into(),
+                    aggregate_id: key.clone(),
+                    event_type: "created".into(),
+                    occurred_at: None,
+                })
+                .collect(),
+            trace: TraceContext::default(),
+        }])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap()
+        .event_ids
+        .iter()
+        .map(|id| id.to_string())
+        .collect();
+
+    zombie.resume();
+    // The zombie sends them: every stranded event is in Kafka...
+    let stranded_set: HashSet<String> = stranded.iter().cloned().collect();
+    let zombie_records: HashSet<(String, i32, i64)> = consume_until(
+        &tansu.bootstrap,
+        &topic,
+        &stranded_set,
+        Duration::from_millis(500),
+        Duration::from_secs(60),
+    )
+    .await
+    .into_iter()
+    .filter(|r| stranded_set.contains(&r.event_id()))
+    .map(|r| (r.event_id(), r.partition, r.offset))
+    .collect();
+    // ...and each of its old shard workers has its write refused once.
+    support::eventually(
+        "the zombie's writes to be refused for every shard",
+        Duration::from_secs(30),
+        || async move {
+            let metrics = support::scrape_metrics(metrics_port).await;
+            (support::metric_value(&metrics, "outboxd_relay_writes_fenced_total")
+                >= f64::from(SHARDS))
+            .then_some(())
+        },
+    )
+    .await;
+    // No final state came from the zombie: with the leases held elsewhere
+    // and not relayed, every stranded event is still waiting.
+    let statuses = client
+        .get_status(proto::GetStatusRequest {
+            event_ids: stranded.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(statuses.len(), stranded.len());
+    for status in &statuses {
+        assert_eq!(
+            status.state,
+            proto::EventState::Ready as i32,
+            "the zombie's delivery of {} was recorded: {status:?}",
+            status.event_id
+        );
+    }
+
+    // The owner gives the shards up; the instance, now current again, takes
+    // them with a new epoch and publishes the stranded events itself.
+    store.release_leases("new-owner").await.unwrap();
+    let published = support::eventually(
+        "the stranded events to be published by a current owner",
+        Duration::from_secs(60),
+        || {
+            let mut client = client.clone();
+            let ids = stranded.clone();
+            async move {
+                let statuses = client
+                    .get_status(proto::GetStatusRequest {
+                        event_ids: ids,
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .events;
+                statuses
+                    .iter()
+                    .all(|s| s.state == proto::EventState::Published as i32)
+                    .then_some(statuses)
+            }
+        },
+    )
+    .await;
+    let records = consume_until(
+        &tansu.bootstrap,
+        &topic,
+        &stranded_set,
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+    )
+    .await;
+    for status in &published {
+        let recorded = (
+            status.partition.expect("a published event has a partition"),
+            status.offset.expect("a published event has an offset"),
+        );
+        assert!(
+            !zombie_records.contains(&(status.event_id.clone(), recorded.0, recorded.1)),
+            "{} is recorded with the zombie's record {recorded:?}",
+            status.event_id
+        );
+        assert!(
+            records
+                .iter()
+                .any(|r| (r.partition, r.offset) == recorded && r.event_id() == status.event_id),
+            "{} is recorded at {recorded:?}, a record of another event",
+            status.event_id
+        );
+    }
+    let leases = support::eventually(
+        "the instance to hold every shard again",
+        Duration::from_secs(30),
+        || live_leases(&admin),
+    )
+    .await;
+    for lease in &leases {
+        let usurped = taken.iter().find(|l| l.shard == lease.shard).unwrap();
+        assert!(
+            lease.epoch > usurped.epoch as u64,
+            "{lease:?} after {usurped:?}"
+        );
+    }
+    zombie.stop();
 }
 
 /// Appends, Commit and Redrive made through one instance wake the shard's
@@ -299,17 +586,7 @@ async fn wake_ups_reach_the_owner_on_another_instance() {
     )
     .await;
     // One key per shard, so that each instance owns some of them.
-    let mut keys: Vec<String> = Vec::new();
-    for n in 0.. {
-        let key = format!("key-{n}");
-        let shard = outboxd::domain::murmur2::kafka_partition(key.as_bytes(), 8) as usize;
-        if shard == keys.len() {
-            keys.push(key);
-            if keys.len() == 8 {
-                break;
-            }
-        }
-    }
+    let keys = one_key_per_shard("key", 8);
     let events = |label: &str| -> Vec<proto::Event> {
         keys.iter()
             .map(|key| support::keyed_event(&topic, key, label.as_bytes()))

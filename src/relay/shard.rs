@@ -559,6 +559,14 @@ impl ShardWorker {
 
     /// Records collected outcomes, one statement per kind.
     async fn record(&mut self) -> Result<(), StoreError> {
+        self.record_outcomes().await.inspect_err(|error| {
+            if matches!(error, StoreError::LeaseLost { .. }) {
+                metrics::counter!(names::RELAY_WRITES_FENCED).increment(1);
+            }
+        })
+    }
+
+    async fn record_outcomes(&mut self) -> Result<(), StoreError> {
         if !self.delivered.is_empty() {
             match self
                 .store
