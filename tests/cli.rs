@@ -37,7 +37,7 @@ fn append(topic: &str, producer: &str, transaction: usize) -> proto::AppendReque
             .map(|i| {
                 event(
                     topic,
-                    &format!("cart-{}", (transaction + i) % 7),
+                    &format!("cart-{}", (transaction + i) % CART_KEYS),
                     transaction,
                 )
             })
@@ -46,10 +46,26 @@ fn append(topic: &str, producer: &str, transaction: usize) -> proto::AppendReque
     }
 }
 
-/// SIGTERM while appends are in flight: the process exits 0, and every
-/// acknowledged event is in Kafka by then (the relay drained before exit).
+/// Ordering keys of the SIGTERM test's events: more than the records the
+/// relay can have in flight (one per key), so a backlog larger than this
+/// holds events that were not even sent.
+const CART_KEYS: usize = 31;
+
+/// One append as a producer saw it.
+struct Sent {
+    sent: std::time::Instant,
+    answered: std::time::Instant,
+    result: Result<Vec<String>, tonic::Status>,
+}
+
+/// SIGTERM with an unpublished backlog and appends in flight: the appends
+/// held in the store when the signal arrives complete and are acknowledged,
+/// the relay publishes the whole backlog and the new events before the
+/// process exits 0, and records them as published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serve_drains_appends_and_publishes_on_sigterm() {
+    use sqlx::Connection;
+    use tokio::io::AsyncBufReadExt;
     let kafka = MockKafka::start(1);
     let topic = support::unique("carts");
     kafka.create_topic(&topic, 3).await;
@@ -58,11 +74,23 @@ async fn serve_drains_appends_and_publishes_on_sigterm() {
     let mut child = tokio::process::Command::new(OUTBOXD)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--database-url", &database, "--brokers", &kafka.bootstrap])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,outboxd=info")
         .stdin(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    // Its log, line by line, to see when it has taken the signal.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    {
+        let log = log.clone();
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                log.lock().unwrap().push(line);
+            }
+        });
+    }
     let endpoint = format!("http://127.0.0.1:{port}");
     let client = support::eventually(
         "outboxd serve to accept connections",
@@ -77,69 +105,186 @@ async fn serve_drains_appends_and_publishes_on_sigterm() {
         },
     )
     .await;
+    // A slow broker: the relay falls behind the appends.
+    kafka.round_trip_time(1, Duration::from_millis(50));
 
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut producers = Vec::new();
     for p in 0..8 {
         let mut client = client.clone();
         let topic = topic.clone();
+        let stop = stop.clone();
         producers.push(tokio::spawn(async move {
-            let mut acked = Vec::new();
-            for t in 0..200 {
-                match client.append(append(&topic, &format!("p{p}"), t)).await {
-                    Ok(response) => acked.extend(response.into_inner().event_ids),
-                    Err(_) => break, // the server is going away: not acked, not promised
+            let mut appends = Vec::new();
+            let mut t = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let sent = std::time::Instant::now();
+                let result =
+                    support::append_with_deadline(&mut client, append(&topic, &format!("p{p}"), t))
+                        .await
+                        .map(|response| response.event_ids);
+                let failed = result.is_err();
+                appends.push(Sent {
+                    sent,
+                    answered: std::time::Instant::now(),
+                    result,
+                });
+                if failed {
+                    break; // the server is going away: not acked, not promised
                 }
+                t += 1;
             }
-            acked
+            appends
         }));
     }
+    let mut store = sqlx::PgConnection::connect(&database).await.unwrap();
+    // A backlog: events stored and not yet published.
     support::eventually(
-        "some appends to be acknowledged",
+        "a backlog of unpublished events",
         Duration::from_secs(30),
         || {
             let store = database.clone();
             async move {
-                use sqlx::Connection;
                 let mut db = sqlx::PgConnection::connect(&store).await.ok()?;
-                let count: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_event_statuses")
-                    .fetch_one(&mut db)
-                    .await
-                    .ok()?;
-                (count >= 200).then_some(())
+                let unpublished: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM outbox_event_statuses WHERE state <> $1",
+                )
+                .bind(outboxd::domain::EventState::Published as i16)
+                .fetch_one(&mut db)
+                .await
+                .ok()?;
+                (unpublished > 4 * CART_KEYS as i64).then_some(())
             }
         },
     )
     .await;
+    // Appends are held in the store: they wait for a lock that only appends
+    // take (the relay never writes transactions).
+    let mut holder = sqlx::PgConnection::connect(&database).await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE outbox_transactions IN SHARE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    support::eventually(
+        "an append to wait in the store",
+        Duration::from_secs(30),
+        || {
+            let store = database.clone();
+            async move {
+                let mut db = sqlx::PgConnection::connect(&store).await.ok()?;
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_locks \
+                     WHERE relation = 'outbox_transactions'::regclass AND NOT granted",
+                )
+                .fetch_one(&mut db)
+                .await
+                .ok()?;
+                (waiting > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    let backlog: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT event_id FROM outbox_event_statuses WHERE state <> $1")
+            .bind(outboxd::domain::EventState::Published as i16)
+            .fetch_all(&mut store)
+            .await
+            .unwrap();
+    assert!(
+        backlog.len() > CART_KEYS,
+        "a backlog of {} events, more than the relay can have in flight",
+        backlog.len()
+    );
+
+    let signalled = std::time::Instant::now();
     let pid = child.id().unwrap().to_string();
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap();
     assert!(killed.success());
+    // The broker recovers, so that draining the backlog takes little time.
+    kafka.round_trip_time(1, Duration::ZERO);
+    support::eventually(
+        "outboxd to take the signal",
+        Duration::from_secs(30),
+        || async {
+            let log = log.lock().unwrap();
+            log.iter()
+                .any(|line| line.contains("shutdown requested"))
+                .then_some(())
+        },
+    )
+    .await;
+    // The appends held at the signal go on.
+    sqlx::raw_sql("COMMIT").execute(&mut holder).await.unwrap();
     let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
         .await
         .expect("outboxd exits within 60s of SIGTERM")
         .unwrap();
     assert!(status.success(), "graceful shutdown exits 0: {status:?}");
 
-    let mut acked = HashSet::new();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut appends = Vec::new();
     for producer in producers {
-        acked.extend(producer.await.unwrap());
+        appends.extend(producer.await.unwrap());
     }
-    assert!(acked.len() >= 200);
+    let acked: HashSet<String> = appends
+        .iter()
+        .filter_map(|a| a.result.as_ref().ok())
+        .flatten()
+        .cloned()
+        .collect();
+    let in_flight: Vec<&String> = appends
+        .iter()
+        .filter(|a| a.sent < signalled && a.answered > signalled)
+        .filter_map(|a| a.result.as_ref().ok())
+        .flatten()
+        .collect();
+    assert!(
+        !in_flight.is_empty(),
+        "an append in flight at the signal was acknowledged"
+    );
+    let backlog: HashSet<String> = backlog.iter().map(|id| id.to_string()).collect();
     // Nothing relays any more: what is in Kafka now was published before exit.
+    let expected: HashSet<String> = acked.union(&backlog).cloned().collect();
     let records = consume_until(
         &kafka.bootstrap,
         &topic,
-        &acked,
+        &expected,
         Duration::from_secs(1),
         Duration::from_secs(30),
     )
     .await;
     let in_kafka: HashSet<String> = records.iter().map(|r| r.event_id()).collect();
     assert!(
+        backlog.is_subset(&in_kafka),
+        "the backlog at the signal was published before exit"
+    );
+    assert!(
+        in_flight.iter().all(|id| in_kafka.contains(*id)),
+        "the appends in flight at the signal were published before exit"
+    );
+    assert!(
         acked.is_subset(&in_kafka),
         "every acknowledged event was published before exit"
+    );
+    // And recorded as published: the next start has nothing to send again.
+    let ids: Vec<uuid::Uuid> = expected.iter().map(|id| id.parse().unwrap()).collect();
+    let unrecorded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_event_statuses WHERE event_id = ANY($1) AND state <> $2",
+    )
+    .bind(&ids)
+    .bind(outboxd::domain::EventState::Published as i16)
+    .fetch_one(&mut store)
+    .await
+    .unwrap();
+    assert_eq!(unrecorded, 0, "every delivery was recorded before exit");
+    println!(
+        "SIGTERM: a backlog of {} events and {} events in flight at the signal; {} acknowledged in all",
+        backlog.len(),
+        in_flight.len(),
+        acked.len()
     );
 }
 
