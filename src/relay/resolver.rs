@@ -129,10 +129,23 @@ impl Resolver {
             return Ok(false);
         }
         let Verdicts { decided, put_off } = self.verdicts(&tokens).await;
-        let resolved = self.store.resolve_xid_tokens(&decided).await?;
+        // Resolutions first, in their own store transaction: recording why
+        // many tokens cannot be resolved takes a while and must not hold
+        // them back.
+        let (unresolvable, resolutions): (Vec<_>, Vec<_>) = decided
+            .into_iter()
+            .partition(|(_, verdict)| matches!(verdict, XidVerdict::Unresolvable(_)));
+        if !resolutions.is_empty() {
+            let resolved = self.store.resolve_xid_tokens(&resolutions).await?;
+            self.announce(resolved);
+        }
         if !put_off.is_empty() {
             self.store.defer_xid_tokens(&put_off, PUT_OFF).await?;
         }
+        if unresolvable.is_empty() {
+            return Ok(true);
+        }
+        let resolved = self.store.resolve_xid_tokens(&unresolvable).await?;
         let mut warned = HashSet::new();
         for status in &resolved.changed {
             if status.state == crate::domain::EventState::Pending

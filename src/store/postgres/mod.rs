@@ -947,7 +947,42 @@ impl Store for PostgresStore {
     ) -> Result<Resolved, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut resolved = Resolved::default();
+        // Why tokens cannot be resolved, all in one statement: there may be
+        // thousands, and they stay PENDING. The reason shows in their
+        // events' status (written only when it changes).
+        let (mut producers, mut transaction_ids, mut reasons) = (vec![], vec![], vec![]);
         for (transaction, verdict) in verdicts {
+            if let XidVerdict::Unresolvable(reason) = verdict {
+                producers.push(transaction.producer.as_str());
+                transaction_ids.push(transaction.transaction_id.as_str());
+                reasons.push(reason.as_str());
+            }
+        }
+        if !producers.is_empty() {
+            let rows = sqlx::query(
+                "UPDATE outbox_events AS e SET last_error = u.reason, \
+                     change_seq = nextval('outbox_change_seq'), change_xid = pg_current_xact_id(), \
+                     updated_at = now() \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(producer, transaction_id, reason) \
+                 WHERE e.producer = u.producer AND e.transaction_id = u.transaction_id \
+                   AND e.state = 1 AND e.last_error IS DISTINCT FROM u.reason \
+                 RETURNING e.event_id, e.producer, e.transaction_id, e.append_sequence, e.topic, \
+                     e.state, e.kafka_partition, e.kafka_offset, e.attempts, e.last_error, \
+                     e.updated_at, e.change_seq",
+            )
+            .bind(&producers)
+            .bind(&transaction_ids)
+            .bind(&reasons)
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in &rows {
+                resolved.changed.push(status_from_row(row)?);
+            }
+        }
+        for (transaction, verdict) in verdicts {
+            let Some((txn_state, name, event_state, reason)) = xid_step(verdict) else {
+                continue;
+            };
             // Another instance may have resolved it meanwhile.
             let open: Option<i16> = sqlx::query_scalar(
                 "SELECT state FROM outbox_transactions \
@@ -960,41 +995,17 @@ impl Store for PostgresStore {
             if open.is_none() {
                 continue;
             }
-            match (xid_step(verdict), verdict) {
-                (Some((txn_state, name, event_state, reason)), _) => {
-                    resolved.extend(
-                        Self::finish_transaction(
-                            &mut tx,
-                            transaction,
-                            txn_state,
-                            name,
-                            event_state,
-                            reason.as_deref(),
-                        )
-                        .await?,
-                    );
-                }
-                (None, XidVerdict::Unresolvable(reason)) => {
-                    // Stays PENDING; the reason shows in its status (once).
-                    let rows = sqlx::query(
-                        "UPDATE outbox_events SET last_error = $3, \
-                             change_seq = nextval('outbox_change_seq'), change_xid = pg_current_xact_id(), updated_at = now() \
-                         WHERE producer = $1 AND transaction_id = $2 AND state = 1 \
-                           AND last_error IS DISTINCT FROM $3 \
-                         RETURNING event_id, producer, transaction_id, append_sequence, topic, state, \
-                             kafka_partition, kafka_offset, attempts, last_error, updated_at, change_seq",
-                    )
-                    .bind(&transaction.producer)
-                    .bind(&transaction.transaction_id)
-                    .bind(reason)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    for row in &rows {
-                        resolved.changed.push(status_from_row(row)?);
-                    }
-                }
-                (None, _) => {}
-            }
+            resolved.extend(
+                Self::finish_transaction(
+                    &mut tx,
+                    transaction,
+                    txn_state,
+                    name,
+                    event_state,
+                    reason.as_deref(),
+                )
+                .await?,
+            );
         }
         tx.commit().await?;
         Ok(resolved)
