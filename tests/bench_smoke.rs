@@ -1,10 +1,31 @@
 //! A few seconds of `outboxd bench`, so that it cannot rot. It asserts that
-//! the run completed and every acknowledged event arrived (the bench itself
-//! fails otherwise), never a speed.
+//! the run proves something, never a speed: no append failed, every
+//! acknowledged event id was read back from Kafka (the bench fails
+//! otherwise, and reports the count), and every baseline published.
 
 mod support;
 
 use support::Tansu;
+
+/// The value column of the report's row named `figure`.
+fn figure<'a>(report: &'a str, figure: &str) -> &'a str {
+    report
+        .lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix("| ")?.strip_prefix(figure)?;
+            rest.strip_prefix(" | ")?.strip_suffix(" |")
+        })
+        .unwrap_or_else(|| panic!("no row {figure:?} in the report:\n{report}"))
+}
+
+/// The number in a report value (before any unit or `;`).
+fn number(value: &str) -> f64 {
+    value
+        .split(|c: char| c == ';' || c == '×' || c.is_whitespace())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a number in {value:?}"))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_bench_run_completes_with_every_event_delivered() {
@@ -35,19 +56,54 @@ async fn a_short_bench_run_completes_with_every_event_delivered() {
     ])
     .await;
     let markdown = std::fs::read_to_string(&report).expect("the report was written");
-    for figure in [
-        "events acknowledged",
-        "append ack latency",
-        "publish lag",
-        "direct produce",
-        "naive outbox",
-        "outboxd / direct produce",
-        "backlog of 3000",
+    let _ = std::fs::remove_file(&report);
+    println!("{markdown}");
+
+    assert!(
+        number(figure(&markdown, "events acknowledged")) > 0.0,
+        "{markdown}"
+    );
+    assert_eq!(
+        number(figure(&markdown, "failed requests")),
+        0.0,
+        "no append failed:\n{markdown}"
+    );
+    assert_eq!(
+        number(figure(
+            &markdown,
+            "acknowledged events missing from Kafka (matched by event id)"
+        )),
+        0.0,
+        "{markdown}"
+    );
+    // Each baseline's rate, and for the relays how many they published.
+    for (row, field) in [
+        ("direct produce (records/s)", 0),
+        (
+            "naive outbox relay (events/s; published; offered events/s)",
+            1,
+        ),
+        (
+            "careful outbox relay (events/s; published; offered events/s)",
+            1,
+        ),
     ] {
-        assert!(
-            markdown.contains(figure),
-            "{figure} in the report:\n{markdown}"
-        );
+        let value = figure(&markdown, row);
+        let published = value.split("; ").nth(field).map_or(0.0, number);
+        assert!(published > 0.0, "{row}: nothing published\n{markdown}");
     }
-    let _ = std::fs::remove_file(report);
+    for row in [
+        "append ack latency p50 / p99 / p99.9 (ms, from the scheduled send)",
+        "append service time p50 / p99 / p99.9 (ms, from the actual send)",
+        "publish lag p50 / p99 (scheduled send → readable in Kafka, ms)",
+        "outboxd / direct produce",
+        "outboxd / naive outbox",
+        "outboxd / careful outbox",
+    ] {
+        figure(&markdown, row);
+    }
+    assert!(
+        markdown.contains("| backlog of 3000 built while the broker was unreachable"),
+        "{markdown}"
+    );
 }

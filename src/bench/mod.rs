@@ -3,11 +3,14 @@
 //!
 //! - **outboxd**: a real `outboxd serve` process (measured: CPU, peak RSS),
 //!   driven through gRPC by a load generator on its own runtime; an
-//!   independent consumer times each record's arrival in Kafka.
+//!   independent consumer times each record's arrival in Kafka and the run
+//!   fails unless every acknowledged event id is among what it read.
 //! - **direct produce**: a bare rdkafka producer with the same settings
-//!   sending the same number of records: the ceiling of the Kafka side.
-//! - **naive outbox**: the relay services write by hand: select the oldest
-//!   100 unpublished rows, send each and wait, update each row.
+//!   sending as many records of the same shape (headers included): the
+//!   ceiling of the Kafka side.
+//! - **naive outbox** and **careful outbox**: the relay services write by
+//!   hand, as such code usually is and as it is when written with care, fed
+//!   the load outboxd sustained (see [`baselines`]).
 
 mod baselines;
 mod load;
@@ -16,8 +19,8 @@ mod xid;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, ensure};
@@ -67,7 +70,7 @@ pub struct BenchArgs {
     /// Partitions of the bench topics.
     #[arg(long, default_value_t = 6)]
     pub partitions: i32,
-    /// Skip the direct-produce and naive-outbox baselines.
+    /// Skip the direct-produce and hand-written outbox baselines.
     #[arg(long)]
     pub skip_baselines: bool,
     /// Where the markdown report goes.
@@ -124,13 +127,39 @@ async fn create_topics(brokers: &str, names: &[String], partitions: i32) -> anyh
     Ok(())
 }
 
-/// Counts a topic's records as they arrive and times each from its send.
+/// How long [`Arrivals::restart_count`] waits for the consumer thread.
+const CONSUMER_RESPONSE: Duration = Duration::from_secs(30);
+/// Acknowledged events still missing after the topic was quiet this long
+/// are taken as lost.
+const ARRIVALS_IDLE: Duration = Duration::from_secs(30);
+
+/// Counts a topic's records as they arrive, keeps their event ids and times
+/// each from its send.
 pub(crate) struct Arrivals {
+    /// Distinct events read since the last restart of the count.
     pub delivered: Arc<AtomicU64>,
     pub duplicates: Arc<AtomicU64>,
+    /// Every event id read (the warm-up's too), for matching acknowledged
+    /// ids rather than counts.
+    seen: Arc<Mutex<HashSet<u128>>>,
     stop: Arc<AtomicBool>,
     restart: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<anyhow::Result<Histogram<u64>>>,
+}
+
+/// A record's event id; records without one (none of outboxd's) are told
+/// apart by partition and offset, in a range no UUIDv7 uses.
+fn record_id(message: &rdkafka::message::BorrowedMessage<'_>) -> u128 {
+    message
+        .headers()
+        .and_then(|h| h.iter().find(|h| h.key == "outbox-event-id"))
+        .and_then(|h| h.value)
+        .and_then(|value| std::str::from_utf8(value).ok())
+        .and_then(|value| uuid::Uuid::parse_str(value).ok())
+        .map_or_else(
+            || (u128::from(message.partition() as u32) << 64) | u128::from(message.offset() as u64),
+            |id| id.as_u128(),
+        )
 }
 
 impl Arrivals {
@@ -155,11 +184,13 @@ impl Arrivals {
         consumer.assign(&assignment)?;
         let delivered = Arc::new(AtomicU64::new(0));
         let duplicates = Arc::new(AtomicU64::new(0));
+        let seen = Arc::new(Mutex::new(HashSet::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let restart = Arc::new(AtomicBool::new(false));
-        let (d, dup, s, r) = (
+        let (d, dup, ids, s, r) = (
             delivered.clone(),
             duplicates.clone(),
+            seen.clone(),
             stop.clone(),
             restart.clone(),
         );
@@ -167,7 +198,6 @@ impl Arrivals {
             .name("bench-consumer".into())
             .spawn(move || {
                 let mut lag = histogram();
-                let mut seen: HashSet<Vec<u8>> = HashSet::new();
                 while !s.load(Ordering::Relaxed) {
                     if r.load(Ordering::Relaxed) {
                         lag.reset();
@@ -180,15 +210,11 @@ impl Arrivals {
                     };
                     let message = message?;
                     let arrived = now_micros();
-                    let id = message
-                        .headers()
-                        .and_then(|h| h.iter().find(|h| h.key == "outbox-event-id"))
-                        .and_then(|h| h.value.map(<[u8]>::to_vec))
-                        .unwrap_or_else(|| {
-                            // Baseline records carry no event id: key + offset.
-                            format!("{}:{}", message.partition(), message.offset()).into_bytes()
-                        });
-                    if !seen.insert(id) {
+                    let first_sighting = ids
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(record_id(&message));
+                    if !first_sighting {
                         dup.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -205,17 +231,19 @@ impl Arrivals {
         Ok(Arrivals {
             delivered,
             duplicates,
+            seen,
             stop,
             restart,
             thread,
         })
     }
 
-    /// Waits until `count` records arrived or `timeout` passed.
+    /// Waits until `count` records arrived or `timeout` passed; false at
+    /// once when the consumer has stopped ([`Arrivals::finish`] says why).
     pub fn wait_for(&self, count: u64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while self.delivered.load(Ordering::Relaxed) < count {
-            if Instant::now() >= deadline {
+            if Instant::now() >= deadline || self.thread.is_finished() {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -223,12 +251,51 @@ impl Arrivals {
         true
     }
 
+    /// Waits until every id of `ids` was read; gives up after `timeout`,
+    /// when the consumer stopped, or when nothing new arrived for
+    /// [`ARRIVALS_IDLE`] while ids were still missing. Returns the ids
+    /// still missing.
+    pub fn wait_for_ids(&self, ids: &[u128], timeout: Duration) -> Vec<u128> {
+        let deadline = Instant::now() + timeout;
+        let mut missing = ids.to_vec();
+        let (mut delivered, mut last_arrival) = (u64::MAX, Instant::now());
+        loop {
+            // Cheap first: no use looking for every id before as many
+            // distinct events as expected have come.
+            if self.delivered.load(Ordering::Relaxed) >= ids.len() as u64 {
+                let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+                missing.retain(|id| !seen.contains(id));
+            }
+            if missing.is_empty() || Instant::now() >= deadline || self.thread.is_finished() {
+                return missing;
+            }
+            let now_delivered = self.delivered.load(Ordering::Relaxed);
+            if now_delivered != delivered {
+                (delivered, last_arrival) = (now_delivered, Instant::now());
+            } else if last_arrival.elapsed() >= ARRIVALS_IDLE {
+                return missing;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Counts (and times) from zero again: what arrived so far was warm-up.
-    pub fn restart_count(&self) {
+    /// Fails when the consumer thread is gone or does not answer.
+    pub fn restart_count(&self) -> anyhow::Result<()> {
         self.restart.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + CONSUMER_RESPONSE;
         while self.restart.load(Ordering::Relaxed) {
+            ensure!(
+                !self.thread.is_finished(),
+                "the bench consumer stopped before the load started"
+            );
+            ensure!(
+                Instant::now() < deadline,
+                "the bench consumer did not restart its count within {CONSUMER_RESPONSE:?}"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
+        Ok(())
     }
 
     pub fn finish(self) -> anyhow::Result<Histogram<u64>> {
@@ -244,14 +311,23 @@ impl Arrivals {
 pub struct OutboxdFigures {
     pub acked_events: u64,
     pub failed_requests: u64,
+    /// Acknowledged event ids the consumer did not read (the run fails
+    /// unless this is 0).
+    pub missing_events: u64,
     pub load_seconds: f64,
     pub append_rate: f64,
     pub delivered_during_load: u64,
     pub end_to_end_rate: f64,
     pub drain_seconds: f64,
+    /// From each request's scheduled send time (its actual send when the
+    /// load is open).
     pub ack_p50_ms: f64,
     pub ack_p99_ms: f64,
     pub ack_p999_ms: f64,
+    /// From each request's actual send.
+    pub service_p50_ms: f64,
+    pub service_p99_ms: f64,
+    pub service_p999_ms: f64,
     pub lag_p50_ms: f64,
     pub lag_p99_ms: f64,
     pub duplicates: u64,
@@ -267,8 +343,8 @@ pub struct OutboxdFigures {
 pub struct BenchReport {
     pub outboxd: OutboxdFigures,
     pub direct_rate: Option<f64>,
-    pub naive_rate: Option<f64>,
-    pub naive_published: Option<u64>,
+    pub naive: Option<baselines::RelayFigures>,
+    pub careful: Option<baselines::RelayFigures>,
     pub backlog: Option<(u64, f64)>,
     pub xid_latency: Option<String>,
 }
@@ -286,9 +362,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     let topic = format!("bench-outboxd-{run_id}");
     let direct_topic = format!("bench-direct-{run_id}");
     let naive_topic = format!("bench-naive-{run_id}");
+    let careful_topic = format!("bench-careful-{run_id}");
     create_topics(
         &args.brokers,
-        &[topic.clone(), direct_topic.clone(), naive_topic.clone()],
+        &[
+            topic.clone(),
+            direct_topic.clone(),
+            naive_topic.clone(),
+            careful_topic.clone(),
+        ],
         args.partitions,
     )
     .await
@@ -308,6 +390,32 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         outboxd: outboxd_run(&args, &shape, &topic).await?,
         ..BenchReport::default()
     };
+    // The baselines right after outboxd's run, before the backlog run
+    // leaves a million dead rows behind.
+    if !args.skip_baselines {
+        let records = report.outboxd.acked_events.max(1);
+        println!("baseline: direct produce of {records} records");
+        report.direct_rate =
+            Some(baselines::direct_produce(&args, &shape, &direct_topic, records).await?);
+        // The offered load outboxd sustained, end to end.
+        let offered = report.outboxd.end_to_end_rate;
+        for (relay, topic) in [
+            (baselines::HandRelay::Naive, &naive_topic),
+            (baselines::HandRelay::Careful, &careful_topic),
+        ] {
+            println!(
+                "baseline: {} for {:?}, offered {offered:.0} events/s",
+                relay.name(),
+                args.duration
+            );
+            let figures =
+                baselines::hand_written_outbox(&args, &shape, topic, relay, offered).await?;
+            match relay {
+                baselines::HandRelay::Naive => report.naive = Some(figures),
+                baselines::HandRelay::Careful => report.careful = Some(figures),
+            }
+        }
+    }
     if let Some(samples) = args.xid_samples {
         let gateway = process::Gateway::start(&args, None).await?;
         let latency = xid::measure(&gateway.endpoint(), &args.database_url, &topic, samples).await;
@@ -318,16 +426,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     }
     if let Some(events) = args.backlog {
         report.backlog = Some(process::backlog_drain(&args, events, &run_id).await?);
-    }
-    if !args.skip_baselines {
-        let records = report.outboxd.acked_events.max(1);
-        println!("baseline: direct produce of {records} records");
-        report.direct_rate =
-            Some(baselines::direct_produce(&args, &shape, &direct_topic, records).await?);
-        println!("baseline: naive outbox for {:?}", args.duration);
-        let (rate, published) = baselines::naive_outbox(&args, &shape, &naive_topic).await?;
-        report.naive_rate = Some(rate);
-        report.naive_published = Some(published);
     }
     let markdown = render(&args, &report);
     if let Some(dir) = args.report.parent()
@@ -351,11 +449,14 @@ async fn outboxd_run(
     let gateway = process::Gateway::start(args, None).await?;
     let arrivals = Arrivals::start(&args.brokers, topic)?;
     let warm_up = load::warm_up(gateway.endpoint(), topic, shape).await?;
-    ensure!(
-        arrivals.wait_for(warm_up, Duration::from_secs(60)),
-        "the warm-up events did not reach Kafka"
-    );
-    arrivals.restart_count();
+    if !arrivals.wait_for(warm_up, Duration::from_secs(60)) {
+        arrivals.finish()?;
+        anyhow::bail!("the warm-up events did not reach Kafka");
+    }
+    if let Err(error) = arrivals.restart_count() {
+        // The consumer's own error, when it has one, says more.
+        return Err(arrivals.finish().err().unwrap_or(error));
+    }
     let cpu_before = gateway.cpu_seconds()?;
     println!(
         "outboxd: {} for {:?}, {} connections, {} in flight, {} events per request, {} keys, {} B payloads",
@@ -384,16 +485,23 @@ async fn outboxd_run(
     let delivered_during_load = arrivals.delivered.load(Ordering::Relaxed);
     let cpu_during_load = gateway.cpu_seconds()? - cpu_before;
     let rss_mb = gateway.rss_mb()?;
-    let all_arrived = arrivals.wait_for(load.acked_events, Duration::from_secs(300));
+    let missing = arrivals.wait_for_ids(&load.acked_ids, Duration::from_secs(300));
     let total_seconds = started.elapsed().as_secs_f64();
     let peak_rss_mb = gateway.peak_rss_mb()?;
     gateway.stop().await?;
     let duplicates = arrivals.duplicates.load(Ordering::Relaxed);
-    let delivered = arrivals.delivered.load(Ordering::Relaxed);
     let lag = arrivals.finish()?;
     ensure!(
-        all_arrived,
-        "only {delivered} of {} acknowledged events reached Kafka",
+        missing.is_empty(),
+        "{} of {} acknowledged events did not reach Kafka, e.g. {}",
+        missing.len(),
+        load.acked_ids.len(),
+        uuid::Uuid::from_u128(missing[0])
+    );
+    ensure!(
+        load.acked_ids.len() as u64 == load.acked_events,
+        "{} event ids acknowledged for {} events",
+        load.acked_ids.len(),
         load.acked_events
     );
     let database_size_after = process::database_size(&args.database_url).await?;
@@ -401,6 +509,7 @@ async fn outboxd_run(
     Ok(OutboxdFigures {
         acked_events: load.acked_events,
         failed_requests: load.failed_requests,
+        missing_events: missing.len() as u64,
         load_seconds,
         append_rate: load.acked_events as f64 / load_seconds,
         delivered_during_load,
@@ -409,6 +518,9 @@ async fn outboxd_run(
         ack_p50_ms: quantile_ms(&load.ack_latency, 0.50),
         ack_p99_ms: quantile_ms(&load.ack_latency, 0.99),
         ack_p999_ms: quantile_ms(&load.ack_latency, 0.999),
+        service_p50_ms: quantile_ms(&load.service_time, 0.50),
+        service_p99_ms: quantile_ms(&load.service_time, 0.99),
+        service_p999_ms: quantile_ms(&load.service_time, 0.999),
         lag_p50_ms: quantile_ms(&lag, 0.50),
         lag_p99_ms: quantile_ms(&lag, 0.99),
         duplicates,
@@ -441,6 +553,10 @@ fn render(args: &BenchArgs, report: &BenchReport) -> String {
         ("events acknowledged", o.acked_events.to_string()),
         ("failed requests", o.failed_requests.to_string()),
         (
+            "acknowledged events missing from Kafka (matched by event id)",
+            o.missing_events.to_string(),
+        ),
+        (
             "append rate (acked events/s during load)",
             format!("{:.0}", o.append_rate),
         ),
@@ -457,14 +573,21 @@ fn render(args: &BenchArgs, report: &BenchReport) -> String {
             format!("{:.2}", o.drain_seconds),
         ),
         (
-            "append ack latency p50 / p99 / p99.9 (ms)",
+            "append ack latency p50 / p99 / p99.9 (ms, from the scheduled send)",
             format!(
                 "{:.2} / {:.2} / {:.2}",
                 o.ack_p50_ms, o.ack_p99_ms, o.ack_p999_ms
             ),
         ),
         (
-            "publish lag p50 / p99 (append → readable in Kafka, ms)",
+            "append service time p50 / p99 / p99.9 (ms, from the actual send)",
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                o.service_p50_ms, o.service_p99_ms, o.service_p999_ms
+            ),
+        ),
+        (
+            "publish lag p50 / p99 (scheduled send → readable in Kafka, ms)",
             format!("{:.1} / {:.1}", o.lag_p50_ms, o.lag_p99_ms),
         ),
         ("duplicates seen by the consumer", o.duplicates.to_string()),
@@ -495,20 +618,27 @@ fn render(args: &BenchArgs, report: &BenchReport) -> String {
             "| postgres_xid resolution (caller COMMIT → READY / PUBLISHED) | {latency} |\n"
         ));
     }
-    if let (Some(direct), Some(naive)) = (report.direct_rate, report.naive_rate) {
+    if let Some(direct) = report.direct_rate {
         out.push_str(&format!("| direct produce (records/s) | {direct:.0} |\n"));
-        out.push_str(&format!(
-            "| naive outbox relay (events/s; published in the run) | {naive:.0}; {} |\n",
-            report.naive_published.unwrap_or_default()
-        ));
         out.push_str(&format!(
             "| outboxd / direct produce | {:.2} |\n",
             o.end_to_end_rate / direct
         ));
-        out.push_str(&format!(
-            "| outboxd / naive outbox | {:.1}× |\n",
-            o.end_to_end_rate / naive.max(f64::MIN_POSITIVE)
-        ));
+    }
+    for (name, figures) in [
+        ("naive outbox", report.naive),
+        ("careful outbox", report.careful),
+    ] {
+        if let Some(f) = figures {
+            out.push_str(&format!(
+                "| {name} relay (events/s; published; offered events/s) | {:.0}; {}; {:.0} |\n",
+                f.rate, f.published, f.offered_rate
+            ));
+            out.push_str(&format!(
+                "| outboxd / {name} | {:.1}× |\n",
+                o.end_to_end_rate / f.rate.max(f64::MIN_POSITIVE)
+            ));
+        }
     }
     out
 }
