@@ -218,6 +218,9 @@ impl Config {
         if self.ingest.max_queued_bytes < self.limits.max_request_bytes {
             return invalid("ingest.max_queued_bytes must be at least limits.max_request_bytes");
         }
+        if self.limits.max_concurrent_requests == 0 {
+            return invalid("limits.max_concurrent_requests must be positive");
+        }
         if self.limits.max_batch_events == 0 {
             return invalid("limits.max_batch_events must be positive");
         }

@@ -206,7 +206,18 @@ pub async fn run(
         }
         stream
     });
+    // Server-wide, across connections: past `max_concurrent_requests`
+    // requests being served, the next is shed at once (RESOURCE_EXHAUSTED)
+    // rather than read and queued, which bounds the memory of requests in
+    // flight. Load shedding sits outside the limit, so that a full limit
+    // answers instead of waiting.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(
+        config.limits.max_concurrent_requests,
+    ));
     let serve = tonic::transport::Server::builder()
+        .layer(tower::ServiceBuilder::new().load_shed().layer(
+            tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(in_flight),
+        ))
         // Bounds work per connection; a slow client cannot hold unbounded requests.
         .concurrency_limit_per_connection(1_024)
         .add_service(health_service)

@@ -196,3 +196,76 @@ async fn open_watches_are_capped() {
     .await;
     gateway.stop().await;
 }
+
+/// Past `limits.max_concurrent_requests` requests being served, the next is
+/// refused at once with RESOURCE_EXHAUSTED, and the gateway serves again as
+/// soon as requests finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_past_the_server_wide_limit_are_shed() {
+    let kafka = MockKafka::start(1);
+    let store_url = support::fresh_database().await;
+    let mut config = support::test_config(&store_url, &kafka.bootstrap);
+    config.limits.max_concurrent_requests = 4;
+    let gateway = Gateway::start(config).await;
+    let channel = gateway.channel().await;
+    // Appends wait for the writer, held up here, so that they stay in flight.
+    let mut blocker = {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&store_url).await.unwrap()
+    };
+    let mut client = proto::outbox_client::OutboxClient::new(channel.clone());
+    client
+        .get_status(proto::GetStatusRequest::default())
+        .await
+        .ok();
+    sqlx::raw_sql("BEGIN; LOCK TABLE outbox_writer_slots IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    let appends: Vec<_> = (0..4)
+        .map(|n| {
+            let mut client = proto::outbox_client::OutboxClient::new(channel.clone());
+            tokio::spawn(async move {
+                client
+                    .append(append_request(
+                        immediate_token("shed", &format!("held-{n}")),
+                        vec![keyed_event("shed", "k", b"held")],
+                    ))
+                    .await
+            })
+        })
+        .collect();
+    let shed = support::eventually(
+        "a request past the limit to be shed",
+        Duration::from_secs(10),
+        || {
+            let mut client = client.clone();
+            async move {
+                match client.get_status(proto::GetStatusRequest::default()).await {
+                    Err(status) if status.code() == Code::ResourceExhausted => Some(status),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    assert!(shed.message().contains("Too many"), "{shed:?}");
+    sqlx::raw_sql("COMMIT").execute(&mut blocker).await.unwrap();
+    for append in appends {
+        append
+            .await
+            .unwrap()
+            .expect("an append admitted before the limit");
+    }
+    client
+        .get_status(proto::GetStatusRequest::default())
+        .await
+        .map(|_| ())
+        .or_else(|status| {
+            (status.code() == Code::InvalidArgument)
+                .then_some(())
+                .ok_or(status)
+        })
+        .expect("served again once requests finished");
+    gateway.stop().await;
+}

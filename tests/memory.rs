@@ -17,11 +17,14 @@ use tonic_types::StatusExt;
 /// transaction is bounded in bytes and queued bytes have a budget, so every
 /// append either commits or is told to come back (RESOURCE_EXHAUSTED, with
 /// a retry delay), retried ones commit, each is stored once, and the
-/// gateway's memory stays bounded.
+/// gateway's memory stays bounded: requests being read by
+/// `limits.max_concurrent_requests`, queued ones by
+/// `ingest.max_queued_bytes`, each store transaction by
+/// `ingest.max_coalesced_bytes`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_gigabyte_of_concurrent_appends_is_bounded_in_bytes() {
     const APPENDS: usize = 1_100;
-    const RSS_CEILING: u64 = 2 * 1024 * 1024 * 1024;
+    const RSS_CEILING: u64 = 1280 * 1024 * 1024;
     let store_url = support::fresh_database().await;
     // No broker: the events stay in the store; only ingest is measured.
     // One writer, held up below, so that every append queues for it.

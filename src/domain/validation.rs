@@ -39,6 +39,10 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// Longest two_phase timeout a caller may ask for, in seconds.
     pub max_two_phase_timeout_secs: u64,
+    /// Requests being served at once, all connections together (a stream
+    /// counts only until its response starts); one more is refused at once
+    /// with RESOURCE_EXHAUSTED. Bounds the memory of requests being read.
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for Limits {
@@ -50,6 +54,7 @@ impl Default for Limits {
             max_headers_bytes: 64 * 1024,
             max_request_bytes: 8 * 1024 * 1024,
             max_two_phase_timeout_secs: 24 * 3600,
+            max_concurrent_requests: 256,
         }
     }
 }
