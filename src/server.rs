@@ -172,7 +172,7 @@ pub async fn run(
         .context("building the reflection service")?;
 
     let admin_bus = bus.clone();
-    let auth = Authenticator::new(&config.auth);
+    let auth = Authenticator::new(&config.auth, &config.limits);
     if auth.is_open() {
         tracing::warn!(
             "no [auth] identities configured: every caller may act for every producer and use OutboxAdmin"

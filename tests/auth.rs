@@ -349,3 +349,71 @@ async fn every_rpc_keeps_each_identity_to_its_producers_and_topics() {
     drop(own_watch);
     gateway.stop().await;
 }
+
+/// Per-identity limits: an identity over its request rate or its open
+/// streams is told to come back (RESOURCE_EXHAUSTED with a retry delay),
+/// and another identity is served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_identity_over_its_limits_leaves_the_others_alone() {
+    use tonic_types::StatusExt;
+    let kafka = MockKafka::start(1);
+    let mut config = support::test_config(&support::sqlite_url(), &kafka.bootstrap);
+    config.auth = AuthConfig {
+        identities: vec![
+            identity("shop", &["shop"], &["orders_*"], false),
+            identity("billing", &["billing"], &["invoices_*"], false),
+        ],
+    };
+    config.limits.requests_per_second_per_identity = 50;
+    config.limits.max_streams_per_identity = 2;
+    let gateway = Gateway::start(config).await;
+    let channel = gateway.channel().await;
+    let client = |token: &str| -> Client {
+        OutboxClient::with_interceptor(channel.clone(), BearerToken::new(Some(token)).unwrap())
+    };
+    let (mut shop, mut billing) = (client("shop-token"), client("billing-token"));
+    let watch = |producer: &str| proto::WatchStatusRequest {
+        producer: producer.into(),
+        ..Default::default()
+    };
+
+    // Streams: two open, the third refused; the other identity still opens.
+    let _first = shop.watch_status(watch("shop")).await.unwrap();
+    let _second = shop.watch_status(watch("shop")).await.unwrap();
+    let third = shop.watch_status(watch("shop")).await.unwrap_err();
+    assert_eq!(third.code(), Code::ResourceExhausted, "{third:?}");
+    assert!(third.get_details_retry_info().is_some());
+    billing
+        .watch_status(watch("billing"))
+        .await
+        .expect("another identity's stream");
+
+    // Rate: a burst past one second's worth is refused, with when to retry.
+    let lookup = || proto::GetStatusRequest {
+        event_ids: vec![uuid::Uuid::now_v7().to_string()],
+        ..Default::default()
+    };
+    let mut refused = None;
+    for _ in 0..200 {
+        if let Err(status) = shop.get_status(lookup()).await {
+            refused = Some(status);
+            break;
+        }
+    }
+    let refused = refused.expect("a burst past the rate is refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let retry = refused
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
+        .expect("a retry delay");
+    assert!(retry <= Duration::from_millis(20), "{retry:?}");
+    billing
+        .get_status(lookup())
+        .await
+        .expect("another identity is served");
+    tokio::time::sleep(retry).await;
+    shop.get_status(lookup())
+        .await
+        .expect("served again after the delay it was given");
+    gateway.stop().await;
+}

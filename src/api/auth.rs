@@ -4,13 +4,16 @@
 //! the admin role may use `OutboxAdmin`. With no identity configured the
 //! gateway is open, as before authentication existed.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::metadata::MetadataMap;
 
 use super::ApiError;
+use crate::domain::Limits;
 
 /// Authentication settings (`[auth]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +103,45 @@ pub struct Identity {
     producers: Vec<Pattern>,
     topics: Vec<Pattern>,
     admin: bool,
+    /// Places for its open streams (`limits.max_streams_per_identity`).
+    streams: Arc<Semaphore>,
+    /// Its request rate (`limits.requests_per_second_per_identity`), when
+    /// limited. A std mutex: held for a few arithmetic operations only.
+    bucket: Option<Mutex<TokenBucket>>,
+}
+
+/// A token bucket: `rate` tokens a second, holding at most `rate` (one
+/// second's worth, so a burst is allowed up to that).
+#[derive(Debug)]
+struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32) -> Self {
+        TokenBucket {
+            tokens: f64::from(rate),
+            rate: f64::from(rate),
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or tells how long until one is there.
+    fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.refilled = now;
+        // (A hair under one counts: a caller that waited the delay it was
+        // given must not be turned away by rounding.)
+        if self.tokens >= 1.0 - 1e-9 {
+            self.tokens = (self.tokens - 1.0).max(0.0);
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
 }
 
 /// Finds the identity of a request.
@@ -109,7 +151,7 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(config: &AuthConfig) -> Self {
+    pub fn new(config: &AuthConfig, limits: &Limits) -> Self {
         let identities = config
             .identities
             .iter()
@@ -120,6 +162,10 @@ impl Authenticator {
                     producers: identity.producers.iter().cloned().map(Pattern).collect(),
                     topics: identity.topics.iter().cloned().map(Pattern).collect(),
                     admin: identity.admin,
+                    streams: Arc::new(Semaphore::new(limits.max_streams_per_identity)),
+                    bucket: (limits.requests_per_second_per_identity > 0).then(|| {
+                        Mutex::new(TokenBucket::new(limits.requests_per_second_per_identity))
+                    }),
                 })
             })
             .collect();
@@ -134,7 +180,8 @@ impl Authenticator {
     }
 
     /// What the caller of a request may do: UNAUTHENTICATED when
-    /// credentials are needed and missing or unknown.
+    /// credentials are needed and missing or unknown, RESOURCE_EXHAUSTED
+    /// when the identity is over its request rate.
     pub fn access(&self, metadata: &MetadataMap) -> Result<Access, ApiError> {
         if self.is_open() {
             return Ok(Access::Open);
@@ -157,13 +204,25 @@ impl Authenticator {
                 found = Some(index);
             }
         }
-        match found {
-            Some(index) => Ok(Access::Identity(IdentityRef {
-                identities: self.identities.clone(),
-                index,
-            })),
-            None => Err(ApiError::Unauthenticated("unknown bearer token".into())),
+        let Some(index) = found else {
+            return Err(ApiError::Unauthenticated("unknown bearer token".into()));
+        };
+        let identity = &self.identities[index];
+        if let Some(bucket) = &identity.bucket
+            && let Err(retry_after) = bucket.lock().expect("rate lock").take(Instant::now())
+        {
+            return Err(ApiError::ResourceExhausted {
+                message: format!(
+                    "identity {:?} is over its request rate (limits.requests_per_second_per_identity)",
+                    identity.name
+                ),
+                retry_after,
+            });
         }
+        Ok(Access::Identity(IdentityRef {
+            identities: self.identities.clone(),
+            index,
+        }))
     }
 }
 
@@ -228,6 +287,27 @@ impl Access {
         }
     }
 
+    /// A place for one more open stream (AppendStream, WatchStatus) of this
+    /// caller, held for the stream's life; RESOURCE_EXHAUSTED when its
+    /// streams are at `limits.max_streams_per_identity`.
+    pub fn open_stream(&self) -> Result<Option<OwnedSemaphorePermit>, ApiError> {
+        match self {
+            Access::Open => Ok(None),
+            Access::Identity(identity) => identity
+                .streams
+                .clone()
+                .try_acquire_owned()
+                .map(Some)
+                .map_err(|_| ApiError::ResourceExhausted {
+                    message: format!(
+                        "identity {:?} has too many open streams (limits.max_streams_per_identity)",
+                        identity.name
+                    ),
+                    retry_after: Duration::from_secs(1),
+                }),
+        }
+    }
+
     /// PERMISSION_DENIED unless the caller has the admin role.
     pub fn check_admin(&self) -> Result<(), ApiError> {
         match self {
@@ -272,7 +352,7 @@ mod tests {
 
     #[test]
     fn a_known_token_names_its_identity_and_its_rights() {
-        let auth = Authenticator::new(&config());
+        let auth = Authenticator::new(&config(), &Limits::default());
         let access = auth.access(&with_token("secret")).unwrap();
         assert!(access.allows_producer("shop") && access.allows_producer("shop-eu"));
         assert!(!access.allows_producer("shopping") && !access.allows_producer("billing"));
@@ -283,7 +363,7 @@ mod tests {
 
     #[test]
     fn missing_and_unknown_tokens_are_refused() {
-        let auth = Authenticator::new(&config());
+        let auth = Authenticator::new(&config(), &Limits::default());
         assert!(matches!(
             auth.access(&MetadataMap::new()),
             Err(ApiError::Unauthenticated(_))
@@ -295,8 +375,22 @@ mod tests {
     }
 
     #[test]
+    fn a_token_bucket_allows_its_rate_and_says_when_to_come_back() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(2);
+        bucket.refilled = start;
+        assert!(bucket.take(start).is_ok() && bucket.take(start).is_ok());
+        let wait = bucket.take(start).unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
+        assert!(bucket.take(start + Duration::from_millis(500)).is_ok());
+    }
+
+    #[test]
     fn no_identities_is_open() {
-        let auth = Authenticator::new(&AuthConfig::default());
+        let auth = Authenticator::new(&AuthConfig::default(), &Limits::default());
         let access = auth.access(&MetadataMap::new()).unwrap();
         assert!(access.allows_producer("anyone") && access.check_admin().is_ok());
     }

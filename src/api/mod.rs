@@ -101,6 +101,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
         request: Request<Streaming<proto::AppendRequest>>,
     ) -> Result<Response<Self::AppendStreamStream>, Status> {
         let access = self.auth.access(request.metadata())?;
+        let stream_place = access.open_stream()?;
         let trace = convert::trace_context(request.metadata());
         let mut inbound = request.into_inner();
         // One writer lane per stream: its appends commit in stream order.
@@ -110,6 +111,8 @@ impl proto::outbox_server::Outbox for OutboxApi {
         let shutdown = self.shutdown.clone();
         let (tx, rx) = mpsc::channel(MAX_PIPELINED_APPENDS);
         tokio::spawn(async move {
+            // Given back when the stream ends.
+            let _stream_place = stream_place;
             let mut acks: FuturesOrdered<PendingAck> = FuturesOrdered::new();
             let mut reading = true;
             loop {
@@ -295,6 +298,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
                 after_cursor: request.after_cursor,
             }
         };
+        let identity_place = access.open_stream()?;
         let place = self.open_watches.clone().try_acquire_owned().map_err(|_| {
             ApiError::ResourceExhausted {
                 message: "too many open watches (watch.max_open); retry shortly".into(),
@@ -311,7 +315,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
         // The place is given back when the stream is dropped.
         let stream = ReceiverStream::new(updates).map(move |update| match update {
             Ok(update) => {
-                let _held = &place;
+                let _held = (&place, &identity_place);
                 Ok(proto::StatusUpdate {
                     status: Some(convert::event_status(&update.status)),
                     snapshot: update.snapshot,

@@ -43,6 +43,12 @@ pub struct Limits {
     /// counts only until its response starts); one more is refused at once
     /// with RESOURCE_EXHAUSTED. Bounds the memory of requests being read.
     pub max_concurrent_requests: usize,
+    /// Open AppendStream and WatchStatus streams of one identity (with
+    /// `[auth]` identities configured).
+    pub max_streams_per_identity: usize,
+    /// Requests a second of one identity, with bursts up to one second's
+    /// worth; 0: no limit.
+    pub requests_per_second_per_identity: u32,
 }
 
 impl Default for Limits {
@@ -55,6 +61,8 @@ impl Default for Limits {
             max_request_bytes: 8 * 1024 * 1024,
             max_two_phase_timeout_secs: 24 * 3600,
             max_concurrent_requests: 256,
+            max_streams_per_identity: 1_000,
+            requests_per_second_per_identity: 0,
         }
     }
 }
