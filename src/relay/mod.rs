@@ -195,10 +195,7 @@ impl Relay {
                     }
                     // A fair share: live instances split the shards evenly.
                     let fair_share = match self.store.heartbeat(&self.owner, self.config.lease_ttl).await {
-                        Ok(live) => {
-                            self.waker.set_other_instances(live > 1);
-                            shard_count.div_ceil(live)
-                        }
+                        Ok(live) => shard_count.div_ceil(live),
                         Err(error) => {
                             tracing::warn!(%error, "heartbeat failed");
                             shard_count

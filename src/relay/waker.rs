@@ -27,10 +27,6 @@ pub(crate) struct ShardSignal {
 struct Outgoing {
     pending: Mutex<WakeUp>,
     ready: Notify,
-    /// Whether other instances were alive at the last heartbeat: alone, an
-    /// instance sends no NOTIFY (each costs PostgreSQL a commit). One that
-    /// joins is heard from at its first heartbeat, and polls until then.
-    others: AtomicBool,
 }
 
 /// Wakes shard workers (and the token resolver) when this process commits
@@ -97,11 +93,6 @@ impl RelayWaker {
         self.resolver.notify_one();
     }
 
-    /// Whether other instances share the store (from the lease heartbeat).
-    pub fn set_other_instances(&self, others: bool) {
-        self.outgoing.others.store(others, Ordering::Relaxed);
-    }
-
     pub(crate) fn shard(&self, shard: u32) -> Option<&ShardSignal> {
         self.shards.get(shard as usize)
     }
@@ -161,7 +152,6 @@ impl RelayWaker {
                     let wake =
                         std::mem::take(&mut *waker.outgoing.pending.lock().expect("wake-up lock"));
                     if !wake.is_empty()
-                        && waker.outgoing.others.load(Ordering::Relaxed)
                         && let Err(error) = store.announce_wake_up(&instance, &wake).await
                     {
                         // The others find the rows at their next poll.
