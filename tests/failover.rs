@@ -333,28 +333,12 @@ async fn a_zombie_is_fenced_off_after_its_leases_expire() {
     .await
     .unwrap()
     .event_ids;
-    support::eventually(
+    support::statuses_when(
+        &client,
+        &relayed,
         "the first events to be published",
         Duration::from_secs(30),
-        || {
-            let mut client = client.clone();
-            let ids = relayed.clone();
-            async move {
-                let statuses = client
-                    .get_status(proto::GetStatusRequest {
-                        event_ids: ids,
-                        ..Default::default()
-                    })
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .events;
-                statuses
-                    .iter()
-                    .all(|s| s.state == proto::EventState::Published as i32)
-                    .then_some(())
-            }
-        },
+        |s| s.state == proto::EventState::Published as i32,
     )
     .await;
 
@@ -476,28 +460,12 @@ async fn a_zombie_is_fenced_off_after_its_leases_expire() {
     // The owner gives the shards up; the instance, now current again, takes
     // them with a new epoch and publishes the stranded events itself.
     store.release_leases("new-owner").await.unwrap();
-    let published = support::eventually(
+    let published = support::statuses_when(
+        &client,
+        &stranded,
         "the stranded events to be published by a current owner",
         Duration::from_secs(60),
-        || {
-            let mut client = client.clone();
-            let ids = stranded.clone();
-            async move {
-                let statuses = client
-                    .get_status(proto::GetStatusRequest {
-                        event_ids: ids,
-                        ..Default::default()
-                    })
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .events;
-                statuses
-                    .iter()
-                    .all(|s| s.state == proto::EventState::Published as i32)
-                    .then_some(statuses)
-            }
-        },
+        |s| s.state == proto::EventState::Published as i32,
     )
     .await;
     let records = consume_until(

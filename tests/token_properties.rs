@@ -202,28 +202,16 @@ async fn run_case(plan: Vec<PlannedTransaction>, seed: u64) {
         .iter()
         .map(|(_, _, id)| id.clone())
         .collect();
-    support::eventually("every event to be final", Duration::from_secs(30), || {
-        let mut client = client.clone();
-        let all_ids = all_ids.clone();
-        async move {
-            let statuses = client
-                .get_status(proto::GetStatusRequest {
-                    event_ids: all_ids,
-                    ..Default::default()
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .events;
-            statuses
-                .iter()
-                .all(|s| {
-                    s.state == proto::EventState::Published as i32
-                        || s.state == proto::EventState::Discarded as i32
-                })
-                .then_some(())
-        }
-    })
+    support::statuses_when(
+        &client,
+        &all_ids,
+        "every event to be final",
+        Duration::from_secs(30),
+        |s| {
+            s.state == proto::EventState::Published as i32
+                || s.state == proto::EventState::Discarded as i32
+        },
+    )
     .await;
 
     let records = consume_until(

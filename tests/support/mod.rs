@@ -1027,3 +1027,26 @@ pub fn append_request(
         correlation: 0,
     }
 }
+
+/// Waits until every event of `ids` has a status `accept` takes, and
+/// returns those statuses; fails after `timeout`.
+pub async fn statuses_when(
+    client: &OutboxClient<tonic::transport::Channel>,
+    ids: &[String],
+    what: &str,
+    timeout: Duration,
+    accept: fn(&outboxd::proto::EventStatus) -> bool,
+) -> Vec<outboxd::proto::EventStatus> {
+    eventually(what, timeout, || {
+        let mut client = client.clone();
+        let request = outboxd::proto::GetStatusRequest {
+            event_ids: ids.to_vec(),
+            ..Default::default()
+        };
+        async move {
+            let statuses = client.get_status(request).await.ok()?.into_inner().events;
+            statuses.iter().all(accept).then_some(statuses)
+        }
+    })
+    .await
+}
