@@ -16,41 +16,12 @@ pub struct AdminArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub address: String,
-    /// Bearer token of an identity with the admin role, for a gateway with
-    /// `[auth]` identities.
-    #[arg(long, env = "OUTBOXD_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// TLS and the bearer token (of an identity with the admin role) for a
+    /// secured gateway.
+    #[command(flatten)]
+    pub access: crate::client::GatewayAccess,
     #[command(subcommand)]
     pub command: AdminCommand,
-}
-
-/// Adds `authorization: Bearer …` to every call when a token is given.
-#[derive(Clone)]
-pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl BearerToken {
-    pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
-        Ok(BearerToken(
-            token
-                .map(|token| format!("Bearer {token}").parse())
-                .transpose()
-                .map_err(|_| anyhow::anyhow!("the token must be printable ASCII"))?,
-        ))
-    }
-}
-
-impl tonic::service::Interceptor for BearerToken {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -92,11 +63,7 @@ pub enum AdminCommand {
 }
 
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(args.address.clone())?
-        .connect()
-        .await?;
-    let mut client =
-        OutboxAdminClient::with_interceptor(channel, BearerToken::new(args.token.as_deref())?);
+    let mut client = OutboxAdminClient::new(args.access.connect(&args.address).await?);
     match args.command {
         AdminCommand::DeadLetters {
             producer,

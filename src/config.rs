@@ -83,6 +83,7 @@ pub struct Config {
     pub watch: WatchConfig,
     pub tokens: TokenConfig,
     pub auth: crate::api::AuthConfig,
+    pub tls: crate::tls::TlsConfig,
 }
 
 impl Default for Config {
@@ -99,6 +100,7 @@ impl Default for Config {
             watch: WatchConfig::default(),
             tokens: TokenConfig::default(),
             auth: crate::api::AuthConfig::default(),
+            tls: crate::tls::TlsConfig::default(),
         }
     }
 }
@@ -235,6 +237,19 @@ impl Config {
             }
         }
         self.auth.validate().map_err(ConfigError::Invalid)?;
+        self.tls.validate().map_err(ConfigError::Invalid)?;
+        if let Some(identity) = self
+            .auth
+            .identities
+            .iter()
+            .find(|identity| !identity.client_certificate.is_empty())
+            && !self.tls.mutual()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "auth.identities {:?}: client_certificate needs mutual TLS (tls.client_ca)",
+                identity.name
+            )));
+        }
         if self.watch.max_open == 0 {
             return invalid("watch.max_open must be positive");
         }
@@ -294,5 +309,23 @@ mod tests {
         config.relay.retention = Duration::ZERO;
         let error = config.validate().unwrap_err();
         assert!(error.to_string().contains("relay.retention"), "{error}");
+    }
+
+    #[test]
+    fn certificate_identities_need_mutual_tls() {
+        let mut config = Config::default();
+        config.auth.identities.push(crate::api::auth::IdentityConfig {
+            name: "orders".into(),
+            client_certificate: "orders.internal".into(),
+            ..Default::default()
+        });
+        let error = config.validate().unwrap_err();
+        assert!(error.to_string().contains("tls.client_ca"), "{error}");
+        config.tls.cert = Some("server.pem".into());
+        let error = config.validate().unwrap_err();
+        assert!(error.to_string().contains("tls.key"), "{error}");
+        config.tls.key = Some("server.key".into());
+        config.tls.client_ca = Some("clients.pem".into());
+        config.validate().unwrap();
     }
 }

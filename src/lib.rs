@@ -15,7 +15,9 @@
 //! - [`admin`]: `outboxd admin …`, the OutboxAdmin operations from the command line.
 //! - [`api`]: gRPC adapters only: proto ↔ domain, and errors → status codes.
 //! - [`config`]: layered configuration, validated before anything starts.
+//! - [`tls`]: the listener's transport: TLS, mutual TLS, certificate reloads.
 //! - [`server`]: wiring of one instance and its orderly shutdown.
+//! - [`client`]: how the operator tools reach a (secured) gateway.
 //! - [`bench`]: `outboxd bench`, outboxd against its baselines in one run.
 //! - [`dev`]: `outboxd dev`, the embedded default with an in-process broker.
 //! - [`tail`]: a small Kafka consumer printing records with their headers.
@@ -26,6 +28,7 @@
 pub mod admin;
 pub mod api;
 pub mod bench;
+pub mod client;
 pub mod config;
 pub mod dev;
 pub mod domain;
@@ -36,6 +39,7 @@ pub mod status;
 pub mod store;
 pub mod tail;
 pub mod telemetry;
+pub mod tls;
 
 /// The generated `outboxd.v1` API.
 #[allow(clippy::all, missing_docs)]

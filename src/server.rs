@@ -4,11 +4,9 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
@@ -35,6 +33,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let tls = crate::tls::TlsServer::load(&config.tls).context("loading the TLS certificates")?;
     let metrics_task = match config.metrics_listen {
         Some(address) => {
             let listener = TcpListener::bind(address)
@@ -196,16 +195,15 @@ pub async fn run(
     };
     let max_message = config.limits.max_request_bytes;
     tracing::info!(address = %listener.local_addr()?, store = %redact(&config.store.url), brokers = %config.kafka.brokers, "outboxd serving");
-    // Small responses must not wait for Nagle's algorithm and delayed ACKs
-    // (40 ms each time): tonic configures only the listeners it binds itself.
-    let incoming = TcpListenerStream::new(listener).map(|stream| {
-        if let Ok(stream) = &stream
-            && let Err(error) = stream.set_nodelay(true)
-        {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
-        }
-        stream
-    });
+    let tls_task = tls
+        .clone()
+        .map(|tls| tokio::spawn(tls.watch(shutdown.clone())));
+    if config.tls.mutual() {
+        tracing::info!("serving mutual TLS: clients present certificates");
+    } else if config.tls.enabled() {
+        tracing::info!("serving TLS");
+    }
+    let incoming = crate::tls::incoming(listener, tls, shutdown.clone());
     // Server-wide, across connections: past `max_concurrent_requests`
     // requests being served, the next is shed at once (RESOURCE_EXHAUSTED)
     // rather than read and queued, which bounds the memory of requests in
@@ -262,6 +260,9 @@ pub async fn run(
     })
     .await;
     health_task.abort();
+    if let Some(task) = tls_task {
+        task.abort();
+    }
     if let Some(task) = metrics_task {
         task.abort();
     }

@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::StreamExt;
-use outboxd::admin::BearerToken;
 use outboxd::api::auth::{AuthConfig, IdentityConfig};
+use outboxd::client::BearerToken;
 use outboxd::proto;
 use outboxd::proto::outbox_admin_client::OutboxAdminClient;
 use outboxd::proto::outbox_client::OutboxClient;
@@ -33,6 +33,7 @@ fn identity(name: &str, producers: &[&str], topics: &[&str], admin: bool) -> Ide
         producers: producers.iter().map(|p| p.to_string()).collect(),
         topics: topics.iter().map(|t| t.to_string()).collect(),
         admin,
+        ..IdentityConfig::default()
     }
 }
 

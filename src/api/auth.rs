@@ -1,5 +1,6 @@
 //! Who is calling, and what they may do: bearer tokens (kept as SHA-256
-//! hashes in the configuration) name identities; each identity may act for
+//! hashes in the configuration) and, under mutual TLS, client certificates
+//! name identities; each identity may act for
 //! the producer namespaces and write to the topics its patterns allow, and
 //! the admin role may use `OutboxAdmin`. With no identity configured the
 //! gateway is open, as before authentication existed.
@@ -14,6 +15,7 @@ use tonic::metadata::MetadataMap;
 
 use super::ApiError;
 use crate::domain::Limits;
+use crate::tls::Peer;
 
 /// Authentication settings (`[auth]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,8 +31,13 @@ pub struct AuthConfig {
 pub struct IdentityConfig {
     /// For logs and error messages.
     pub name: String,
-    /// Hex SHA-256 of the bearer token (`printf %s "$TOKEN" | sha256sum`).
+    /// Hex SHA-256 of the bearer token (`printf %s "$TOKEN" | sha256sum`);
+    /// empty when the identity authenticates by certificate only.
     pub token_sha256: String,
+    /// A name of its client certificate (under mutual TLS): the subject's
+    /// common name, or a DNS or URI subject alternative name. Empty when
+    /// the identity authenticates by bearer token only.
+    pub client_certificate: String,
     /// Producer namespaces it may act for: exact names, or a prefix ending
     /// in `*` (`billing-*`); `*` is every producer.
     pub producers: Vec<String>,
@@ -44,10 +51,33 @@ impl AuthConfig {
     /// Why this configuration may not be used, if it may not.
     pub fn validate(&self) -> Result<(), String> {
         let mut hashes = std::collections::HashSet::new();
+        let mut certificates = std::collections::HashSet::new();
         for identity in &self.identities {
             let name = &identity.name;
             if name.is_empty() {
                 return Err("auth.identities: every identity needs a name".into());
+            }
+            if identity.token_sha256.is_empty() && identity.client_certificate.is_empty() {
+                return Err(format!(
+                    "auth.identities {name:?}: needs a token_sha256 or a client_certificate"
+                ));
+            }
+            if !identity.client_certificate.is_empty()
+                && !certificates.insert(identity.client_certificate.as_str())
+            {
+                return Err(format!(
+                    "auth.identities {name:?}: another identity has the same client_certificate"
+                ));
+            }
+            for pattern in identity.producers.iter().chain(&identity.topics) {
+                if pattern.is_empty() || pattern[..pattern.len() - 1].contains('*') {
+                    return Err(format!(
+                        "auth.identities {name:?}: pattern {pattern:?} may only end in '*'"
+                    ));
+                }
+            }
+            if identity.token_sha256.is_empty() {
+                continue;
             }
             if decode_hash(&identity.token_sha256).is_none() {
                 return Err(format!(
@@ -58,13 +88,6 @@ impl AuthConfig {
                 return Err(format!(
                     "auth.identities {name:?}: another identity has the same token"
                 ));
-            }
-            for pattern in identity.producers.iter().chain(&identity.topics) {
-                if pattern.is_empty() || pattern[..pattern.len() - 1].contains('*') {
-                    return Err(format!(
-                        "auth.identities {name:?}: pattern {pattern:?} may only end in '*'"
-                    ));
-                }
             }
         }
         Ok(())
@@ -99,7 +122,9 @@ impl Pattern {
 #[derive(Debug)]
 pub struct Identity {
     pub name: String,
-    token_hash: [u8; 32],
+    /// None: authenticates by certificate only.
+    token_hash: Option<[u8; 32]>,
+    client_certificate: String,
     producers: Vec<Pattern>,
     topics: Vec<Pattern>,
     admin: bool,
@@ -155,18 +180,16 @@ impl Authenticator {
         let identities = config
             .identities
             .iter()
-            .filter_map(|identity| {
-                Some(Identity {
-                    name: identity.name.clone(),
-                    token_hash: decode_hash(&identity.token_sha256)?,
-                    producers: identity.producers.iter().cloned().map(Pattern).collect(),
-                    topics: identity.topics.iter().cloned().map(Pattern).collect(),
-                    admin: identity.admin,
-                    streams: Arc::new(Semaphore::new(limits.max_streams_per_identity)),
-                    bucket: (limits.requests_per_second_per_identity > 0).then(|| {
-                        Mutex::new(TokenBucket::new(limits.requests_per_second_per_identity))
-                    }),
-                })
+            .map(|identity| Identity {
+                name: identity.name.clone(),
+                token_hash: decode_hash(&identity.token_sha256),
+                client_certificate: identity.client_certificate.clone(),
+                producers: identity.producers.iter().cloned().map(Pattern).collect(),
+                topics: identity.topics.iter().cloned().map(Pattern).collect(),
+                admin: identity.admin,
+                streams: Arc::new(Semaphore::new(limits.max_streams_per_identity)),
+                bucket: (limits.requests_per_second_per_identity > 0)
+                    .then(|| Mutex::new(TokenBucket::new(limits.requests_per_second_per_identity))),
             })
             .collect();
         Authenticator {
@@ -182,30 +205,36 @@ impl Authenticator {
     /// What the caller of a request may do: UNAUTHENTICATED when
     /// credentials are needed and missing or unknown, RESOURCE_EXHAUSTED
     /// when the identity is over its request rate.
-    pub fn access(&self, metadata: &MetadataMap) -> Result<Access, ApiError> {
+    pub fn access<T>(&self, request: &tonic::Request<T>) -> Result<Access, ApiError> {
+        self.access_of(request.metadata(), request.extensions().get::<Peer>())
+    }
+
+    /// [`Self::access`] from a request's parts. A bearer token, when sent,
+    /// decides; otherwise the connection's client certificate does.
+    pub fn access_of(
+        &self,
+        metadata: &MetadataMap,
+        peer: Option<&Peer>,
+    ) -> Result<Access, ApiError> {
         if self.is_open() {
             return Ok(Access::Open);
         }
-        let token = metadata
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                ApiError::Unauthenticated(
-                    "a bearer token is required (authorization: Bearer …)".into(),
-                )
-            })?;
-        let hash: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
-        // Every stored hash is compared in full, so that the time taken
-        // tells nothing about which one (if any) came close.
-        let mut found = None;
-        for (index, identity) in self.identities.iter().enumerate() {
-            if constant_time_eq(&identity.token_hash, &hash) {
-                found = Some(index);
+        let index = match metadata.get("authorization") {
+            Some(value) => {
+                self.by_token(value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")))?
             }
-        }
-        let Some(index) = found else {
-            return Err(ApiError::Unauthenticated("unknown bearer token".into()));
+            None => {
+                let names = peer
+                    .map(|peer| &peer.certificate_names[..])
+                    .unwrap_or_default();
+                self.by_certificate(names).ok_or_else(|| {
+                    ApiError::Unauthenticated(if names.is_empty() {
+                        "a bearer token (authorization: Bearer …) or a client certificate of a configured identity is required".into()
+                    } else {
+                        format!("no identity has the client certificate {:?}", names[0])
+                    })
+                })?
+            }
         };
         let identity = &self.identities[index];
         if let Some(bucket) = &identity.bucket
@@ -223,6 +252,36 @@ impl Authenticator {
             identities: self.identities.clone(),
             index,
         }))
+    }
+}
+
+impl Authenticator {
+    fn by_token(&self, token: Option<&str>) -> Result<usize, ApiError> {
+        let token = token.ok_or_else(|| {
+            ApiError::Unauthenticated("the authorization header must be \"Bearer <token>\"".into())
+        })?;
+        let hash: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+        // Every stored hash is compared in full, so that the time taken
+        // tells nothing about which one (if any) came close.
+        let mut found = None;
+        for (index, identity) in self.identities.iter().enumerate() {
+            if let Some(stored) = &identity.token_hash
+                && constant_time_eq(stored, &hash)
+            {
+                found = Some(index);
+            }
+        }
+        found.ok_or_else(|| ApiError::Unauthenticated("unknown bearer token".into()))
+    }
+
+    /// The identity named by the first of the certificate's names that any
+    /// identity has (its common name first, then its alternative names).
+    fn by_certificate(&self, names: &[String]) -> Option<usize> {
+        names.iter().find_map(|name| {
+            self.identities
+                .iter()
+                .position(|identity| identity.client_certificate == *name)
+        })
     }
 }
 
@@ -340,6 +399,7 @@ mod tests {
                 producers: vec!["shop".into(), "shop-*".into()],
                 topics: vec!["orders.*".into()],
                 admin: false,
+                ..IdentityConfig::default()
             }],
         }
     }
@@ -353,7 +413,7 @@ mod tests {
     #[test]
     fn a_known_token_names_its_identity_and_its_rights() {
         let auth = Authenticator::new(&config(), &Limits::default());
-        let access = auth.access(&with_token("secret")).unwrap();
+        let access = auth.access_of(&with_token("secret"), None).unwrap();
         assert!(access.allows_producer("shop") && access.allows_producer("shop-eu"));
         assert!(!access.allows_producer("shopping") && !access.allows_producer("billing"));
         assert!(access.check_topic("orders.created").is_ok());
@@ -365,11 +425,11 @@ mod tests {
     fn missing_and_unknown_tokens_are_refused() {
         let auth = Authenticator::new(&config(), &Limits::default());
         assert!(matches!(
-            auth.access(&MetadataMap::new()),
+            auth.access_of(&MetadataMap::new(), None),
             Err(ApiError::Unauthenticated(_))
         ));
         assert!(matches!(
-            auth.access(&with_token("guess")),
+            auth.access_of(&with_token("guess"), None),
             Err(ApiError::Unauthenticated(_))
         ));
     }
@@ -391,7 +451,7 @@ mod tests {
     #[test]
     fn no_identities_is_open() {
         let auth = Authenticator::new(&AuthConfig::default(), &Limits::default());
-        let access = auth.access(&MetadataMap::new()).unwrap();
+        let access = auth.access_of(&MetadataMap::new(), None).unwrap();
         assert!(access.allows_producer("anyone") && access.check_admin().is_ok());
     }
 

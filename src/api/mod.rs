@@ -80,7 +80,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
         &self,
         request: Request<proto::AppendRequest>,
     ) -> Result<Response<proto::AppendResponse>, Status> {
-        let access = self.auth.access(request.metadata())?;
+        let access = self.auth.access(&request)?;
         let trace = convert::trace_context(request.metadata());
         let request = request.into_inner();
         let correlation = request.correlation;
@@ -100,7 +100,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
         &self,
         request: Request<Streaming<proto::AppendRequest>>,
     ) -> Result<Response<Self::AppendStreamStream>, Status> {
-        let access = self.auth.access(request.metadata())?;
+        let access = self.auth.access(&request)?;
         let stream_place = access.open_stream()?;
         let trace = convert::trace_context(request.metadata());
         let mut inbound = request.into_inner();
@@ -169,7 +169,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
         &self,
         request: Request<proto::CommitRequest>,
     ) -> Result<Response<proto::CommitResponse>, Status> {
-        let access = self.auth.access(request.metadata())?;
+        let access = self.auth.access(&request)?;
         let request = request.into_inner();
         let transaction = convert::transaction_ref(request.producer, request.transaction_id)?;
         access.check_producer(&transaction.producer)?;
@@ -185,7 +185,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
         &self,
         request: Request<proto::AbortRequest>,
     ) -> Result<Response<proto::AbortResponse>, Status> {
-        let access = self.auth.access(request.metadata())?;
+        let access = self.auth.access(&request)?;
         let request = request.into_inner();
         let transaction = convert::transaction_ref(request.producer, request.transaction_id)?;
         access.check_producer(&transaction.producer)?;
@@ -201,7 +201,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
         &self,
         request: Request<proto::GetStatusRequest>,
     ) -> Result<Response<proto::GetStatusResponse>, Status> {
-        let access = self.auth.access(request.metadata())?;
+        let access = self.auth.access(&request)?;
         let request = request.into_inner();
         let statuses = match (
             request.event_ids.is_empty(),
@@ -248,7 +248,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
         &self,
         request: Request<proto::WatchStatusRequest>,
     ) -> Result<Response<Self::WatchStatusStream>, Status> {
-        let access = self.auth.access(request.metadata())?;
+        let access = self.auth.access(&request)?;
         let request = request.into_inner();
         let targets = [
             !request.event_ids.is_empty(),
@@ -350,7 +350,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         &self,
         request: Request<proto::ListDeadLettersRequest>,
     ) -> Result<Response<proto::ListDeadLettersResponse>, Status> {
-        self.auth.access(request.metadata())?.check_admin()?;
+        self.auth.access(&request)?.check_admin()?;
         let request = request.into_inner();
         let after_seq = if request.page_token.is_empty() {
             0
@@ -394,7 +394,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         &self,
         request: Request<proto::RedriveRequest>,
     ) -> Result<Response<proto::RedriveResponse>, Status> {
-        self.auth.access(request.metadata())?.check_admin()?;
+        self.auth.access(&request)?.check_admin()?;
         let request = request.into_inner();
         if request.event_ids.is_empty() && request.producer.is_empty() && request.topic.is_empty() {
             return Err(ApiError::invalid(vec![FieldViolation::new(
@@ -416,7 +416,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         &self,
         request: Request<proto::PauseRelayRequest>,
     ) -> Result<Response<proto::PauseRelayResponse>, Status> {
-        self.auth.access(request.metadata())?.check_admin()?;
+        self.auth.access(&request)?.check_admin()?;
         self.store
             .set_relay_paused(true)
             .await
@@ -428,7 +428,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         &self,
         request: Request<proto::ResumeRelayRequest>,
     ) -> Result<Response<proto::ResumeRelayResponse>, Status> {
-        self.auth.access(request.metadata())?.check_admin()?;
+        self.auth.access(&request)?.check_admin()?;
         self.store
             .set_relay_paused(false)
             .await
@@ -440,7 +440,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         &self,
         request: Request<proto::GetBacklogRequest>,
     ) -> Result<Response<proto::GetBacklogResponse>, Status> {
-        self.auth.access(request.metadata())?.check_admin()?;
+        self.auth.access(&request)?.check_admin()?;
         let backlog = self.store.backlog().await.map_err(ApiError::from)?;
         let now = chrono::Utc::now();
         Ok(Response::new(proto::GetBacklogResponse {
@@ -465,7 +465,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         &self,
         request: Request<proto::ListLeasesRequest>,
     ) -> Result<Response<proto::ListLeasesResponse>, Status> {
-        self.auth.access(request.metadata())?.check_admin()?;
+        self.auth.access(&request)?.check_admin()?;
         let leases = self.store.leases().await.map_err(ApiError::from)?;
         Ok(Response::new(proto::ListLeasesResponse {
             leases: leases
@@ -484,7 +484,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         &self,
         request: Request<proto::ListPreparedRequest>,
     ) -> Result<Response<proto::ListPreparedResponse>, Status> {
-        let access = self.auth.access(request.metadata())?;
+        let access = self.auth.access(&request)?;
         let request = request.into_inner();
         if request.producer.is_empty() {
             return Err(ApiError::invalid(vec![FieldViolation::new(

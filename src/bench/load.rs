@@ -16,9 +16,9 @@ use hdrhistogram::Histogram;
 use rand::Rng;
 use tokio::sync::mpsc;
 // Tokio's clock, so that the schedule can be tested with paused time.
+use crate::client::{GatewayChannel, Target};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
 
 use super::{histogram, now_micros};
 use crate::proto;
@@ -207,8 +207,8 @@ fn request(
 /// Appends one request of `shape` and returns its event count: run before
 /// the load, so that connections, topic metadata and the consumer are ready
 /// when timing starts.
-pub async fn warm_up(endpoint: String, topic: &str, shape: &LoadShape) -> anyhow::Result<u64> {
-    let channel = Endpoint::from_shared(endpoint)?.connect().await?;
+pub async fn warm_up(gateway: Target, topic: &str, shape: &LoadShape) -> anyhow::Result<u64> {
+    let channel = gateway.connect().await?;
     let mut client = OutboxClient::new(channel);
     let request = request(shape, topic, "bench-warm-up", 0, now_micros());
     let events = request.events.len() as u64;
@@ -218,14 +218,14 @@ pub async fn warm_up(endpoint: String, topic: &str, shape: &LoadShape) -> anyhow
 
 /// Runs the load for `shape.duration`, printing progress each second.
 pub async fn drive(
-    endpoint: String,
+    gateway: Target,
     topic: String,
     shape: LoadShape,
     delivered: Arc<AtomicU64>,
 ) -> anyhow::Result<LoadResult> {
     let mut channels = Vec::new();
     for _ in 0..shape.connections {
-        channels.push(Endpoint::from_shared(endpoint.clone())?.connect().await?);
+        channels.push(gateway.connect().await?);
     }
     let counters = Arc::new(Counters {
         acked: AtomicU64::new(0),
@@ -311,7 +311,7 @@ impl Task<'_> {
     /// One unary `Append` at a time.
     async fn unary(
         &self,
-        mut client: OutboxClient<Channel>,
+        mut client: OutboxClient<GatewayChannel>,
         mut schedule: Schedule,
     ) -> anyhow::Result<TaskResult> {
         let mut result = TaskResult::new();
@@ -350,7 +350,7 @@ impl Task<'_> {
     /// Requests pipelined on one `AppendStream`, up to a window.
     async fn stream(
         &self,
-        mut client: OutboxClient<Channel>,
+        mut client: OutboxClient<GatewayChannel>,
         mut schedule: Schedule,
     ) -> anyhow::Result<TaskResult> {
         let mut result = TaskResult::new();
@@ -411,12 +411,12 @@ impl Task<'_> {
 /// Appends exactly `total` events (rounded up to whole requests) as fast as
 /// the gateway takes them; returns the acknowledged event ids.
 pub async fn fill(
-    endpoint: String,
+    gateway: Target,
     topic: String,
     shape: LoadShape,
     total: u64,
 ) -> anyhow::Result<Vec<u128>> {
-    let channel = Endpoint::from_shared(endpoint)?.connect().await?;
+    let channel = gateway.connect().await?;
     let requests = total.div_ceil(shape.batch as u64);
     let next = Arc::new(AtomicU64::new(0));
     let run = uuid::Uuid::now_v7().simple().to_string();

@@ -88,6 +88,9 @@ pub struct BenchArgs {
     /// and → PUBLISHED), the callers' transactions on the store's database.
     #[arg(long)]
     pub xid_samples: Option<usize>,
+    /// TLS and token for a gateway whose `--gateway-config` secures it.
+    #[command(flatten)]
+    pub access: crate::client::GatewayAccess,
 }
 
 /// Microseconds since the epoch: payloads carry their send time, so the

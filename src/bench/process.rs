@@ -14,6 +14,7 @@ pub struct Gateway {
     child: tokio::process::Child,
     pid: u32,
     port: u16,
+    access: crate::client::GatewayAccess,
     _config: tempfile_path::TempPath,
 }
 
@@ -93,15 +94,13 @@ impl Gateway {
             child,
             pid,
             port,
+            access: args.access.clone(),
             _config: tempfile_path::TempPath(path),
         };
         // Ready when it accepts a gRPC connection.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if crate::proto::outbox_client::OutboxClient::connect(gateway.endpoint())
-                .await
-                .is_ok()
-            {
+            if gateway.endpoint().connect().await.is_ok() {
                 break;
             }
             ensure!(
@@ -113,8 +112,12 @@ impl Gateway {
         Ok(gateway)
     }
 
-    pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+    /// Its address, with the bench's TLS and token settings.
+    pub fn endpoint(&self) -> crate::client::Target {
+        crate::client::Target {
+            address: format!("http://127.0.0.1:{}", self.port),
+            access: self.access.clone(),
+        }
     }
 
     fn proc_file(&self, name: &str) -> anyhow::Result<String> {

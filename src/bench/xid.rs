@@ -33,12 +33,12 @@ impl XidLatency {
 /// `samples` caller transactions on `caller_url`, one after another: each
 /// appends one event with its xid token, commits, and is watched to the end.
 pub async fn measure(
-    endpoint: &str,
+    gateway: &crate::client::Target,
     caller_url: &str,
     topic: &str,
     samples: usize,
 ) -> anyhow::Result<XidLatency> {
-    let mut client = OutboxClient::connect(endpoint.to_owned()).await?;
+    let mut client = OutboxClient::new(gateway.connect().await?);
     let mut caller = sqlx::PgConnection::connect(caller_url).await?;
     let (mut ready, mut published) = (histogram(), histogram());
     let run = uuid::Uuid::now_v7().simple().to_string();

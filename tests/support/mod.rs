@@ -812,6 +812,23 @@ impl ServeProcess {
     }
 
     pub async fn start_on(config: &Config, port: u16) -> ServeProcess {
+        let process = Self::spawn_on(config, port);
+        let endpoint = process.endpoint();
+        eventually(
+            "outboxd serve to accept connections",
+            Duration::from_secs(60),
+            || {
+                let endpoint = endpoint.clone();
+                async move { OutboxClient::connect(endpoint).await.ok() }
+            },
+        )
+        .await;
+        process
+    }
+
+    /// Starts `outboxd serve` without waiting for it to accept connections
+    /// (for a listener that plain gRPC cannot probe, such as TLS).
+    pub fn spawn_on(config: &Config, port: u16) -> ServeProcess {
         let mut config = config.clone();
         config.listen = SocketAddr::from(([127, 0, 0, 1], port));
         let path = std::env::temp_dir().join(unique("outboxd-serve") + ".toml");
@@ -825,22 +842,11 @@ impl ServeProcess {
             .spawn()
             .expect("starting outboxd serve");
         watchdog(&format!("kill -9 {} 2>/dev/null", child.id()));
-        let process = ServeProcess {
+        ServeProcess {
             address: config.listen,
             child,
             _config: path,
-        };
-        let endpoint = format!("http://{}", process.address);
-        eventually(
-            "outboxd serve to accept connections",
-            Duration::from_secs(60),
-            || {
-                let endpoint = endpoint.clone();
-                async move { OutboxClient::connect(endpoint).await.ok() }
-            },
-        )
-        .await;
-        process
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -865,6 +871,11 @@ impl ServeProcess {
             .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("VmHWM in the process status");
         kib * 1024
+    }
+
+    /// SIGHUP: read the TLS certificates again.
+    pub fn hang_up(&self) {
+        self.signal("-HUP");
     }
 
     /// SIGKILL: no shutdown of any kind.
