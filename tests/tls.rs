@@ -550,3 +550,16 @@ async fn the_admin_command_reaches_a_gateway_with_mutual_tls_and_its_certificate
     );
     gateway.stop().await;
 }
+
+#[test]
+fn the_readmes_secured_configuration_is_valid() {
+    let readme = include_str!("../README.md");
+    let section = &readme[readme.find("## Securing outboxd").expect("the section")..];
+    let start = section.find("```toml\n").expect("its configuration") + "```toml\n".len();
+    let text = &section[start..start + section[start..].find("```").unwrap()];
+    let config: Config = toml::from_str(text).expect("the README's configuration parses");
+    config
+        .validate()
+        .expect("the README's configuration is valid");
+    assert!(config.tls.mutual() && config.auth.identities.len() == 3);
+}
