@@ -314,11 +314,14 @@ mod tests {
     #[test]
     fn certificate_identities_need_mutual_tls() {
         let mut config = Config::default();
-        config.auth.identities.push(crate::api::auth::IdentityConfig {
-            name: "orders".into(),
-            client_certificate: "orders.internal".into(),
-            ..Default::default()
-        });
+        config
+            .auth
+            .identities
+            .push(crate::api::auth::IdentityConfig {
+                name: "orders".into(),
+                client_certificate: "orders.internal".into(),
+                ..Default::default()
+            });
         let error = config.validate().unwrap_err();
         assert!(error.to_string().contains("tls.client_ca"), "{error}");
         config.tls.cert = Some("server.pem".into());
