@@ -107,3 +107,56 @@ async fn a_short_bench_run_completes_with_every_event_delivered() {
         "{markdown}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_given_as_a_fraction_of_direct_produce_is_set_from_its_measure() {
+    let tansu = Tansu::shared();
+    let database = support::fresh_database().await;
+    let report = std::env::temp_dir().join(format!("{}.md", support::unique("bench-report")));
+    let report_path = report.display().to_string();
+    support::run_outboxd(&[
+        "bench",
+        "--database-url",
+        &database,
+        "--brokers",
+        &tansu.bootstrap,
+        "--duration",
+        "2s",
+        "--concurrency",
+        "4",
+        "--batch",
+        "10",
+        "--rate-fraction",
+        "0.01",
+        "--skip-baselines",
+        "--report",
+        &report_path,
+    ])
+    .await;
+    let markdown = std::fs::read_to_string(&report).expect("the report was written");
+    let _ = std::fs::remove_file(&report);
+    println!("{markdown}");
+    let direct = number(figure(&markdown, "direct produce (records/s)"));
+    let load = markdown
+        .lines()
+        .find(|line| line.starts_with("Load:"))
+        .expect("the load line");
+    let rate = number(
+        load.split("rate ")
+            .nth(1)
+            .expect("the rate in the load line"),
+    );
+    assert!(
+        load.contains("0.01 of the direct-produce rate measured first"),
+        "{load}"
+    );
+    assert_eq!(rate, (direct * 0.01).round().max(1.0), "{markdown}");
+    assert_eq!(
+        number(figure(
+            &markdown,
+            "acknowledged events missing from Kafka (matched by event id)"
+        )),
+        0.0,
+        "{markdown}"
+    );
+}

@@ -67,6 +67,10 @@ pub struct BenchArgs {
     /// Target events per second; 0 runs open throttle.
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+    /// Target rate as a fraction of the direct-produce rate, measured first
+    /// in the same run (0.05: a twentieth of what a bare producer does).
+    #[arg(long, conflicts_with = "rate")]
+    pub rate_fraction: Option<f64>,
     /// Partitions of the bench topics.
     #[arg(long, default_value_t = 6)]
     pub partitions: i32,
@@ -352,7 +356,11 @@ pub struct BenchReport {
     pub xid_latency: Option<String>,
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
+/// Records the direct producer sends when it is measured first, to set the
+/// rate of `--rate-fraction`.
+const DIRECT_PROBE_RECORDS: u64 = 200_000;
+
+pub async fn run(mut args: BenchArgs) -> anyhow::Result<BenchReport> {
     ensure!(
         args.payload_bytes >= 8,
         "--payload-bytes must be at least 8"
@@ -378,7 +386,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     )
     .await
     .context("creating the bench topics")?;
-    let shape = LoadShape {
+    if let Some(fraction) = args.rate_fraction {
+        ensure!(
+            fraction > 0.0 && fraction <= 1.0,
+            "--rate-fraction must be in (0, 1]"
+        );
+    }
+    let mut shape = LoadShape {
         connections: args.connections,
         concurrency: args.concurrency,
         batch: args.batch,
@@ -389,17 +403,31 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         duration: args.duration,
     };
 
-    let mut report = BenchReport {
-        outboxd: outboxd_run(&args, &shape, &topic).await?,
-        ..BenchReport::default()
-    };
+    let mut report = BenchReport::default();
+    if let Some(fraction) = args.rate_fraction {
+        println!(
+            "baseline first: direct produce of {DIRECT_PROBE_RECORDS} records, to set the rate"
+        );
+        let direct =
+            baselines::direct_produce(&args, &shape, &direct_topic, DIRECT_PROBE_RECORDS).await?;
+        args.rate = ((direct * fraction).round() as u64).max(1);
+        shape.rate = args.rate;
+        println!(
+            "direct produce: {direct:.0} records/s; outboxd's rate: {} events/s",
+            args.rate
+        );
+        report.direct_rate = Some(direct);
+    }
+    report.outboxd = outboxd_run(&args, &shape, &topic).await?;
     // The baselines right after outboxd's run, before the backlog run
     // leaves a million dead rows behind.
     if !args.skip_baselines {
-        let records = report.outboxd.acked_events.max(1);
-        println!("baseline: direct produce of {records} records");
-        report.direct_rate =
-            Some(baselines::direct_produce(&args, &shape, &direct_topic, records).await?);
+        if report.direct_rate.is_none() {
+            let records = report.outboxd.acked_events.max(1);
+            println!("baseline: direct produce of {records} records");
+            report.direct_rate =
+                Some(baselines::direct_produce(&args, &shape, &direct_topic, records).await?);
+        }
         // The offered load outboxd sustained, end to end.
         let offered = report.outboxd.end_to_end_rate;
         for (relay, topic) in [
@@ -549,7 +577,13 @@ fn render(args: &BenchArgs, report: &BenchReport) -> String {
         args.keys,
         args.payload_bytes,
         args.partitions,
-        if args.rate == 0 { "open".to_owned() } else { format!("{} events/s", args.rate) }
+        match (args.rate, args.rate_fraction) {
+            (0, _) => "open".to_owned(),
+            (rate, Some(fraction)) => format!(
+                "{rate} events/s ({fraction} of the direct-produce rate measured first)"
+            ),
+            (rate, None) => format!("{rate} events/s"),
+        }
     ));
     out.push_str("| figure | value |\n|---|---|\n");
     let rows: Vec<(&str, String)> = vec![
