@@ -15,9 +15,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import psycopg
 
 from outboxd.testing import find_binary, wait_for_grpc
+from outboxd.v1 import outbox_pb2 as pb
+from outboxd.v1 import outbox_pb2_grpc as pb_grpc
 
 
 def free_port() -> int:
@@ -149,6 +152,36 @@ class Tansu:
         self.log.unlink(missing_ok=True)
 
 
+def wait_for_tls_grpc(
+    target: str,
+    credentials: grpc.ChannelCredentials,
+    timeout: float,
+    process: subprocess.Popen[bytes],
+    log: Path,
+) -> None:
+    """Waits until outboxd at `target` completes a TLS handshake and answers
+    a call with anything but UNAVAILABLE: a gateway with identities refuses a
+    probe without credentials (UNAUTHENTICATED), and that is an answer."""
+    deadline = time.monotonic() + timeout
+    with grpc.secure_channel(target, credentials) as channel:
+        stub = pb_grpc.OutboxStub(channel)
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"outboxd exited with {process.returncode}: {log.read_text()[-2000:]}")
+            try:
+                stub.GetStatus(pb.GetStatusRequest(event_ids=[str(uuid.uuid4())]), timeout=2)
+                return
+            except grpc.RpcError as error:
+                if isinstance(error, grpc.Call) and error.code() not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ):
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"outboxd at {target} not ready within {timeout}s: {error}") from None
+                time.sleep(0.05)
+
+
 @dataclass
 class Serve:
     """A real `outboxd serve` process."""
@@ -159,7 +192,20 @@ class Serve:
     process: subprocess.Popen[bytes]
 
     @classmethod
-    def start(cls, store_url: str, brokers: str, port: int | None = None) -> Serve:
+    def start(
+        cls,
+        store_url: str,
+        brokers: str,
+        port: int | None = None,
+        *,
+        extra_config: str = "",
+        probe: grpc.ChannelCredentials | None = None,
+    ) -> Serve:
+        """Starts it on `port` (a free one by default). `extra_config` is TOML
+        appended to the configuration (whole tables: `[tls]`,
+        `[[auth.identities]]`…). `probe`, for a TLS listener, is the channel
+        credentials of the readiness probe, which then counts any answer of
+        the gateway (UNAUTHENTICATED included) as ready."""
         port = port or free_port()
         config = Path(tempfile.mkstemp(prefix="outboxd-pyclient-", suffix=".toml")[1])
         config.write_text(
@@ -181,7 +227,7 @@ lease_ttl = "5s"
 
 [watch]
 resync_interval = "500ms"
-"""
+{extra_config}"""
         )
         log = config.with_suffix(".log")
         with open(log, "a") as log_file:
@@ -194,7 +240,10 @@ resync_interval = "500ms"
             )
         watchdog(f"kill -9 {process.pid} 2>/dev/null; rm -f {config} {log}")
         serve = cls(f"127.0.0.1:{port}", config, log, process)
-        wait_for_grpc(serve.target, 60.0, process, log)
+        if probe is None:
+            wait_for_grpc(serve.target, 60.0, process, log)
+        else:
+            wait_for_tls_grpc(serve.target, probe, 60.0, process, log)
         return serve
 
     @property

@@ -22,6 +22,7 @@ from outboxd.errors import (
     OutboxError,
     PermissionDenied,
     ResourceExhausted,
+    TlsError,
     Unauthenticated,
     Unavailable,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "RetryPolicy",
     "StatusUpdate",
     "StreamedAppend",
+    "TlsError",
     "TokenMode",
     "Transaction",
     "TransactionRef",

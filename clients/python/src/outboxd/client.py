@@ -18,6 +18,7 @@ from outboxd import _tracing
 from outboxd.errors import (
     FieldViolation,
     OutboxError,
+    TlsError,
     error_for,
     from_rpc_error,
     status_code,
@@ -431,6 +432,7 @@ class OutboxClient:
                 request = pb.WatchStatusRequest(producer=producer or "", after_cursor=cursor)
             call = self._outbox.WatchStatus(request, metadata=self._metadata())
             ended_cleanly = False
+            tls_failure: TlsError | None = None
             try:
                 async for message in call:
                     attempt = 0
@@ -447,8 +449,10 @@ class OutboxClient:
                     yield StatusUpdate(status, message.snapshot)
                 ended_cleanly = True
             except grpc.aio.AioRpcError as error:
+                failure = from_rpc_error(error)
                 if error.code() not in reconnect.retry_on:
-                    raise from_rpc_error(error) from None
+                    raise failure from None
+                tls_failure = failure if isinstance(failure, TlsError) else None
             finally:
                 if not call.done():
                     call.cancel()
@@ -460,6 +464,8 @@ class OutboxClient:
                 return
             attempt += 1
             if attempt >= reconnect.max_attempts:
+                if tls_failure is not None:
+                    raise tls_failure
                 raise error_for(
                     grpc.StatusCode.UNAVAILABLE,
                     f"watch lost its connection to {self.target} and could not resume",

@@ -95,6 +95,15 @@ class Unavailable(OutboxError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class TlsError(Unavailable):
+    """UNAVAILABLE at the TLS layer: the connection's TLS failed, so the call
+    never reached outboxd. Either the client does not trust outboxd's
+    certificate (not signed by the root certificates given, or not naming the
+    target), or outboxd refused the client certificate (not signed by its
+    client CA, or not valid now). Nothing was stored; it persists until the
+    certificates or the configuration change."""
+
+
 class DeadlineExceeded(OutboxError):
     """DEADLINE_EXCEEDED: no answer in time; the request may or may not have been
     stored (an append retried with the same token settles it)."""
@@ -159,6 +168,24 @@ def _violations(error: grpc.aio.AioRpcError) -> list[FieldViolation]:
     return violations
 
 
+#: How gRPC core describes a failure of the connection's TLS (its transport
+#: security interface, TSI), e.g. "Tls handshake failed (TSI_PROTOCOL_FAILURE):
+#: … CERTIFICATE_VERIFY_FAILED" for an untrusted server certificate, or
+#: "Unwrap failed (TSI_DATA_CORRUPTED)" when the server's TLS alert refusing
+#: the client certificate arrives after the client's side of a TLS 1.3
+#: handshake completed.
+_TLS_FAILURE_MARKERS = ("handshake failed", "tsi_")
+
+
 def from_rpc_error(error: grpc.aio.AioRpcError) -> OutboxError:
     """The typed exception of a failed call."""
-    return error_for(error.code(), error.details() or "", _violations(error))
+    details = error.details() or ""
+    if error.code() == grpc.StatusCode.UNAVAILABLE and any(
+        marker in details.lower() for marker in _TLS_FAILURE_MARKERS
+    ):
+        return TlsError(
+            "TLS with outboxd failed: the client does not trust outboxd's certificate, "
+            f"or outboxd refused the client certificate ({details})",
+            code=grpc.StatusCode.UNAVAILABLE,
+        )
+    return error_for(error.code(), details, _violations(error))
