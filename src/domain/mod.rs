@@ -88,15 +88,6 @@ pub enum TokenMode {
 }
 
 impl TokenMode {
-    /// The stored number of the mode.
-    pub fn code(&self) -> i16 {
-        match self {
-            TokenMode::Immediate => 1,
-            TokenMode::TwoPhase { .. } => 2,
-            TokenMode::PostgresXid { .. } => 3,
-        }
-    }
-
     pub fn name(&self) -> &'static str {
         match self {
             TokenMode::Immediate => "immediate",

@@ -19,8 +19,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
+use super::codes::{NewTransaction, event_id_taken, initial_event_state, mode_code};
 use super::error::is_unique_violation;
-use super::postgres::{TRANSACTION_COMMITTED, TRANSACTION_OPEN, event_id_taken};
 use super::tokens::{EXPIRED, ExistingTransaction, two_phase_step, xid_step};
 use super::{
     AppendRejection, DeadLetterFilter, Delivered, DeliveryFailed, Lease, PreparedTransaction,
@@ -28,8 +28,8 @@ use super::{
     Verdict, XidToken, XidVerdict,
 };
 use crate::domain::{
-    AppendBatch, AppendOutcome, EventId, EventState, EventStatus, TokenMode, TransactionRef,
-    decode_headers, encode_headers, shard_of,
+    AppendBatch, AppendOutcome, EventId, EventState, EventStatus, TransactionRef, decode_headers,
+    encode_headers, shard_of,
 };
 
 /// The columns `status_from_row` reads, as a literal for `concat!`.
@@ -103,20 +103,7 @@ impl SqliteStore {
     ) -> Result<Result<AppendOutcome, AppendRejection>, sqlx::Error> {
         let token = &batch.token;
         let now = Utc::now();
-        let (caller_xid, caller_system_id, expires_at) = match &token.mode {
-            TokenMode::Immediate => (None, None, None),
-            TokenMode::TwoPhase { timeout } => {
-                (None, None, Some(micros(now) + timeout.as_micros() as i64))
-            }
-            TokenMode::PostgresXid {
-                caller_xid,
-                system_id,
-            } => (Some(*caller_xid as i64), Some(*system_id as i64), None),
-        };
-        let initial_state = match token.mode {
-            TokenMode::Immediate => TRANSACTION_COMMITTED,
-            _ => TRANSACTION_OPEN,
-        };
+        let new = NewTransaction::of(&token.mode);
         sqlx::query(
             "INSERT INTO outbox_transactions \
                  (producer, transaction_id, mode, state, caller_xid, caller_system_id, expires_at, created_at) \
@@ -124,11 +111,11 @@ impl SqliteStore {
         )
         .bind(&token.producer)
         .bind(&token.transaction_id)
-        .bind(token.mode.code())
-        .bind(initial_state)
-        .bind(caller_xid)
-        .bind(caller_system_id)
-        .bind(expires_at)
+        .bind(mode_code(&token.mode))
+        .bind(new.state)
+        .bind(new.caller_xid)
+        .bind(new.caller_system_id)
+        .bind(new.expires_in.map(|d| micros(now) + d.as_micros() as i64))
         .bind(micros(now))
         .execute(&mut **tx)
         .await?;
@@ -142,14 +129,7 @@ impl SqliteStore {
         .bind(micros(now))
         .fetch_one(&mut **tx)
         .await?;
-        let existing = ExistingTransaction {
-            mode: row.try_get("mode")?,
-            state: row.try_get("state")?,
-            resolution: row.try_get("resolution")?,
-            caller_xid: row.try_get("caller_xid")?,
-            caller_system_id: row.try_get("caller_system_id")?,
-            expired: row.try_get::<i64, _>("expired")? != 0,
-        };
+        let existing = ExistingTransaction::from_row(&row)?;
         if let Some(rejection) = existing.token_conflict(batch) {
             return Ok(Err(rejection));
         }
@@ -210,10 +190,7 @@ impl SqliteStore {
         if let Some(rejection) = existing.resolved(batch) {
             return Ok(Err(rejection));
         }
-        let state = match token.mode {
-            TokenMode::Immediate => EventState::Ready,
-            _ => EventState::Pending,
-        };
+        let state = initial_event_state(batch);
         let first_change = Self::next_changes(tx, batch.events.len()).await?;
         let mut statuses = Vec::with_capacity(batch.events.len());
         let mut shards = Vec::with_capacity(batch.events.len());

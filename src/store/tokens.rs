@@ -1,7 +1,10 @@
 //! Transaction-token rules shared by both stores: when an append may join a
 //! transaction, and what `Commit` / `Abort` do in each state.
 
-use super::postgres::{TRANSACTION_ABORTED, TRANSACTION_COMMITTED, TRANSACTION_OPEN, mode_name};
+use super::codes::{
+    MODE_TWO_PHASE, TRANSACTION_ABORTED, TRANSACTION_COMMITTED, TRANSACTION_OPEN, mode_code,
+    mode_name,
+};
 use super::{AppendRejection, Verdict};
 use crate::domain::{AppendBatch, EventState, TokenMode};
 
@@ -16,11 +19,32 @@ pub(super) struct ExistingTransaction {
 }
 
 impl ExistingTransaction {
+    /// From a row with the columns `mode`, `state`, `resolution`,
+    /// `caller_xid`, `caller_system_id` and `expired`, of either store.
+    pub fn from_row<'r, R>(row: &'r R) -> Result<Self, sqlx::Error>
+    where
+        R: sqlx::Row,
+        &'r str: sqlx::ColumnIndex<R>,
+        i16: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    {
+        Ok(ExistingTransaction {
+            mode: row.try_get("mode")?,
+            state: row.try_get("state")?,
+            resolution: row.try_get("resolution")?,
+            caller_xid: row.try_get("caller_xid")?,
+            caller_system_id: row.try_get("caller_system_id")?,
+            expired: row.try_get("expired")?,
+        })
+    }
+
     /// The append's token disagrees with the transaction: always refused,
     /// retry or not.
     pub fn token_conflict(&self, batch: &AppendBatch) -> Option<AppendRejection> {
         let transaction_id = batch.token.transaction_id.clone();
-        if self.mode != batch.token.mode.code() {
+        if self.mode != mode_code(&batch.token.mode) {
             return Some(AppendRejection::ModeMismatch {
                 transaction_id,
                 existing: mode_name(self.mode),
@@ -65,9 +89,6 @@ impl ExistingTransaction {
     }
 }
 
-/// The stored code of two_phase transactions.
-const TWO_PHASE_MODE: i16 = 2;
-
 /// What a Commit or Abort does to a transaction in a given state.
 pub(super) struct TwoPhaseStep {
     pub verdict: Verdict,
@@ -91,7 +112,7 @@ pub(super) fn two_phase_step(
     commit: bool,
 ) -> TwoPhaseStep {
     let step = |verdict, finish| TwoPhaseStep { verdict, finish };
-    if mode != TWO_PHASE_MODE {
+    if mode != MODE_TWO_PHASE {
         return step(Verdict::WrongMode(mode_name(mode)), None);
     }
     match (state, commit) {

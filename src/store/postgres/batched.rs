@@ -9,14 +9,12 @@ use sqlx::postgres::{PgArguments, Postgres};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::{
-    TRANSACTION_COMMITTED, TRANSACTION_OPEN, event_id_taken, pack_ids, taken_event_ids, unpack_ids,
-};
-use crate::domain::{
-    AppendBatch, AppendOutcome, EventId, EventState, EventStatus, TokenMode, encode_headers,
-    shard_of,
-};
+use super::taken_event_ids;
+use crate::domain::{AppendBatch, AppendOutcome, EventId, EventStatus, encode_headers, shard_of};
 use crate::store::AppendRejection;
+use crate::store::codes::{
+    NewTransaction, event_id_taken, initial_event_state, mode_code, pack_ids, unpack_ids,
+};
 use crate::store::tokens::ExistingTransaction;
 
 const UPSERT_TRANSACTIONS: &str = include_str!("../sql/postgres/upsert_transactions.sql");
@@ -89,12 +87,12 @@ pub(super) async fn append(
         }
         producers.push(token.producer.as_str());
         ids.push(token.transaction_id.as_str());
-        modes.push(token.mode.code());
-        let (state, xid, system, expires_in) = new_transaction(&token.mode);
-        states.push(state);
-        xids.push(xid);
-        systems.push(system);
-        expiries.push(expires_in);
+        modes.push(mode_code(&token.mode));
+        let new = NewTransaction::of(&token.mode);
+        states.push(new.state);
+        xids.push(new.caller_xid);
+        systems.push(new.caller_system_id);
+        expiries.push(new.expires_in.map(|d| d.as_secs_f64()));
     }
     let mut transactions: HashMap<(String, String), ExistingTransaction> = HashMap::new();
     if !producers.is_empty() {
@@ -111,14 +109,7 @@ pub(super) async fn append(
         {
             transactions.insert(
                 (row.try_get("producer")?, row.try_get("transaction_id")?),
-                ExistingTransaction {
-                    mode: row.try_get("mode")?,
-                    state: row.try_get("state")?,
-                    resolution: row.try_get("resolution")?,
-                    caller_xid: row.try_get("caller_xid")?,
-                    caller_system_id: row.try_get("caller_system_id")?,
-                    expired: row.try_get("expired")?,
-                },
+                ExistingTransaction::from_row(&row)?,
             );
         }
     }
@@ -308,12 +299,12 @@ pub(super) async fn append_new(
         let token = &batch.token;
         producers.push(token.producer.as_str());
         ids.push(token.transaction_id.as_str());
-        modes.push(token.mode.code());
-        let (state, xid, system, expires_in) = new_transaction(&token.mode);
-        states.push(state);
-        xids.push(xid);
-        systems.push(system);
-        expiries.push(expires_in);
+        modes.push(mode_code(&token.mode));
+        let new = NewTransaction::of(&token.mode);
+        states.push(new.state);
+        xids.push(new.caller_xid);
+        systems.push(new.caller_system_id);
+        expiries.push(new.expires_in.map(|d| d.as_secs_f64()));
         sequences.push(batch.sequence as i64);
         hashes.push(batch.content_hash().to_vec());
         let these: Vec<EventId> = batch
@@ -378,26 +369,6 @@ pub(super) async fn append_new(
     ))
 }
 
-/// How a transaction first seen with `mode` is stored: state, caller xid,
-/// caller system id, seconds until it expires.
-fn new_transaction(mode: &TokenMode) -> (i16, Option<i64>, Option<i64>, Option<f64>) {
-    match mode {
-        TokenMode::Immediate => (TRANSACTION_COMMITTED, None, None, None),
-        TokenMode::TwoPhase { timeout } => {
-            (TRANSACTION_OPEN, None, None, Some(timeout.as_secs_f64()))
-        }
-        TokenMode::PostgresXid {
-            caller_xid,
-            system_id,
-        } => (
-            TRANSACTION_OPEN,
-            Some(*caller_xid as i64),
-            Some(*system_id as i64),
-            None,
-        ),
-    }
-}
-
 /// The outcome of a newly stored append.
 fn new_outcome(
     batch: &AppendBatch,
@@ -405,7 +376,7 @@ fn new_outcome(
     changes: &HashMap<Uuid, (i64, DateTime<Utc>)>,
     shard_count: u32,
 ) -> AppendOutcome {
-    let state = initial_state(batch);
+    let state = initial_event_state(batch);
     let statuses = batch
         .events
         .iter()
@@ -460,7 +431,7 @@ impl<'a> EventRows<'a> {
         shard_count: u32,
         now: DateTime<Utc>,
     ) {
-        let state = initial_state(batch) as i16;
+        let state = initial_event_state(batch) as i16;
         for (index, (event, id)) in batch.events.iter().zip(event_ids).enumerate() {
             let ordering_key = event.ordering_key();
             self.ids.push(id.0);
@@ -519,12 +490,5 @@ impl<'a> EventRows<'a> {
             .bind(self.states)
             .bind(self.traceparents)
             .bind(self.tracestates)
-    }
-}
-
-pub(super) fn initial_state(batch: &AppendBatch) -> EventState {
-    match batch.token.mode {
-        TokenMode::Immediate => EventState::Ready,
-        _ => EventState::Pending,
     }
 }

@@ -9,6 +9,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
+use super::codes::{
+    NewTransaction, event_id_taken, initial_event_state, mode_code, pack_ids, unpack_ids,
+};
 use super::error::is_unique_violation;
 use super::tokens::{EXPIRED, ExistingTransaction, two_phase_step, xid_step};
 use super::xid::XidSource;
@@ -18,21 +21,27 @@ use super::{
     Verdict, XidToken, XidVerdict,
 };
 use crate::domain::{
-    AppendBatch, AppendOutcome, EventId, EventState, EventStatus, FieldViolation, TokenMode,
-    TransactionRef, decode_headers, shard_of,
+    AppendBatch, AppendOutcome, EventId, EventState, EventStatus, TransactionRef, decode_headers,
+    shard_of,
 };
 
 mod batched;
 mod wake_ups;
-const READ_RELAY_ROWS: &str = include_str!("../sql/postgres/read_relay_rows.sql");
+/// Not-final rows of a shard, and the same with its dead letters (their
+/// own partial index serves them).
+const READ_RELAY_ROWS: &str = concat!(
+    include_str!("../sql/postgres/read_relay_rows_head.sql"),
+    "      AND state < 4\n",
+    include_str!("../sql/postgres/read_relay_rows_tail.sql"),
+);
+const READ_RELAY_ROWS_WITH_DEAD_LETTERS: &str = concat!(
+    include_str!("../sql/postgres/read_relay_rows_head.sql"),
+    "      AND (state < 4 OR state = 5)\n",
+    include_str!("../sql/postgres/read_relay_rows_tail.sql"),
+);
 const RECORD_DELIVERED: &str = include_str!("../sql/postgres/record_delivered.sql");
 const RECORD_FAILED: &str = include_str!("../sql/postgres/record_failed.sql");
 const ACQUIRE_LEASES: &str = include_str!("../sql/postgres/acquire_leases.sql");
-
-/// Transaction states in `outbox_transactions.state`.
-pub(super) const TRANSACTION_OPEN: i16 = 1;
-pub(super) const TRANSACTION_COMMITTED: i16 = 2;
-pub(super) const TRANSACTION_ABORTED: i16 = 3;
 
 /// Registers a writer before its transaction takes an xid (migration 0002).
 const REGISTER_WRITER: &str = "INSERT INTO outbox_writer_slots (floor_xid, backend_pid, backend_start) \
@@ -102,18 +111,7 @@ impl PostgresStore {
         shard_count: u32,
     ) -> Result<Result<AppendOutcome, AppendRejection>, sqlx::Error> {
         let token = &batch.token;
-        let (caller_xid, caller_system_id, expires_in_secs) = match &token.mode {
-            TokenMode::Immediate => (None, None, None),
-            TokenMode::TwoPhase { timeout } => (None, None, Some(timeout.as_secs_f64())),
-            TokenMode::PostgresXid {
-                caller_xid,
-                system_id,
-            } => (Some(*caller_xid as i64), Some(*system_id as i64), None),
-        };
-        let initial_state = match token.mode {
-            TokenMode::Immediate => TRANSACTION_COMMITTED,
-            _ => TRANSACTION_OPEN,
-        };
+        let new = NewTransaction::of(&token.mode);
         let row = sqlx::query(
             "INSERT INTO outbox_transactions \
                  (producer, transaction_id, mode, state, caller_xid, caller_system_id, expires_at) \
@@ -124,21 +122,14 @@ impl PostgresStore {
         )
         .bind(&token.producer)
         .bind(&token.transaction_id)
-        .bind(token.mode.code())
-        .bind(initial_state)
-        .bind(caller_xid)
-        .bind(caller_system_id)
-        .bind(expires_in_secs)
+        .bind(mode_code(&token.mode))
+        .bind(new.state)
+        .bind(new.caller_xid)
+        .bind(new.caller_system_id)
+        .bind(new.expires_in.map(|d| d.as_secs_f64()))
         .fetch_one(&mut **tx)
         .await?;
-        let existing = ExistingTransaction {
-            mode: row.try_get("mode")?,
-            state: row.try_get("state")?,
-            resolution: row.try_get("resolution")?,
-            caller_xid: row.try_get("caller_xid")?,
-            caller_system_id: row.try_get("caller_system_id")?,
-            expired: row.try_get("expired")?,
-        };
+        let existing = ExistingTransaction::from_row(&row)?;
         if let Some(rejection) = existing.token_conflict(batch) {
             return Ok(Err(rejection));
         }
@@ -195,7 +186,7 @@ impl PostgresStore {
         if !taken.is_empty() {
             return Ok(Err(event_id_taken(batch, &taken)));
         }
-        let state = batched::initial_state(batch);
+        let state = initial_event_state(batch);
         let now = Utc::now();
         let mut rows = batched::EventRows::default();
         rows.push_batch(batch, &event_ids, shard_count, now);
@@ -422,18 +413,6 @@ impl PostgresStore {
     }
 }
 
-/// Event ids as stored in `outbox_appends.event_ids`: 16 bytes each.
-pub(super) fn pack_ids(ids: &[EventId]) -> Vec<u8> {
-    ids.iter().flat_map(|id| *id.0.as_bytes()).collect()
-}
-
-pub(super) fn unpack_ids(bytes: &[u8]) -> Vec<EventId> {
-    bytes
-        .chunks_exact(16)
-        .map(|chunk| EventId(Uuid::from_slice(chunk).unwrap_or_default()))
-        .collect()
-}
-
 /// The caller-chosen event ids of `batches` that are stored already,
 /// published or not.
 pub(super) async fn taken_event_ids(
@@ -451,28 +430,6 @@ pub(super) async fn taken_event_ids(
         .bind(&ids)
         .fetch_all(connection)
         .await
-}
-
-/// Names the first caller-chosen event id of `batch` that is already stored.
-pub(super) fn event_id_taken(batch: &AppendBatch, taken: &[Uuid]) -> AppendRejection {
-    let index = batch
-        .events
-        .iter()
-        .position(|e| e.event_id.is_some_and(|id| taken.contains(&id.0)))
-        .unwrap_or(0);
-    AppendRejection::EventIdTaken(FieldViolation::new(
-        format!("events[{index}].event_id"),
-        "an event with this id already exists",
-    ))
-}
-
-pub(super) fn mode_name(code: i16) -> &'static str {
-    match code {
-        1 => "immediate",
-        2 => "two_phase",
-        3 => "postgres_xid",
-        _ => "unknown",
-    }
 }
 
 fn status_from_row(row: &PgRow) -> Result<EventStatus, StoreError> {
@@ -692,15 +649,10 @@ impl Store for PostgresStore {
         limit: u32,
         with_dead_letters: bool,
     ) -> Result<RelayPage, StoreError> {
-        /// The same query, dead letters included (their own partial index
-        /// serves them).
-        static WITH_DEAD_LETTERS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-            READ_RELAY_ROWS.replace("AND state < 4", "AND (state < 4 OR state = 5)")
-        });
         let sql = if with_dead_letters {
-            sqlx::AssertSqlSafe(WITH_DEAD_LETTERS.as_str())
+            READ_RELAY_ROWS_WITH_DEAD_LETTERS
         } else {
-            sqlx::AssertSqlSafe(READ_RELAY_ROWS)
+            READ_RELAY_ROWS
         };
         let rows = sqlx::query(sql)
             .bind(shard as i32)
