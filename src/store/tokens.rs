@@ -9,6 +9,7 @@ use super::{AppendRejection, Verdict};
 use crate::domain::{AppendBatch, EventState, TokenMode};
 
 /// The stored transaction an append names.
+#[derive(Debug, Clone)]
 pub(super) struct ExistingTransaction {
     pub mode: i16,
     pub state: i16,

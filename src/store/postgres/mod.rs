@@ -25,7 +25,7 @@ use crate::domain::{
     shard_of,
 };
 
-mod batched;
+mod append;
 mod wake_ups;
 /// Not-final rows of a shard, and the same with its dead letters (their
 /// own partial index serves them).
@@ -188,7 +188,7 @@ impl PostgresStore {
         }
         let state = initial_event_state(batch);
         let now = Utc::now();
-        let mut rows = batched::EventRows::default();
+        let mut rows = append::EventRows::default();
         rows.push_batch(batch, &event_ids, shard_count, now);
         let change_of = rows.insert(tx).await?;
         let shards: Vec<u32> = batch
@@ -224,7 +224,7 @@ impl PostgresStore {
         // gives up (and the slow path below takes over) only when a
         // concurrent writer stored the same append or event id meanwhile.
         let mut tx = connection.begin().await?;
-        match batched::append(&mut tx, batches, shard_count).await {
+        match append::append(&mut tx, batches, shard_count).await {
             Ok(Some(results)) => {
                 tx.commit().await?;
                 return Ok(results);
@@ -545,7 +545,7 @@ impl Store for PostgresStore {
         // Appends to new transactions, the common case: one statement, which
         // releases the slot in its own commit.
         let result =
-            match batched::append_new(&mut writer.connection, slot, batches, self.shard_count())
+            match append::append_new(&mut writer.connection, slot, batches, self.shard_count())
                 .await
             {
                 Ok(Some(results)) => {

@@ -1,6 +1,7 @@
 //! The fast append paths. [`append_new`]: appends of new transactions in
 //! one statement, the writer's slot released in the same commit.
-//! [`append`]: any appends in five statements, whatever their number.
+//! [`append`]: any appends in five statements, whatever their number, as
+//! [`plan`] decides from what the store holds.
 
 use std::collections::HashMap;
 
@@ -41,6 +42,7 @@ fn key(batch: &AppendBatch) -> Key<'_> {
 }
 
 /// What becomes of one append of the batch.
+#[derive(Debug)]
 enum Plan {
     Decided(Result<AppendOutcome, AppendRejection>),
     /// A retry of an append earlier in this same batch.
@@ -56,29 +58,16 @@ pub(super) async fn append(
     batches: &[AppendBatch],
     shard_count: u32,
 ) -> Result<Option<Vec<Result<AppendOutcome, AppendRejection>>>, sqlx::Error> {
-    let mut plans: Vec<Option<Plan>> = batches.iter().map(|_| None).collect();
-
     // Caller-chosen ids that are taken already.
     let taken = taken_event_ids(tx, batches).await?;
-    if !taken.is_empty() {
-        for (plan, batch) in plans.iter_mut().zip(batches) {
-            if batch
-                .events
-                .iter()
-                .any(|e| e.event_id.is_some_and(|id| taken.contains(&id.0)))
-            {
-                *plan = Some(Plan::Decided(Err(event_id_taken(batch, &taken))));
-            }
-        }
-    }
 
     // The transactions, created when new (first token in the batch wins).
     let mut seen = HashMap::new();
     let (mut producers, mut ids, mut modes, mut states) = (vec![], vec![], vec![], vec![]);
     let (mut xids, mut systems, mut expiries) = (vec![], vec![], vec![]);
-    for (batch, plan) in batches.iter().zip(&plans) {
+    for batch in batches {
         let token = &batch.token;
-        if plan.is_some()
+        if uses_taken_id(batch, &taken)
             || seen
                 .insert((token.producer.as_str(), token.transaction_id.as_str()), ())
                 .is_some()
@@ -116,8 +105,8 @@ pub(super) async fn append(
 
     // Appends already stored: retries (same content) or conflicts.
     let (mut key_producers, mut key_ids, mut key_sequences) = (vec![], vec![], vec![]);
-    for (batch, plan) in batches.iter().zip(&plans) {
-        if plan.is_none() {
+    for batch in batches {
+        if !uses_taken_id(batch, &taken) {
             let (p, t, s) = key(batch);
             key_producers.push(p);
             key_ids.push(t);
@@ -154,58 +143,10 @@ pub(super) async fn append(
     }
 
     let hashes: Vec<[u8; 32]> = batches.iter().map(AppendBatch::content_hash).collect();
-    let mut new_in_batch: HashMap<Key<'_>, usize> = HashMap::new();
-    for (index, batch) in batches.iter().enumerate() {
-        if plans[index].is_some() {
-            continue;
-        }
-        let token = &batch.token;
-        let conflict = || {
-            Plan::Decided(Err(AppendRejection::ConflictingRetry {
-                transaction_id: token.transaction_id.clone(),
-                sequence: batch.sequence,
-            }))
-        };
-        let existing = transactions
-            .get(&(token.producer.clone(), token.transaction_id.clone()))
-            .expect("every transaction was upserted");
-        let plan = if let Some(rejection) = existing.token_conflict(batch) {
-            Plan::Decided(Err(rejection))
-        } else if let Some((hash, ids)) = stored.get(&(
-            token.producer.clone(),
-            token.transaction_id.clone(),
-            batch.sequence as i64,
-        )) {
-            if hash[..] == hashes[index][..] {
-                Plan::Decided(Ok(AppendOutcome {
-                    event_ids: unpack_ids(ids),
-                    duplicate: true,
-                    statuses: vec![],
-                    shards: vec![],
-                }))
-            } else {
-                conflict()
-            }
-        } else if let Some(&first) = new_in_batch.get(&key(batch)) {
-            if hashes[first] == hashes[index] {
-                Plan::SameAs(first)
-            } else {
-                conflict()
-            }
-        } else if let Some(rejection) = existing.resolved(batch) {
-            Plan::Decided(Err(rejection))
-        } else {
-            new_in_batch.insert(key(batch), index);
-            Plan::New(
-                batch
-                    .events
-                    .iter()
-                    .map(|e| e.event_id.unwrap_or_else(EventId::generate))
-                    .collect(),
-            )
-        };
-        plans[index] = Some(plan);
-    }
+    let mut plans: Vec<Option<Plan>> = plan(batches, &hashes, &taken, &transactions, &stored)
+        .into_iter()
+        .map(Some)
+        .collect();
 
     // The new appends and all their events.
     let new: Vec<(usize, &Vec<EventId>)> = plans
@@ -268,6 +209,84 @@ pub(super) async fn append(
         results.push(result);
     }
     Ok(Some(results))
+}
+
+/// Caller-chosen ids of `batch` among `taken`.
+fn uses_taken_id(batch: &AppendBatch, taken: &[Uuid]) -> bool {
+    !taken.is_empty()
+        && batch
+            .events
+            .iter()
+            .any(|e| e.event_id.is_some_and(|id| taken.contains(&id.0)))
+}
+
+/// What becomes of each append of a coalesced batch, from what the store
+/// holds: the caller-chosen ids already `taken`, the `transactions` the
+/// appends name (as stored, or as just created) and the appends `stored`
+/// already under the same keys. `hashes` are the appends' content hashes.
+/// No I/O: the rules of idempotent appends in one place.
+fn plan(
+    batches: &[AppendBatch],
+    hashes: &[[u8; 32]],
+    taken: &[Uuid],
+    transactions: &HashMap<(String, String), ExistingTransaction>,
+    stored: &StoredAppends,
+) -> Vec<Plan> {
+    let mut plans = Vec::with_capacity(batches.len());
+    let mut new_in_batch: HashMap<Key<'_>, usize> = HashMap::new();
+    for (index, batch) in batches.iter().enumerate() {
+        let token = &batch.token;
+        if uses_taken_id(batch, taken) {
+            plans.push(Plan::Decided(Err(event_id_taken(batch, taken))));
+            continue;
+        }
+        let conflict = || {
+            Plan::Decided(Err(AppendRejection::ConflictingRetry {
+                transaction_id: token.transaction_id.clone(),
+                sequence: batch.sequence,
+            }))
+        };
+        let existing = transactions
+            .get(&(token.producer.clone(), token.transaction_id.clone()))
+            .expect("every transaction was upserted");
+        let plan = if let Some(rejection) = existing.token_conflict(batch) {
+            Plan::Decided(Err(rejection))
+        } else if let Some((hash, ids)) = stored.get(&(
+            token.producer.clone(),
+            token.transaction_id.clone(),
+            batch.sequence as i64,
+        )) {
+            if hash[..] == hashes[index][..] {
+                Plan::Decided(Ok(AppendOutcome {
+                    event_ids: unpack_ids(ids),
+                    duplicate: true,
+                    statuses: vec![],
+                    shards: vec![],
+                }))
+            } else {
+                conflict()
+            }
+        } else if let Some(&first) = new_in_batch.get(&key(batch)) {
+            if hashes[first] == hashes[index] {
+                Plan::SameAs(first)
+            } else {
+                conflict()
+            }
+        } else if let Some(rejection) = existing.resolved(batch) {
+            Plan::Decided(Err(rejection))
+        } else {
+            new_in_batch.insert(key(batch), index);
+            Plan::New(
+                batch
+                    .events
+                    .iter()
+                    .map(|e| e.event_id.unwrap_or_else(EventId::generate))
+                    .collect(),
+            )
+        };
+        plans.push(plan);
+    }
+    plans
 }
 
 /// Stores `batches` in one autocommit statement, which also removes the
@@ -490,5 +509,168 @@ impl<'a> EventRows<'a> {
             .bind(self.states)
             .bind(self.traceparents)
             .bind(self.tracestates)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{NewEvent, TokenMode, TraceContext, TransactionToken};
+    use crate::store::codes::{TRANSACTION_ABORTED, TRANSACTION_COMMITTED, TRANSACTION_OPEN};
+
+    fn append(transaction: &str, sequence: u64, mode: TokenMode, payload: &[u8]) -> AppendBatch {
+        AppendBatch {
+            token: TransactionToken {
+                producer: "shop".into(),
+                transaction_id: transaction.into(),
+                mode,
+            },
+            sequence,
+            events: vec![NewEvent {
+                event_id: None,
+                topic: "orders".into(),
+                key: Some(b"k".to_vec()),
+                payload: payload.to_vec(),
+                headers: vec![],
+                aggregate_type: "order".into(),
+                aggregate_id: "o-1".into(),
+                event_type: "created".into(),
+                occurred_at: None,
+            }],
+            trace: TraceContext::default(),
+        }
+    }
+
+    fn two_phase() -> TokenMode {
+        TokenMode::TwoPhase {
+            timeout: std::time::Duration::from_secs(60),
+        }
+    }
+
+    fn stored_transaction(
+        transaction: &str,
+        mode: i16,
+        state: i16,
+    ) -> ((String, String), ExistingTransaction) {
+        (
+            ("shop".into(), transaction.into()),
+            ExistingTransaction {
+                mode,
+                state,
+                resolution: (state == TRANSACTION_ABORTED).then(|| "aborted".into()),
+                caller_xid: None,
+                caller_system_id: None,
+                expired: false,
+            },
+        )
+    }
+
+    fn plans(
+        batches: &[AppendBatch],
+        taken: &[Uuid],
+        transactions: &[((String, String), ExistingTransaction)],
+        stored: &[(&AppendBatch, Vec<EventId>)],
+    ) -> Vec<Plan> {
+        let hashes: Vec<[u8; 32]> = batches.iter().map(AppendBatch::content_hash).collect();
+        let transactions: HashMap<_, _> = transactions.iter().cloned().collect();
+        let stored: StoredAppends = stored
+            .iter()
+            .map(|(batch, ids)| {
+                let (p, t, s) = key(batch);
+                (
+                    (p.into(), t.into(), s),
+                    (batch.content_hash().to_vec(), pack_ids(ids)),
+                )
+            })
+            .collect();
+        plan(batches, &hashes, taken, &transactions, &stored)
+    }
+
+    #[test]
+    fn new_appends_get_ids_and_a_retry_in_the_same_batch_gets_the_first_ones() {
+        let first = append("tx-1", 0, TokenMode::Immediate, b"a");
+        let other = append("tx-2", 0, TokenMode::Immediate, b"b");
+        let retried = first.clone();
+        let mut changed = first.clone();
+        changed.events[0].payload = b"changed".to_vec();
+        let result = plans(
+            &[first, other, retried, changed],
+            &[],
+            &[
+                stored_transaction("tx-1", 1, TRANSACTION_COMMITTED),
+                stored_transaction("tx-2", 1, TRANSACTION_COMMITTED),
+            ],
+            &[],
+        );
+        assert!(matches!(&result[0], Plan::New(ids) if ids.len() == 1));
+        assert!(matches!(&result[1], Plan::New(_)));
+        assert!(matches!(result[2], Plan::SameAs(0)));
+        assert!(matches!(
+            result[3],
+            Plan::Decided(Err(AppendRejection::ConflictingRetry { sequence: 0, .. }))
+        ));
+    }
+
+    #[test]
+    fn a_stored_append_is_a_duplicate_with_its_stored_ids_or_a_conflict() {
+        let earlier = append("tx-1", 0, two_phase(), b"a");
+        let ids = vec![EventId::generate()];
+        let mut changed = earlier.clone();
+        changed.events[0].payload = b"changed".to_vec();
+        let result = plans(
+            &[earlier.clone(), changed],
+            &[],
+            &[stored_transaction("tx-1", 2, TRANSACTION_OPEN)],
+            &[(&earlier, ids.clone())],
+        );
+        assert!(
+            matches!(&result[0], Plan::Decided(Ok(outcome)) if outcome.duplicate && outcome.event_ids == ids)
+        );
+        assert!(matches!(
+            result[1],
+            Plan::Decided(Err(AppendRejection::ConflictingRetry { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_resolved_transaction_or_another_mode_refuses_new_appends_but_not_retries() {
+        let stored = append("tx-1", 0, two_phase(), b"a");
+        let later = append("tx-1", 1, two_phase(), b"b");
+        let immediate = append("tx-1", 2, TokenMode::Immediate, b"c");
+        let result = plans(
+            &[stored.clone(), later, immediate],
+            &[],
+            &[stored_transaction("tx-1", 2, TRANSACTION_ABORTED)],
+            &[(&stored, vec![EventId::generate()])],
+        );
+        assert!(matches!(&result[0], Plan::Decided(Ok(outcome)) if outcome.duplicate));
+        assert!(matches!(
+            result[1],
+            Plan::Decided(Err(AppendRejection::TransactionResolved { .. }))
+        ));
+        assert!(matches!(
+            result[2],
+            Plan::Decided(Err(AppendRejection::ModeMismatch { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_taken_caller_id_refuses_its_append_alone() {
+        let mut mine = append("tx-1", 0, TokenMode::Immediate, b"a");
+        let id = EventId::generate();
+        mine.events[0].event_id = Some(id);
+        let other = append("tx-2", 0, TokenMode::Immediate, b"b");
+        // No transaction was upserted for the refused append.
+        let result = plans(
+            &[mine, other],
+            &[id.0],
+            &[stored_transaction("tx-2", 1, TRANSACTION_COMMITTED)],
+            &[],
+        );
+        assert!(matches!(
+            &result[0],
+            Plan::Decided(Err(AppendRejection::EventIdTaken(violation))) if violation.field == "events[0].event_id"
+        ));
+        assert!(matches!(result[1], Plan::New(_)));
     }
 }
