@@ -455,3 +455,18 @@ export async function createDatabase(name: string = unique("nodeclient")): Promi
   }
   return base.replace(/\/[^/]*$/, `/${name}`);
 }
+
+/** `promise`, or a failure naming `what` after `ms` (the timer does not outlive it). */
+export async function within<T>(promise: Promise<T>, ms: number, what: () => string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([
+      promise,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`not within ${ms} ms: ${what()}`)), ms);
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
