@@ -155,4 +155,13 @@ topics = ["${billingPrefix}*"]
       return true;
     });
   });
+
+  test("a client certificate of a CA outboxd does not know: TlsError", async () => {
+    const impostor = strangerCa.issue("impostor", "orders.internal", "extendedKeyUsage=clientAuth");
+    const outbox = client({ producer: "orders", tls: { ca: serverCa.pem, cert: impostor.cert, key: impostor.key } });
+    await assert.rejects(outbox.status([]), (error: unknown) => {
+      assert.ok(error instanceof TlsError, String(error));
+      return true;
+    });
+  });
 });
