@@ -22,6 +22,8 @@
 //! - [`dev`]: `outboxd dev`, the embedded default with an in-process broker.
 //! - [`tail`]: a small Kafka consumer printing records with their headers.
 //! - [`telemetry`]: logging setup.
+//!
+//! How each guarantee is kept: `docs/architecture.md`.
 //! - [`proto`]: the generated `outboxd.v1` messages, clients and servers.
 #![forbid(unsafe_code)]
 

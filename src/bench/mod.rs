@@ -1,5 +1,5 @@
 //! `outboxd bench`: outboxd against its baselines, in one run, on the same
-//! store and broker (DESIGN §12).
+//! store and broker (docs/benchmarks.md says what each figure means).
 //!
 //! - **outboxd**: a real `outboxd serve` process (measured: CPU, peak RSS),
 //!   driven through gRPC by a load generator on its own runtime; an

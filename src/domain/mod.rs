@@ -75,7 +75,8 @@ impl EventState {
     }
 }
 
-/// How the events of a transaction become publishable (DESIGN §4).
+/// How the events of a transaction become publishable (docs/architecture.md,
+/// "Publishing only what the caller committed").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenMode {
     /// Publishable at append.

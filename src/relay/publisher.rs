@@ -37,7 +37,8 @@ impl Default for KafkaConfig {
     }
 }
 
-/// Producer properties that per-key order depends on (DESIGN §7); fixed.
+/// Producer properties that per-key order depends on (docs/architecture.md,
+/// "Per-key order"); fixed.
 pub const ORDER_KEEPING_PROPERTIES: [(&str, &str); 5] = [
     ("enable.idempotence", "true"),
     ("acks", "all"),

@@ -1,4 +1,4 @@
-//! One shard's relay loop (DESIGN §7).
+//! One shard's relay loop (docs/architecture.md, "Per-key order").
 //!
 //! Rows are read in relay order after a cursor. Walking them with a set of
 //! blocked keys: a key is blocked once one of its rows is PENDING, waiting
