@@ -496,9 +496,17 @@ export class OutboxClient {
    * `afterCursor`. When the connection drops, or outboxd restarts, the watch
    * reconnects and resumes: ids and transactions from their current state (a
    * final state is never reported twice), a producer after the last cursor seen.
+   * Aborting `signal` ends the watch at once: the iterator throws
+   * `Cancelled` (or the abort's reason, when that is an `OutboxError`).
    */
-  async *watch(target: WatchTarget, options: { reconnect?: RetryPolicy } = {}): AsyncGenerator<StatusUpdate, void, undefined> {
+  async *watch(
+    target: WatchTarget,
+    options: { reconnect?: RetryPolicy; signal?: AbortSignal } = {},
+  ): AsyncGenerator<StatusUpdate, void, undefined> {
     const reconnect = options.reconnect ?? WATCH_RECONNECT;
+    const signal = options.signal;
+    const aborted = () =>
+      signal?.reason instanceof OutboxError ? signal.reason : errorFor(Status.CANCELLED, `the watch was aborted (${String(signal?.reason)})`);
     let ids: string[] = [];
     let refs: pb.TransactionRef[] = [];
     let producer: string | undefined;
@@ -516,6 +524,7 @@ export class OutboxClient {
     const seen = new Set<string>();
     let attempt = 0;
     for (;;) {
+      if (signal?.aborted) throw aborted();
       const request: pb.WatchStatusRequest =
         producer !== undefined
           ? { eventIds: [], transactions: [], producer, afterCursor: cursor }
@@ -523,6 +532,8 @@ export class OutboxClient {
             ? { eventIds: ids.filter((id) => !final.has(id)), transactions: [], producer: "", afterCursor: 0n }
             : { eventIds: [], transactions: refs, producer: "", afterCursor: 0n };
       const call: ClientReadableStream<pb.StatusUpdate> = this.outbox.watchStatus(request, this.metadata());
+      const cancel = () => call.cancel();
+      signal?.addEventListener("abort", cancel, { once: true });
       let endedCleanly = false;
       let tlsFailure: TlsError | undefined;
       let done = false;
@@ -543,11 +554,13 @@ export class OutboxClient {
         }
         endedCleanly = true;
       } catch (error) {
+        if (signal?.aborted) throw aborted();
         const code = (error as Partial<ServiceError>).code;
         const failure = fromServiceError(error);
         if (code === undefined || !reconnect.retryOn.includes(code)) throw failure;
         if (failure instanceof TlsError) tlsFailure = failure;
       } finally {
+        signal?.removeEventListener("abort", cancel);
         call.on("error", () => {}); // the cancellation's own error
         call.cancel();
       }
@@ -570,26 +583,24 @@ export class OutboxClient {
   async waitFinal(eventIds: readonly string[], options: { timeoutMs?: number } = {}): Promise<Map<string, EventStatus>> {
     const finals = new Map<string, EventStatus>();
     if (eventIds.length === 0) return finals;
-    const watching = this.watch([...eventIds]);
-    let timer: NodeJS.Timeout | undefined;
-    const timeout =
+    const abort = new AbortController();
+    const timer =
       options.timeoutMs === undefined
-        ? new Promise<never>(() => {})
-        : new Promise<never>((_, reject) => {
-            timer = setTimeout(
-              () => reject(errorFor(Status.DEADLINE_EXCEEDED, `${eventIds.length - finals.size} events not final within ${options.timeoutMs} ms`)),
-              options.timeoutMs,
-            );
-          });
+        ? undefined
+        : setTimeout(
+            () =>
+              abort.abort(
+                errorFor(Status.DEADLINE_EXCEEDED, `${eventIds.length - finals.size} of ${eventIds.length} events not final within ${options.timeoutMs} ms`),
+              ),
+            options.timeoutMs,
+          );
     try {
-      for (;;) {
-        const next = await Promise.race([watching.next(), timeout]);
-        if (next.done) return finals;
-        if (isFinal(next.value.status.state)) finals.set(next.value.status.eventId, next.value.status);
+      for await (const update of this.watch([...eventIds], { signal: abort.signal })) {
+        if (isFinal(update.status.state)) finals.set(update.status.eventId, update.status);
       }
+      return finals;
     } finally {
       clearTimeout(timer);
-      void watching.return(undefined);
     }
   }
 

@@ -4,6 +4,8 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import {
   AlreadyExists,
+  Cancelled,
+  DeadlineExceeded,
   InvalidEvent,
   OutboxClient,
   Transaction,
@@ -144,5 +146,25 @@ describe("OutboxClient", () => {
     assert.deepEqual((outcomes[1].error as InvalidEvent).fields, ["events[0].topic"]);
     assert.equal(outcomes[2].error, undefined);
     assert.equal(outcomes[2].eventIds.length, 1);
+  });
+
+  test("waitFinal gives up after its timeout, and an aborted watch ends at once", async () => {
+    const topic = await kafka.createTopic();
+    const { eventIds } = await client.append([orderEvent(topic, "w-1", "held")], {
+      transaction: Transaction.twoPhase(producer, "tx-held", 60_000),
+    });
+    await assert.rejects(client.waitFinal(eventIds, { timeoutMs: 300 }), DeadlineExceeded);
+
+    const abort = new AbortController();
+    const seen: StatusUpdate[] = [];
+    const watching = (async () => {
+      for await (const update of client.watch({ producer }, { signal: abort.signal })) {
+        seen.push(update);
+        if (update.status.eventId === eventIds[0]) abort.abort();
+      }
+    })();
+    await assert.rejects(watching, Cancelled);
+    assert.ok(seen.some((u) => u.status.eventId === eventIds[0] && u.status.state === "PENDING"));
+    assert.equal(await client.abort("tx-held"), 1);
   });
 });
