@@ -3,7 +3,7 @@
 // appendStream sends its unanswered batches again, a unary call is retried.
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { OutboxClient, Transaction, isFinal, type Batch, type Event, type StatusUpdate } from "../src";
+import { DEFAULT_RETRY, OutboxClient, Transaction, isFinal, type Batch, type Event, type StatusUpdate } from "../src";
 import { KafkaReader, Serve, createDatabase, services, sleep, unique, within } from "./harness";
 
 const { brokers } = services();
@@ -18,7 +18,9 @@ describe("a dropped connection", { timeout: 240_000 }, () => {
     store = await createDatabase(unique("transport"));
     serve = await Serve.start(store, brokers);
     producer = unique("svc");
-    client = new OutboxClient(serve.target, { producer });
+    // More attempts than the default: the channel's own reconnect backoff
+    // (up to 5 s) may still be running when the restarted gateway is ready.
+    client = new OutboxClient(serve.target, { producer, retry: { ...DEFAULT_RETRY, maxAttempts: 12 } });
   });
   after(async () => {
     client.close();
