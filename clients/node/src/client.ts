@@ -338,9 +338,16 @@ export class OutboxClient {
     // Feeds one stream: sends what is pending (after a reconnect), then pulls
     // new batches while fewer than maxInFlight are unanswered; half-closes
     // the stream after the last. Stops when its stream was replaced.
-    const feed = async (generation: number, call: ClientDuplexStream<pb.AppendRequest, pb.AppendResponse>, ended: Promise<void>) => {
+    const feed = async (
+      generation: number,
+      call: ClientDuplexStream<pb.AppendRequest, pb.AppendResponse>,
+      responses: Queue<pb.AppendResponse>,
+      ended: Promise<void>,
+    ) => {
       let nextSend = pending.length > 0 ? pending[0].correlation : state.nextCorrelation;
-      while (state.generation === generation) {
+      // Once its stream has ended or broken, a feeder stops: the next
+      // stream's feeder sends what is unanswered.
+      while (state.generation === generation && !responses.closed) {
         if (pending.length > 0 && nextSend < pending[0].correlation) nextSend = pending[0].correlation;
         const last = pending.length > 0 ? pending[pending.length - 1].correlation : -1n;
         if (pending.length > 0 && nextSend <= last) {
@@ -404,7 +411,7 @@ export class OutboxClient {
         let markEnded!: () => void;
         const ended = new Promise<void>((resolve) => (markEnded = resolve));
         queue.onClose = markEnded;
-        feeding = feed(generation, stream, ended).catch((error) => {
+        feeding = feed(generation, stream, queue, ended).catch((error) => {
           state.exhausted = true;
           state.sourceError = error;
         });
@@ -634,7 +641,8 @@ function streamed(batch: Batch, response: pb.AppendResponse): StreamedAppend {
 /** An async queue of a stream's messages: ends, or fails with the stream's error. */
 class Queue<T> implements AsyncIterable<T> {
   private items: T[] = [];
-  private closed = false;
+  /** The stream ended or failed (its remaining items may still be read). */
+  closed = false;
   private error: unknown;
   private wake: (() => void) | undefined;
   onClose: (() => void) | undefined;
