@@ -40,15 +40,30 @@ async function main(): Promise<number> {
     await shop.end();
     const services: Services = { target: gateway.target, brokers: tansu.bootstrap, pgUrl: pg.url(), shopUrl };
     console.log(`services up in ${Date.now() - started} ms: outboxd ${gateway.target}, tansu ${tansu.bootstrap}, postgres :${pg.port}`);
-    const runner = spawn(process.execPath, ["--import", "tsx", "--test", "--test-reporter=spec", ...testFiles], {
+    // No test may hang the run: each has at most 4 minutes (the slowest take
+    // seconds), and the whole run at most 15.
+    const runner = spawn(process.execPath, ["--import", "tsx", "--test", "--test-reporter=spec", "--test-timeout=240000", ...testFiles], {
       cwd: CLIENT_DIR,
       stdio: "inherit",
+      detached: true, // its own process group, so that stopping it stops the test files too
       env: { ...process.env, OUTBOXD_NODE_TEST_SERVICES: JSON.stringify(services), KAFKAJS_NO_PARTITIONER_WARNING: "1" },
     });
-    const forward = (signal: NodeJS.Signals) => runner.kill(signal);
+    const stopGroup = (signal: NodeJS.Signals) => {
+      try {
+        process.kill(-runner.pid!, signal);
+      } catch {
+        // already gone
+      }
+    };
+    const forward = (signal: NodeJS.Signals) => stopGroup(signal);
     process.on("SIGINT", forward);
     process.on("SIGTERM", forward);
+    const limit = setTimeout(() => {
+      console.error("the test run took more than 15 minutes: stopping it");
+      stopGroup("SIGKILL");
+    }, 15 * 60_000);
     const code = await new Promise<number>((resolve) => runner.on("exit", (code, signal) => resolve(code ?? (signal ? 1 : 0))));
+    clearTimeout(limit);
     if (code !== 0) console.error(`outboxd's log (last lines):\n${gateway.logTail()}`);
     return code;
   } finally {
