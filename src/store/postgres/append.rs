@@ -58,7 +58,45 @@ pub(super) async fn append(
     batches: &[AppendBatch],
     shard_count: u32,
 ) -> Result<Option<Vec<Result<AppendOutcome, AppendRejection>>>, sqlx::Error> {
-    // Caller-chosen ids that are taken already.
+    // Appends already stored: retries (same content) or conflicts.
+    let (mut key_producers, mut key_ids, mut key_sequences) = (vec![], vec![], vec![]);
+    for batch in batches {
+        let (p, t, s) = key(batch);
+        key_producers.push(p);
+        key_ids.push(t);
+        key_sequences.push(s);
+    }
+    let mut stored: StoredAppends = HashMap::new();
+    if !key_producers.is_empty() {
+        for row in sqlx::query(
+            // LATERAL: one primary-key probe per key, whatever the table's
+            // statistics said when the statement's plan was cached.
+            "SELECT a.producer, a.transaction_id, a.sequence, a.content_hash, a.event_ids \
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS k(producer, transaction_id, sequence) \
+             CROSS JOIN LATERAL ( \
+                 SELECT * FROM outbox_appends AS a \
+                 WHERE a.producer = k.producer AND a.transaction_id = k.transaction_id \
+                   AND a.sequence = k.sequence) AS a",
+        )
+        .bind(&key_producers)
+        .bind(&key_ids)
+        .bind(&key_sequences)
+        .fetch_all(&mut *tx)
+        .await?
+        {
+            stored.insert(
+                (
+                    row.try_get("producer")?,
+                    row.try_get("transaction_id")?,
+                    row.try_get("sequence")?,
+                ),
+                (row.try_get("content_hash")?, row.try_get("event_ids")?),
+            );
+        }
+    }
+
+    // Caller-chosen ids that are taken already (a retry finds its own ids
+    // stored: it is judged by its content instead).
     let taken = taken_event_ids(tx, batches).await?;
 
     // The transactions, created when new (first token in the batch wins).
@@ -67,7 +105,7 @@ pub(super) async fn append(
     let (mut xids, mut systems, mut expiries) = (vec![], vec![], vec![]);
     for batch in batches {
         let token = &batch.token;
-        if uses_taken_id(batch, &taken)
+        if uses_taken_id(batch, &taken, &stored)
             || seen
                 .insert((token.producer.as_str(), token.transaction_id.as_str()), ())
                 .is_some()
@@ -99,45 +137,6 @@ pub(super) async fn append(
             transactions.insert(
                 (row.try_get("producer")?, row.try_get("transaction_id")?),
                 ExistingTransaction::from_row(&row)?,
-            );
-        }
-    }
-
-    // Appends already stored: retries (same content) or conflicts.
-    let (mut key_producers, mut key_ids, mut key_sequences) = (vec![], vec![], vec![]);
-    for batch in batches {
-        if !uses_taken_id(batch, &taken) {
-            let (p, t, s) = key(batch);
-            key_producers.push(p);
-            key_ids.push(t);
-            key_sequences.push(s);
-        }
-    }
-    let mut stored: StoredAppends = HashMap::new();
-    if !key_producers.is_empty() {
-        for row in sqlx::query(
-            // LATERAL: one primary-key probe per key, whatever the table's
-            // statistics said when the statement's plan was cached.
-            "SELECT a.producer, a.transaction_id, a.sequence, a.content_hash, a.event_ids \
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS k(producer, transaction_id, sequence) \
-             CROSS JOIN LATERAL ( \
-                 SELECT * FROM outbox_appends AS a \
-                 WHERE a.producer = k.producer AND a.transaction_id = k.transaction_id \
-                   AND a.sequence = k.sequence) AS a",
-        )
-        .bind(&key_producers)
-        .bind(&key_ids)
-        .bind(&key_sequences)
-        .fetch_all(&mut *tx)
-        .await?
-        {
-            stored.insert(
-                (
-                    row.try_get("producer")?,
-                    row.try_get("transaction_id")?,
-                    row.try_get("sequence")?,
-                ),
-                (row.try_get("content_hash")?, row.try_get("event_ids")?),
             );
         }
     }
@@ -211,9 +210,12 @@ pub(super) async fn append(
     Ok(Some(results))
 }
 
-/// Caller-chosen ids of `batch` among `taken`.
-fn uses_taken_id(batch: &AppendBatch, taken: &[Uuid]) -> bool {
+/// Caller-chosen ids of `batch` among `taken`, unless `batch` is a retry of
+/// a `stored` append (which finds its own ids taken).
+fn uses_taken_id(batch: &AppendBatch, taken: &[Uuid], stored: &StoredAppends) -> bool {
+    let (p, t, s) = key(batch);
     !taken.is_empty()
+        && !stored.contains_key(&(p.to_owned(), t.to_owned(), s))
         && batch
             .events
             .iter()
@@ -236,7 +238,7 @@ fn plan(
     let mut new_in_batch: HashMap<Key<'_>, usize> = HashMap::new();
     for (index, batch) in batches.iter().enumerate() {
         let token = &batch.token;
-        if uses_taken_id(batch, taken) {
+        if uses_taken_id(batch, taken, stored) {
             plans.push(Plan::Decided(Err(event_id_taken(batch, taken))));
             continue;
         }
@@ -672,5 +674,22 @@ mod tests {
             Plan::Decided(Err(AppendRejection::EventIdTaken(violation))) if violation.field == "events[0].event_id"
         ));
         assert!(matches!(result[1], Plan::New(_)));
+    }
+
+    #[test]
+    fn a_retry_finds_its_own_ids_taken_and_is_a_duplicate() {
+        let mut mine = append("tx-1", 0, TokenMode::Immediate, b"a");
+        let id = EventId::generate();
+        mine.events[0].event_id = Some(id);
+        let result = plans(
+            std::slice::from_ref(&mine),
+            &[id.0],
+            &[stored_transaction("tx-1", 1, TRANSACTION_COMMITTED)],
+            &[(&mine, vec![id])],
+        );
+        assert!(matches!(
+            &result[0],
+            Plan::Decided(Ok(outcome)) if outcome.duplicate && outcome.event_ids == vec![id]
+        ));
     }
 }
