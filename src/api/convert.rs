@@ -30,6 +30,15 @@ pub fn trace_context(metadata: &MetadataMap) -> TraceContext {
     }
 }
 
+/// A violation when `value` holds a NUL character: PostgreSQL's text cannot
+/// hold one, so no stored producer, transaction or topic has one, and a
+/// lookup by such a name is refused rather than failing in the store.
+pub fn nul_violation(field: impl Into<String>, value: &str) -> Option<FieldViolation> {
+    value
+        .contains('\0')
+        .then(|| FieldViolation::new(field, "must not contain NUL characters"))
+}
+
 fn timestamp_to_utc(timestamp: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
     let nanos = u32::try_from(timestamp.nanos).ok()?;
     DateTime::from_timestamp(timestamp.seconds, nanos)
@@ -259,6 +268,8 @@ pub fn transaction_ref(
     if transaction_id.is_empty() {
         violations.push(FieldViolation::new("transaction_id", "must not be empty"));
     }
+    violations.extend(nul_violation("producer", &producer));
+    violations.extend(nul_violation("transaction_id", &transaction_id));
     if violations.is_empty() {
         Ok(TransactionRef {
             producer,
@@ -287,15 +298,23 @@ pub fn dead_letter_filter(
     topic: String,
     since: Option<prost_types::Timestamp>,
 ) -> Result<crate::store::DeadLetterFilter, ApiError> {
+    let mut violations: Vec<FieldViolation> = nul_violation("producer", &producer)
+        .into_iter()
+        .chain(nul_violation("topic", &topic))
+        .collect();
     let since = match since {
         None => None,
-        Some(timestamp) => Some(timestamp_to_utc(&timestamp).ok_or_else(|| {
-            ApiError::invalid(vec![FieldViolation::new(
-                "since",
-                "is not a valid timestamp",
-            )])
-        })?),
+        Some(timestamp) => {
+            let since = timestamp_to_utc(&timestamp);
+            if since.is_none() {
+                violations.push(FieldViolation::new("since", "is not a valid timestamp"));
+            }
+            since
+        }
     };
+    if !violations.is_empty() {
+        return Err(ApiError::invalid(violations));
+    }
     Ok(crate::store::DeadLetterFilter {
         event_ids,
         producer: (!producer.is_empty()).then_some(producer),
@@ -331,6 +350,14 @@ pub fn transaction_refs(
                 "must not be empty",
             ));
         }
+        violations.extend(nul_violation(
+            format!("{field}[{index}].producer"),
+            &r.producer,
+        ));
+        violations.extend(nul_violation(
+            format!("{field}[{index}].transaction_id"),
+            &r.transaction_id,
+        ));
     }
     if !violations.is_empty() {
         return Err(ApiError::invalid(violations));

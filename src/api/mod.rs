@@ -2,7 +2,8 @@
 //! Errors become `tonic::Status` only in `error.rs`.
 
 pub mod auth;
-mod convert;
+/// Public so that tests can drive the request conversions directly.
+pub mod convert;
 mod error;
 
 use std::pin::Pin;
@@ -292,6 +293,9 @@ impl proto::outbox_server::Outbox for OutboxApi {
             }
             WatchTarget::Transactions(refs)
         } else {
+            if let Some(violation) = convert::nul_violation("producer", &request.producer) {
+                return Err(ApiError::invalid(vec![violation]).into());
+            }
             access.check_producer(&request.producer)?;
             WatchTarget::Producer {
                 producer: request.producer,
@@ -492,6 +496,9 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
                 "must not be empty",
             )])
             .into());
+        }
+        if let Some(violation) = convert::nul_violation("producer", &request.producer) {
+            return Err(ApiError::invalid(vec![violation]).into());
         }
         access.check_producer(&request.producer)?;
         let older_than = match request.older_than {
