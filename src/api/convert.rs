@@ -292,6 +292,10 @@ pub fn prepared_transaction(
     }
 }
 
+/// The range a ListDeadLetters `since` is brought into, in seconds of the
+/// Unix epoch: 0001-01-01 to 9999-12-31T23:59:59Z.
+const SINCE_RANGE: (i64, i64) = (-62_135_596_800, 253_402_300_799);
+
 pub fn dead_letter_filter(
     event_ids: Vec<EventId>,
     producer: String,
@@ -309,7 +313,12 @@ pub fn dead_letter_filter(
             if since.is_none() {
                 violations.push(FieldViolation::new("since", "is not a valid timestamp"));
             }
-            since
+            // Years 1 to 9999 hold every stored time and ask the same;
+            // PostgreSQL cannot compare with times far beyond them.
+            since.map(|since| {
+                let bound = |seconds| DateTime::from_timestamp(seconds, 0).expect("in range");
+                since.clamp(bound(SINCE_RANGE.0), bound(SINCE_RANGE.1))
+            })
         }
     };
     if !violations.is_empty() {

@@ -334,6 +334,9 @@ impl proto::outbox_server::Outbox for OutboxApi {
 /// Most prepared transactions one ListPrepared returns.
 const MAX_PREPARED_LISTED: u32 = 10_000;
 
+/// ListPrepared's longest `older_than`.
+const OLDEST_PREPARED: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Largest ListDeadLetters page.
 const MAX_DEAD_LETTER_PAGE: u32 = 1_000;
 
@@ -503,8 +506,10 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         access.check_producer(&request.producer)?;
         let older_than = match request.older_than {
             None => std::time::Duration::ZERO,
+            // Nothing is older than a century: a longer duration asks the
+            // same, and would overflow PostgreSQL's intervals.
             Some(d) if d.seconds >= 0 && (0..1_000_000_000).contains(&d.nanos) => {
-                std::time::Duration::new(d.seconds as u64, d.nanos as u32)
+                std::time::Duration::new(d.seconds as u64, d.nanos as u32).min(OLDEST_PREPARED)
             }
             Some(_) => {
                 return Err(ApiError::invalid(vec![FieldViolation::new(
