@@ -390,10 +390,16 @@ fn check_dead_letter_filter(
                 (None, None) => {}
                 (Some(t), Some(at)) => {
                     assert!(timestamp_ok(&t));
-                    assert_eq!(
-                        (at.timestamp(), at.timestamp_subsec_nanos()),
-                        (t.seconds, t.nanos as u32)
-                    );
+                    // Brought into years 1 to 9999.
+                    let (earliest, latest) = (-62_135_596_800, 253_402_300_799);
+                    if (earliest..=latest).contains(&t.seconds) {
+                        assert_eq!(
+                            (at.timestamp(), at.timestamp_subsec_nanos()),
+                            (t.seconds, t.nanos as u32)
+                        );
+                    } else {
+                        assert_eq!(at.timestamp(), t.seconds.clamp(earliest, latest));
+                    }
                 }
                 (sent, converted) => panic!("since {sent:?} became {converted:?}"),
             }
@@ -2225,4 +2231,58 @@ async fn a_nul_in_a_looked_up_name_is_invalid_argument_on_postgresql() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nul_in_a_looked_up_name_is_invalid_argument_on_sqlite() {
     a_nul_in_a_looked_up_name_is_invalid_argument(support::sqlite_url()).await;
+}
+
+/// Extreme but well-formed durations and times in admin lookups answer
+/// (OK or INVALID_ARGUMENT naming the field), never INTERNAL.
+async fn extreme_times_in_lookups_are_answered(store_url: String) {
+    let kafka = MockKafka::start(1);
+    let gateway = Gateway::start(support::test_config(&store_url, &kafka.bootstrap)).await;
+    let mut admin = OutboxAdminClient::new(gateway.channel().await);
+    for seconds in [i64::MAX, 1 << 40, 10_000_000_000_000] {
+        let result = admin
+            .list_prepared(proto::ListPreparedRequest {
+                producer: "p".into(),
+                older_than: Some(prost_types::Duration { seconds, nanos: 0 }),
+            })
+            .await;
+        if let Err(status) = result {
+            assert_eq!(
+                status.code(),
+                Code::InvalidArgument,
+                "older_than {seconds}s: {status:?}"
+            );
+        }
+    }
+    for seconds in [
+        -8_210_298_412_800,
+        8_210_298_412_799,
+        -210_000_000_000,
+        9_300_000_000_000,
+    ] {
+        let result = admin
+            .list_dead_letters(proto::ListDeadLettersRequest {
+                since: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+                ..Default::default()
+            })
+            .await;
+        if let Err(status) = result {
+            assert_eq!(
+                status.code(),
+                Code::InvalidArgument,
+                "since {seconds}s: {status:?}"
+            );
+        }
+    }
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_times_in_lookups_are_answered_on_postgresql() {
+    extreme_times_in_lookups_are_answered(support::fresh_database().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_times_in_lookups_are_answered_on_sqlite() {
+    extreme_times_in_lookups_are_answered(support::sqlite_url()).await;
 }
