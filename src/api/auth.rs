@@ -70,7 +70,8 @@ impl AuthConfig {
                 ));
             }
             for pattern in identity.producers.iter().chain(&identity.topics) {
-                if pattern.is_empty() || pattern[..pattern.len() - 1].contains('*') {
+                if pattern.is_empty() || pattern.strip_suffix('*').unwrap_or(pattern).contains('*')
+                {
                     return Err(format!(
                         "auth.identities {name:?}: pattern {pattern:?} may only end in '*'"
                     ));
@@ -463,6 +464,11 @@ mod tests {
         let mut bad = config();
         bad.identities[0].topics = vec!["or*ders".into()];
         assert!(bad.validate().unwrap_err().contains("may only end in '*'"));
+        let mut accented = config();
+        accented.identities[0].producers = vec!["café".into(), "café-*".into()];
+        accented
+            .validate()
+            .expect("a pattern may end in any character");
         let mut twice = config();
         twice.identities.push(twice.identities[0].clone());
         twice.identities[1].name = "again".into();
