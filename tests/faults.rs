@@ -961,3 +961,59 @@ async fn a_delivery_that_cannot_be_recorded_dead_letters_only_its_event() {
     );
     gateway.stop().await;
 }
+
+/// A paused relay stays paused through shutdown: stopping the gateway
+/// publishes nothing of the backlog (a running relay's shutdown does send
+/// what it can, see `cli::serve_drains_appends_and_publishes_on_sigterm`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_relay_publishes_nothing_at_shutdown() {
+    let kafka = MockKafka::start(1);
+    let topic = support::unique("paused-shutdown");
+    kafka.create_topic(&topic, 2).await;
+    let config = support::test_config(&support::fresh_database().await, &kafka.bootstrap);
+    let gateway = Gateway::start(config.clone()).await;
+    let mut client = gateway.client().await;
+    let channel = gateway.channel().await;
+    let mut admin = outboxd::proto::outbox_admin_client::OutboxAdminClient::new(channel.clone());
+    wait_for_relay_health(&channel, ServingStatus::Serving).await;
+    admin
+        .pause_relay(proto::PauseRelayRequest {})
+        .await
+        .unwrap();
+    wait_for_relay_health(&channel, ServingStatus::NotServing).await;
+    let mut ids = Vec::new();
+    for t in 0..20 {
+        let request = support::append_request(
+            support::immediate_token("paused", &format!("t{t}")),
+            (0..10)
+                .map(|i| support::keyed_event(&topic, &format!("k{i}"), b"p"))
+                .collect(),
+        );
+        ids.extend(client.append(request).await.unwrap().into_inner().event_ids);
+    }
+    gateway.stop().await;
+
+    let published = consume_until(
+        &kafka.bootstrap,
+        &topic,
+        &HashSet::new(),
+        Duration::from_secs(2),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        published.is_empty(),
+        "{} records were published by a paused relay at shutdown",
+        published.len()
+    );
+    // Still READY in the store (the pause outlives the process).
+    let gateway = Gateway::start(config).await;
+    let mut client = gateway.client().await;
+    for id in &ids {
+        assert_eq!(
+            status_of(&mut client, id).await.state,
+            proto::EventState::Ready as i32
+        );
+    }
+    gateway.stop().await;
+}

@@ -214,7 +214,14 @@ impl ShardWorker {
     /// for the next owner.
     async fn drain(mut self, shard: u32) -> Result<(), ShardError> {
         let deadline = Instant::now() + self.config.drain_timeout;
-        self.want_read = true;
+        // A running relay sends what it can before it stops; a paused one
+        // only takes the outcomes of what is in flight already.
+        let paused = self.paused.load(Ordering::Acquire);
+        if paused {
+            self.held.clear();
+            self.held_rows = 0;
+        }
+        self.want_read = !paused;
         loop {
             match self.record().await {
                 Ok(()) => {}
@@ -244,7 +251,7 @@ impl ShardWorker {
                         && self.occupancy() <= self.config.max_in_flight_per_shard / 2
                     {
                         self.capacity_limited = false;
-                        self.want_read = true;
+                        self.want_read = !paused;
                     }
                 }
                 Ok(None) => {}
