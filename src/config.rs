@@ -84,6 +84,7 @@ pub struct Config {
     pub tokens: TokenConfig,
     pub auth: crate::api::AuthConfig,
     pub tls: crate::tls::TlsConfig,
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 impl Default for Config {
@@ -101,6 +102,7 @@ impl Default for Config {
             tokens: TokenConfig::default(),
             auth: crate::api::AuthConfig::default(),
             tls: crate::tls::TlsConfig::default(),
+            telemetry: crate::telemetry::TelemetryConfig::default(),
         }
     }
 }
@@ -113,6 +115,7 @@ pub struct Overrides {
     pub store_url: Option<String>,
     pub brokers: Option<String>,
     pub shard_count: Option<u32>,
+    pub log_format: Option<crate::telemetry::LogFormat>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +150,14 @@ impl Config {
             }
             None => Config::default(),
         };
+        // OpenTelemetry's standard variables, between the file and the flags.
+        config
+            .telemetry
+            .apply_env(|name| std::env::var(name).ok())
+            .map_err(ConfigError::Invalid)?;
+        if let Some(format) = overrides.log_format {
+            config.telemetry.log_format = format;
+        }
         if let Some(listen) = overrides.listen {
             config.listen = listen;
         }
@@ -256,6 +267,7 @@ impl Config {
         if self.watch.resync_interval.is_zero() {
             return invalid("watch.resync_interval must be positive");
         }
+        self.telemetry.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }

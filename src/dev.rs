@@ -35,6 +35,9 @@ pub struct DevArgs {
     /// Partitions of the dev topic.
     #[arg(long, default_value_t = 3)]
     pub partitions: i32,
+    /// Log lines as text or as JSON objects (with trace and span ids).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: crate::telemetry::LogFormat,
 }
 
 /// The in-process broker. `MockCluster` is not `Send`, so it lives on its own

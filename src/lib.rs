@@ -21,7 +21,8 @@
 //! - [`bench`]: `outboxd bench`, outboxd against its baselines in one run.
 //! - [`dev`]: `outboxd dev`, the embedded default with an in-process broker.
 //! - [`tail`]: a small Kafka consumer printing records with their headers.
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logs (text or JSON), OpenTelemetry spans over OTLP, metrics,
+//!   request metrics, `/healthz` and `/readyz`.
 //!
 //! How each guarantee is kept: `docs/architecture.md`.
 //! - [`proto`]: the generated `outboxd.v1` messages, clients and servers.

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use outboxd::config::{Config, Overrides};
+use outboxd::telemetry::TelemetryConfig;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -51,6 +52,9 @@ struct ServeArgs {
     /// Shard count, used when the store is first migrated.
     #[arg(long, env = "OUTBOXD_SHARD_COUNT")]
     shard_count: Option<u32>,
+    /// Log lines as text or as JSON objects (with trace and span ids).
+    #[arg(long, value_enum, env = "OUTBOXD_LOG_FORMAT")]
+    log_format: Option<outboxd::telemetry::LogFormat>,
 }
 
 impl ServeArgs {
@@ -62,6 +66,7 @@ impl ServeArgs {
                 store_url: self.database_url.clone(),
                 brokers: self.brokers.clone(),
                 shard_count: self.shard_count,
+                log_format: self.log_format,
             },
         )?)
     }
@@ -70,15 +75,21 @@ impl ServeArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    outboxd::telemetry::init();
     match cli.command {
         Command::Serve(args) => {
             let config = args.load()?;
+            let telemetry = outboxd::telemetry::init(&config.telemetry)?;
             let listener = tokio::net::TcpListener::bind(config.listen).await?;
-            outboxd::server::run(config, listener, shutdown_on_signal()).await
+            let served = outboxd::server::run(config, listener, shutdown_on_signal()).await;
+            telemetry.shutdown().await;
+            served
         }
         Command::Migrate(args) => {
             let config = args.load()?;
+            let _telemetry = outboxd::telemetry::init(&TelemetryConfig {
+                otlp_endpoint: None,
+                ..config.telemetry.clone()
+            })?;
             let store = outboxd::store::connect(
                 &config.store.url,
                 config.store.max_connections,
@@ -93,10 +104,29 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Dev(args) => outboxd::dev::run(args, shutdown_on_signal()).await,
-        Command::Tail(args) => outboxd::tail::run(args, shutdown_on_signal()).await,
-        Command::Admin(args) => outboxd::admin::run(args).await,
-        Command::Bench(args) => outboxd::bench::run(args).await.map(|_| ()),
+        Command::Dev(args) => {
+            let mut config = TelemetryConfig::default();
+            config
+                .apply_env(|name| std::env::var(name).ok())
+                .map_err(anyhow::Error::msg)?;
+            config.log_format = args.log_format;
+            let telemetry = outboxd::telemetry::init(&config)?;
+            let ran = outboxd::dev::run(args, shutdown_on_signal()).await;
+            telemetry.shutdown().await;
+            ran
+        }
+        Command::Tail(args) => {
+            let _telemetry = outboxd::telemetry::init(&TelemetryConfig::default())?;
+            outboxd::tail::run(args, shutdown_on_signal()).await
+        }
+        Command::Admin(args) => {
+            let _telemetry = outboxd::telemetry::init(&TelemetryConfig::default())?;
+            outboxd::admin::run(args).await
+        }
+        Command::Bench(args) => {
+            let _telemetry = outboxd::telemetry::init(&TelemetryConfig::default())?;
+            outboxd::bench::run(args).await.map(|_| ())
+        }
     }
 }
 

@@ -34,6 +34,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let tls = crate::tls::TlsServer::load(&config.tls).context("loading the TLS certificates")?;
+    let readiness = crate::telemetry::Readiness::default();
     let metrics_task = match config.metrics_listen {
         Some(address) => {
             let listener = TcpListener::bind(address)
@@ -43,6 +44,7 @@ pub async fn run(
             tracing::info!(address = %listener.local_addr()?, "serving Prometheus metrics");
             Some(tokio::spawn(crate::telemetry::serve_metrics(
                 listener,
+                readiness.clone(),
                 shutdown.clone(),
             )))
         }
@@ -83,6 +85,7 @@ pub async fn run(
     let relay_shutdown = CancellationToken::new();
     let (relay_health, mut relay_health_rx) = watch::channel(RelayHealth::Starting);
     let mut breaker_rx = breaker.subscribe();
+    readiness.set(store.clone(), relay_health_rx.clone(), breaker.subscribe());
     // This instance's name in the lease table and in wake-ups; unique per
     // process and per start.
     let instance = format!(
@@ -208,14 +211,20 @@ pub async fn run(
     // requests being served, the next is shed at once (RESOURCE_EXHAUSTED)
     // rather than read and queued, which bounds the memory of requests in
     // flight. Load shedding sits outside the limit, so that a full limit
-    // answers instead of waiting.
+    // answers instead of waiting. Request metrics and server spans sit
+    // outside both, so that shed requests are counted too.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(
         config.limits.max_concurrent_requests,
     ));
     let serve = tonic::transport::Server::builder()
-        .layer(tower::ServiceBuilder::new().load_shed().layer(
-            tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(in_flight),
-        ))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(crate::telemetry::GrpcTelemetryLayer)
+                .load_shed()
+                .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
+                    in_flight,
+                )),
+        )
         // Bounds work per connection; a slow client cannot hold unbounded requests.
         .concurrency_limit_per_connection(1_024)
         .add_service(health_service)

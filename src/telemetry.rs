@@ -1,23 +1,179 @@
-//! Logging (`tracing` to stderr, filtered by `RUST_LOG`) and Prometheus
-//! metrics (served on `metrics_listen`).
+//! Logging (`tracing` to stderr, filtered by `RUST_LOG`, as text or JSON),
+//! OpenTelemetry spans exported over OTLP when configured, Prometheus
+//! metrics and the `/healthz` and `/readyz` probes (served on
+//! `metrics_listen`).
 
-use std::sync::OnceLock;
+mod context;
+mod export;
+mod grpc;
+mod json;
+mod settings;
+pub mod sink;
+mod spans;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanExporter as _};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-/// Installs the global subscriber; a second call is a no-op.
-pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,rdkafka=warn,sqlx=warn,h2=warn,tower=warn,hyper=warn")
-    });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+pub use context::{for_append, parent_context, span_context, trace_context_of};
+pub use grpc::{GrpcTelemetry, GrpcTelemetryLayer, ObservedBody};
+pub use settings::{LogFormat, TelemetryConfig};
+pub use spans::{
+    commit_span, failed, publish_span, published, resolution_attributes, resolutions, span_event,
+};
+
+use crate::relay::{BreakerState, RelayHealth};
+use crate::store::Store;
+
+/// Target of outboxd's OpenTelemetry spans. Logs made inside them carry
+/// their ids (and, in text, their names) whatever `RUST_LOG` says.
+pub const SPAN_TARGET: &str = "outboxd::span";
+
+/// Set once spans are exported: the code that makes spans asks first, so
+/// that with tracing off nothing of it runs.
+static TRACING: AtomicBool = AtomicBool::new(false);
+
+/// Whether OpenTelemetry spans are made and exported.
+pub fn tracing_enabled() -> bool {
+    TRACING.load(Ordering::Relaxed)
+}
+
+/// Why telemetry could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("invalid telemetry configuration: {0}")]
+    Invalid(String),
+    #[error("cannot build the OTLP exporter for {endpoint}: {message}")]
+    Exporter { endpoint: String, message: String },
+}
+
+/// Keeps the span exporter running; [`Telemetry::shutdown`] exports what is
+/// left.
+#[must_use = "dropping the handle leaves queued spans unexported"]
+pub struct Telemetry {
+    exporting: Option<(
+        SdkTracerProvider,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+impl Telemetry {
+    /// Stops exporting after one last export of queued spans (bounded).
+    pub async fn shutdown(self) {
+        if let Some((provider, stop, task)) = self.exporting {
+            TRACING.store(false, Ordering::Relaxed);
+            // Ends nothing still open; spans ended so far are queued.
+            let _ = provider.force_flush();
+            stop.cancel();
+            if let Err(error) = task.await {
+                tracing::warn!(%error, "span export task failed");
+            }
+        }
+    }
+}
+
+/// Installs the global subscriber: logs in `config.log_format`, and with an
+/// `otlp_endpoint`, spans exported to it. Must run inside the tokio runtime
+/// (the exporter is a task). A second call sets up nothing.
+pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
+    config.validate().map_err(TelemetryError::Invalid)?;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| {
+            EnvFilter::new("info,rdkafka=warn,sqlx=warn,h2=warn,tower=warn,hyper=warn")
+        })
+        .add_directive(
+            format!("{SPAN_TARGET}=info")
+                .parse()
+                .expect("a valid directive"),
+        );
+    let logs = match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .event_format(json::JsonLines)
+            .with_filter(filter)
+            .boxed(),
+    };
+    let Some(endpoint) = &config.otlp_endpoint else {
+        let _ = tracing_subscriber::registry().with(logs).try_init();
+        return Ok(Telemetry { exporting: None });
+    };
+    let resource = opentelemetry_sdk::Resource::builder_empty()
+        .with_service_name(config.service_name.clone())
+        .with_attributes([
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("telemetry.sdk.language", "rust"),
+            KeyValue::new("telemetry.sdk.name", "opentelemetry"),
+        ])
+        .with_attributes(
+            config
+                .resource_attributes
+                .iter()
+                .map(|(key, value)| KeyValue::new(key.clone(), value.clone())),
+        )
+        .build();
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint.clone())
+        .with_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|error| TelemetryError::Exporter {
+            endpoint: endpoint.clone(),
+            message: error.to_string(),
+        })?;
+    exporter.set_resource(&resource);
+    let (processor, queue) = export::QueueingProcessor::new(config.max_queued_spans);
+    let ratio = Sampler::TraceIdRatioBased(config.sampling_ratio);
+    let sampler = if config.parent_based {
+        Sampler::ParentBased(Box::new(ratio))
+    } else {
+        ratio
+    };
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_sampler(sampler)
+        .with_resource(resource)
+        .build();
+    let tracer = provider.tracer("outboxd");
+    let spans = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_level(true)
+        .with_filter(Targets::new().with_target("outboxd", tracing::Level::INFO));
+    if tracing_subscriber::registry()
+        .with(logs)
+        .with(spans)
+        .try_init()
+        .is_err()
+    {
+        return Ok(Telemetry { exporting: None });
+    }
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(export::run_export(exporter, queue, stop.clone()));
+    TRACING.store(true, Ordering::Relaxed);
+    tracing::info!(%endpoint, service_name = %config.service_name, sampling_ratio = config.sampling_ratio, "exporting spans over OTLP");
+    Ok(Telemetry {
+        exporting: Some((provider, stop, task)),
+    })
 }
 
 /// Metric names, in one place.
@@ -44,6 +200,15 @@ pub mod names {
     /// Unpublished events and the age of the oldest, per shard.
     pub const BACKLOG_EVENTS: &str = "outboxd_backlog_events";
     pub const BACKLOG_OLDEST_SECONDS: &str = "outboxd_backlog_oldest_seconds";
+    /// gRPC calls by service, method and status code name.
+    pub const GRPC_REQUESTS: &str = "outboxd_grpc_requests_total";
+    /// Seconds from a call's arrival to its last response frame.
+    pub const GRPC_REQUEST_SECONDS: &str = "outboxd_grpc_request_seconds";
+    /// Finished spans given to the OTLP exporter.
+    pub const SPANS_EXPORTED: &str = "outboxd_spans_exported_total";
+    /// Finished spans dropped: the export queue was full or the collector
+    /// refused or could not be reached.
+    pub const SPANS_DROPPED: &str = "outboxd_spans_dropped_total";
 }
 
 /// The process's metrics recorder, installed on first use.
@@ -64,10 +229,89 @@ pub fn metrics() -> &'static PrometheusHandle {
     })
 }
 
-/// Serves `GET /metrics` (any path, in fact) in Prometheus' text format
-/// until `shutdown`.
-pub async fn serve_metrics(listener: TcpListener, shutdown: CancellationToken) {
-    let handle = metrics();
+/// What `/readyz` looks at, filled in once the store is migrated and the
+/// relay is started; not ready before.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    sources: Arc<OnceLock<ReadinessSources>>,
+}
+
+struct ReadinessSources {
+    store: Arc<dyn Store>,
+    relay: watch::Receiver<RelayHealth>,
+    breaker: watch::Receiver<BreakerState>,
+}
+
+/// How long `/readyz` waits for the store.
+const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Readiness {
+    /// Readiness depends on `store` from now on; the relay's state and its
+    /// breaker are reported alongside.
+    pub fn set(
+        &self,
+        store: Arc<dyn Store>,
+        relay: watch::Receiver<RelayHealth>,
+        breaker: watch::Receiver<BreakerState>,
+    ) {
+        let _ = self.sources.set(ReadinessSources {
+            store,
+            relay,
+            breaker,
+        });
+    }
+
+    /// Ready when the store answers a read of a migrated table; the body
+    /// says what was found, the relay included (a Kafka outage makes the
+    /// relay wait, not the gateway unready: appends still succeed).
+    async fn check(&self) -> (bool, String) {
+        let Some(sources) = self.sources.get() else {
+            return (
+                false,
+                "not ready\nstore: not connected or not migrated yet\n".into(),
+            );
+        };
+        let store =
+            match tokio::time::timeout(STORE_PROBE_TIMEOUT, sources.store.relay_paused()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => Err(format!("no answer within {STORE_PROBE_TIMEOUT:?}")),
+            };
+        let relay = match *sources.relay.borrow() {
+            RelayHealth::Starting => "starting".to_owned(),
+            RelayHealth::Serving { shards } => format!("serving ({shards} shards)"),
+            RelayHealth::Paused => "paused".to_owned(),
+            RelayHealth::Stopped => "stopped".to_owned(),
+        };
+        let breaker = match *sources.breaker.borrow() {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open (Kafka unreachable)",
+            BreakerState::HalfOpen => "half-open",
+        };
+        match store {
+            Ok(()) => (
+                true,
+                format!("ready\nstore: ok\nrelay: {relay}\nbreaker: {breaker}\n"),
+            ),
+            Err(error) => (
+                false,
+                format!(
+                    "not ready\nstore: unreachable: {error}\nrelay: {relay}\nbreaker: {breaker}\n"
+                ),
+            ),
+        }
+    }
+}
+
+/// Serves until `shutdown`: `GET /healthz` (the process answers),
+/// `GET /readyz` (see [`Readiness`]) and, on any other path, the metrics in
+/// Prometheus' text format.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
+    metrics();
     loop {
         let (mut stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -79,15 +323,34 @@ pub async fn serve_metrics(listener: TcpListener, shutdown: CancellationToken) {
                 }
             },
         };
-        let body = handle.render();
+        let readiness = readiness.clone();
         tokio::spawn(async move {
-            // The request itself does not matter; read what came and answer.
             let mut request = [0u8; 1024];
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut request))
-                    .await;
+            let read =
+                tokio::time::timeout(Duration::from_secs(5), stream.read(&mut request)).await;
+            let length = match read {
+                Ok(Ok(length)) => length,
+                _ => 0,
+            };
+            // "GET /path HTTP/1.1": only the path matters.
+            let path = std::str::from_utf8(&request[..length])
+                .ok()
+                .and_then(|text| text.split_whitespace().nth(1))
+                .unwrap_or("/metrics")
+                .split('?')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            let (status, content_type, body) = match path.as_str() {
+                "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
+                "/readyz" => match readiness.check().await {
+                    (true, body) => ("200 OK", "text/plain", body),
+                    (false, body) => ("503 Service Unavailable", "text/plain", body),
+                },
+                _ => ("200 OK", "text/plain; version=0.0.4", metrics().render()),
+            };
             let response = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = stream.write_all(response.as_bytes()).await;

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 pub use auth::{AuthConfig, Authenticator};
 pub use error::ApiError;
@@ -82,7 +83,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
         request: Request<proto::AppendRequest>,
     ) -> Result<Response<proto::AppendResponse>, Status> {
         let access = self.auth.access(&request)?;
-        let trace = convert::trace_context(request.metadata());
+        let trace = crate::telemetry::for_append(convert::trace_context(request.metadata()));
         let request = request.into_inner();
         let correlation = request.correlation;
         let batch = convert::append_batch(request, trace, &self.limits)?;
@@ -103,7 +104,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
     ) -> Result<Response<Self::AppendStreamStream>, Status> {
         let access = self.auth.access(&request)?;
         let stream_place = access.open_stream()?;
-        let trace = convert::trace_context(request.metadata());
+        let trace = crate::telemetry::for_append(convert::trace_context(request.metadata()));
         let mut inbound = request.into_inner();
         // One writer lane per stream: its appends commit in stream order.
         let lane = self.ingest.lane();
@@ -162,7 +163,7 @@ impl proto::outbox_server::Outbox for OutboxApi {
                     }
                 }
             }
-        });
+        }.instrument(tracing::Span::current()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

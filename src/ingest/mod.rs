@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 mod transactions;
 
@@ -271,7 +272,14 @@ async fn run_writer(
                 Err(_) => break,
             }
         }
-        match store.append(&batches).await {
+        let span = crate::telemetry::commit_span(
+            store.db_system(),
+            batches.iter().map(|batch| &batch.trace),
+            events,
+        );
+        let committed = store.append(&batches).instrument(span.clone()).await;
+        let _entered = span.enter();
+        match committed {
             Ok(results) => {
                 let mut shards = Vec::new();
                 let pending_xid = batches.iter().zip(&results).any(|(batch, result)| {
@@ -307,6 +315,7 @@ async fn run_writer(
             Err(error) => {
                 tracing::warn!(writer, requests = replies.len(), %error, "append commit failed");
                 let unavailable = matches!(error, StoreError::Unavailable(_));
+                crate::telemetry::failed(&span, if unavailable { "unavailable" } else { "store" });
                 metrics::counter!(names::APPEND_REQUESTS, "outcome" => "failed")
                     .increment(replies.len() as u64);
                 for reply in replies {

@@ -57,6 +57,12 @@ impl Transactions {
     ) -> Result<u64, ResolveError> {
         // Changes are announced even when the request is refused: an expired
         // transaction is discarded by the Commit that finds it expired.
+        if let Some(status) = resolution.changed.first() {
+            crate::telemetry::span_event(
+                "token resolved",
+                crate::telemetry::resolution_attributes(status),
+            );
+        }
         self.waker.rewind_shards(resolution.shards);
         self.bus.publish(resolution.changed);
         let transaction_id = transaction.transaction_id.clone();

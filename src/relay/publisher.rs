@@ -15,6 +15,7 @@ use rdkafka::{ClientConfig, ClientContext, Message};
 use serde::{Deserialize, Serialize};
 
 use super::breaker::SharedBreaker;
+use crate::domain::TraceContext;
 use crate::store::RelayRow;
 
 /// Kafka settings (`[kafka]`).
@@ -294,10 +295,13 @@ impl Publisher {
     /// Fails at once when the local queue is full or the record is invalid
     /// (then with the record as a message, for the dead-letter topic).
     /// The delivery comes with the producer's generation, for
-    /// [`Publisher::lost_to_fatal_error`].
+    /// [`Publisher::lost_to_fatal_error`]. The record's `traceparent` and
+    /// `tracestate` are `trace` (the publish span's, with tracing on) or
+    /// else the ones stored with the event.
     pub fn send(
         &self,
         row: &RelayRow,
+        trace: Option<&TraceContext>,
     ) -> Result<(DeliveryFuture, u64), (KafkaError, Box<OwnedMessage>)> {
         let (generation, producer) = self.current();
         let event_id = row.event_id.to_string();
@@ -315,8 +319,14 @@ impl Publisher {
             ("outbox-aggregate-id", Some(&row.aggregate_id)),
             ("outbox-producer", Some(&row.producer)),
             ("outbox-transaction-id", Some(&row.transaction_id)),
-            ("traceparent", row.traceparent.as_deref()),
-            ("tracestate", row.tracestate.as_deref()),
+            (
+                "traceparent",
+                trace.map_or(row.traceparent.as_deref(), |t| t.traceparent.as_deref()),
+            ),
+            (
+                "tracestate",
+                trace.map_or(row.tracestate.as_deref(), |t| t.tracestate.as_deref()),
+            ),
         ];
         for (key, value) in outbox_headers {
             if let Some(value) = value {

@@ -109,6 +109,7 @@ impl Resolver {
     }
 
     fn announce(&self, resolved: Resolved) {
+        crate::telemetry::resolutions(&resolved.changed);
         self.waker.rewind_shards(resolved.shards);
         self.bus.publish(resolved.changed);
     }

@@ -50,10 +50,15 @@ struct Outcome {
     attempts: u32,
     /// The producer generation that sent it.
     generation: u64,
+    /// Its publish span (disabled with tracing off), ended once booked.
+    span: tracing::Span,
     result: Result<(i32, i64), (KafkaError, Option<OwnedMessage>)>,
 }
 
 type Pending = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// The producer's local queue is full: the record was not sent.
+struct QueueFull;
 
 pub(super) struct ShardWorker {
     lease: Lease,
@@ -383,25 +388,12 @@ impl ShardWorker {
                 self.held_rows += 1;
                 continue;
             }
-            match self.send(&row) {
-                Ok(()) => {}
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    // The producer's queue is shared by all shards: wait for
-                    // outcomes, or the next poll if none of them are ours.
-                    self.want_read = false;
-                    self.capacity_limited = !self.in_flight.is_empty();
-                    return Ok(());
-                }
-                Err((error, message)) => {
-                    let attempts = row.attempts + 1;
-                    self.fail(
-                        row.seq,
-                        row.kafka_key.clone(),
-                        attempts,
-                        error,
-                        Some(*message),
-                    );
-                }
+            if let Err(QueueFull) = self.send(&row) {
+                // The producer's queue is shared by all shards: wait for
+                // outcomes, or the next poll if none of them are ours.
+                self.want_read = false;
+                self.capacity_limited = !self.in_flight.is_empty();
+                return Ok(());
             }
             self.cursor = row.cursor();
         }
@@ -409,8 +401,34 @@ impl ShardWorker {
         Ok(())
     }
 
-    fn send(&mut self, row: &RelayRow) -> Result<(), (KafkaError, Box<OwnedMessage>)> {
-        let (delivery, generation) = self.publisher.send(row)?;
+    /// Hands `row` to the producer. A record the producer refuses at once
+    /// is booked as a failed delivery here (in its publish span); only a
+    /// full producer queue, which is nobody's fault, is left to the caller.
+    fn send(&mut self, row: &RelayRow) -> Result<(), QueueFull> {
+        let span = crate::telemetry::publish_span(row);
+        let trace = if span.is_disabled() {
+            None
+        } else {
+            crate::telemetry::trace_context_of(&span)
+        };
+        let (delivery, generation) = match self.publisher.send(row, trace.as_ref()) {
+            Ok(sent) => sent,
+            Err((error, message)) => {
+                crate::telemetry::failed(&span, &kafka_error_type(&error));
+                if let KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) = error {
+                    return Err(QueueFull);
+                }
+                let _publishing = span.enter();
+                self.fail(
+                    row.seq,
+                    row.kafka_key.clone(),
+                    row.attempts + 1,
+                    error,
+                    Some(*message),
+                );
+                return Ok(());
+            }
+        };
         let seq = row.seq;
         self.appended_at.insert(seq, row.appended_at);
         let key = row.kafka_key.clone();
@@ -434,6 +452,7 @@ impl ShardWorker {
                 key,
                 attempts,
                 generation,
+                span,
                 result,
             }
         }));
@@ -448,6 +467,7 @@ impl ShardWorker {
         let key = outcome.key.clone();
         match outcome.result {
             Ok((partition, offset)) => {
+                crate::telemetry::published(&outcome.span, partition, offset);
                 self.breaker.success();
                 self.delivered.push(Delivered {
                     seq: outcome.seq,
@@ -463,9 +483,15 @@ impl ShardWorker {
                 } else {
                     error
                 };
+                crate::telemetry::failed(&outcome.span, &kafka_error_type(&error));
+                // What befalls the record (a retry, a dead letter) is an
+                // event of its publish span, which ends right after.
+                let _publishing = outcome.span.enter();
                 self.fail(outcome.seq, outcome.key, outcome.attempts, error, message)
             }
         }
+        // Dropping the last handle ends the publish span.
+        drop(outcome.span);
         if delivered && let Some(key) = key {
             self.send_held(key);
         }
@@ -483,17 +509,10 @@ impl ShardWorker {
             self.held.remove(&key);
         }
         self.held_rows -= 1;
-        match self.send(&row) {
-            Ok(()) => {}
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                // Read again from the start once the queue has room.
-                self.block(Some(key));
-                self.rewind_no_later_than(Instant::now() + HELD_BACK_RECHECK);
-            }
-            Err((error, message)) => {
-                let attempts = row.attempts + 1;
-                self.fail(row.seq, Some(key), attempts, error, Some(*message));
-            }
+        if let Err(QueueFull) = self.send(&row) {
+            // Read again from the start once the queue has room.
+            self.block(Some(key));
+            self.rewind_no_later_than(Instant::now() + HELD_BACK_RECHECK);
         }
     }
 
@@ -648,6 +667,15 @@ impl ShardWorker {
             self.sent.remove(&delivered.seq);
         }
         self.bus.publish(statuses);
+    }
+}
+
+/// OpenTelemetry's `error.type` of a failed delivery: librdkafka's error
+/// code, in its own spelling.
+fn kafka_error_type(error: &KafkaError) -> String {
+    match error.rdkafka_error_code() {
+        Some(code) => format!("{code:?}"),
+        None => "kafka".to_owned(),
     }
 }
 

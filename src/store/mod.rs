@@ -259,6 +259,9 @@ pub trait Store: Send + Sync + 'static {
     /// The fixed number of shards, chosen at migration.
     fn shard_count(&self) -> u32;
 
+    /// OpenTelemetry's `db.system.name` of this store.
+    fn db_system(&self) -> &'static str;
+
     /// Stores several appends in one store transaction. Each append is stored
     /// whole or not at all and fails only itself; an `Err` means nothing was
     /// stored (store unreachable).

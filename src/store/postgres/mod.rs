@@ -531,6 +531,10 @@ impl Store for PostgresStore {
         self.shard_count.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn db_system(&self) -> &'static str {
+        "postgresql"
+    }
+
     async fn append(
         &self,
         batches: &[AppendBatch],

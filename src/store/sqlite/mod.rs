@@ -333,6 +333,10 @@ impl Store for SqliteStore {
         self.shard_count.load(Ordering::Relaxed)
     }
 
+    fn db_system(&self) -> &'static str {
+        "sqlite"
+    }
+
     async fn append(
         &self,
         batches: &[AppendBatch],

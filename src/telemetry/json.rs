@@ -1,0 +1,103 @@
+//! `--log-format json`: one JSON object per line, with the OpenTelemetry
+//! trace and span ids of the span the line was written in, so that a log
+//! search can jump to the trace and back.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_opentelemetry::OtelData;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// Formats each event as `{"timestamp", "level", "target", "message",
+/// fields…, "span", "trace_id", "span_id"}`.
+pub struct JsonLines;
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let metadata = event.metadata();
+        let mut line = Map::new();
+        line.insert(
+            "timestamp".into(),
+            chrono::Utc::now()
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                .into(),
+        );
+        line.insert("level".into(), metadata.level().as_str().into());
+        line.insert("target".into(), metadata.target().into());
+        let mut fields = JsonFields(Map::new());
+        event.record(&mut fields);
+        if let Some(message) = fields.0.remove("message") {
+            line.insert("message".into(), message);
+        }
+        for (name, value) in fields.0 {
+            line.entry(name).or_insert(value);
+        }
+        if let Some(scope) = ctx.event_scope() {
+            let mut innermost = true;
+            for span in scope {
+                if innermost {
+                    line.insert("span".into(), span.name().into());
+                    innermost = false;
+                }
+                let extensions = span.extensions();
+                let ids = extensions
+                    .get::<OtelData>()
+                    .and_then(|data| Some((data.trace_id()?, data.span_id()?)));
+                if let Some((trace_id, span_id)) = ids {
+                    line.insert("trace_id".into(), trace_id.to_string().into());
+                    line.insert("span_id".into(), span_id.to_string().into());
+                    break;
+                }
+            }
+        }
+        let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{text}")
+    }
+}
+
+/// An event's fields as JSON values.
+struct JsonFields(Map<String, Value>);
+
+impl Visit for JsonFields {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.0.insert(field.name().into(), value.to_string().into());
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+}
