@@ -22,7 +22,19 @@ impl ServeProcess {
     }
 
     pub async fn start_on(config: &Config, port: u16) -> ServeProcess {
-        let process = Self::spawn_on(config, port);
+        Self::start_logging(config, port, &[], "warn", None).await
+    }
+
+    /// Like [`ServeProcess::start_on`], with more `serve` flags, `RUST_LOG`
+    /// set to `log_filter`, and stderr written to `log` when given.
+    pub async fn start_logging(
+        config: &Config,
+        port: u16,
+        flags: &[&str],
+        log_filter: &str,
+        log: Option<&Path>,
+    ) -> ServeProcess {
+        let process = Self::spawn_with(config, port, flags, log_filter, log);
         let endpoint = process.endpoint();
         eventually(
             "outboxd serve to accept connections",
@@ -39,16 +51,32 @@ impl ServeProcess {
     /// Starts `outboxd serve` without waiting for it to accept connections
     /// (for a listener that plain gRPC cannot probe, such as TLS).
     pub fn spawn_on(config: &Config, port: u16) -> ServeProcess {
+        Self::spawn_with(config, port, &[], "warn", None)
+    }
+
+    fn spawn_with(
+        config: &Config,
+        port: u16,
+        flags: &[&str],
+        log_filter: &str,
+        log: Option<&Path>,
+    ) -> ServeProcess {
         let mut config = config.clone();
         config.listen = SocketAddr::from(([127, 0, 0, 1], port));
         let path = std::env::temp_dir().join(unique("outboxd-serve") + ".toml");
         std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
         watchdog(&format!("rm -f {}", path.display()));
+        let stderr = match log {
+            Some(log) => Stdio::from(std::fs::File::create(log).expect("creating the log file")),
+            None => Stdio::inherit(),
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
             .args(["serve", "--config"])
             .arg(&path)
-            .env("RUST_LOG", "warn")
+            .args(flags)
+            .env("RUST_LOG", log_filter)
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("starting outboxd serve");
         watchdog(&format!("kill -9 {} 2>/dev/null", child.id()));
