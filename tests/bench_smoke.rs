@@ -160,3 +160,53 @@ async fn a_rate_given_as_a_fraction_of_direct_produce_is_set_from_its_measure() 
         "{markdown}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traced_bench_run_exports_its_spans() {
+    let tansu = Tansu::shared();
+    let database = support::fresh_database().await;
+    let report = std::env::temp_dir().join(format!("{}.md", support::unique("bench-traced")));
+    let report_path = report.display().to_string();
+    support::run_outboxd(&[
+        "bench",
+        "--database-url",
+        &database,
+        "--brokers",
+        &tansu.bootstrap,
+        "--duration",
+        "2s",
+        "--connections",
+        "2",
+        "--concurrency",
+        "8",
+        "--batch",
+        "20",
+        "--partitions",
+        "3",
+        "--skip-baselines",
+        "--trace",
+        "--report",
+        &report_path,
+    ])
+    .await;
+    let markdown = std::fs::read_to_string(&report).expect("the report was written");
+    let _ = std::fs::remove_file(&report);
+    println!("{markdown}");
+    assert!(markdown.contains("Tracing on"), "{markdown}");
+    assert_eq!(
+        number(figure(
+            &markdown,
+            "acknowledged events missing from Kafka (matched by event id)"
+        )),
+        0.0,
+        "{markdown}"
+    );
+    let spans = number(figure(
+        &markdown,
+        "spans received by the OTLP sink (per acknowledged event)",
+    ));
+    assert!(
+        spans > 0.0,
+        "the gateway's spans reached the sink:\n{markdown}"
+    );
+}

@@ -15,6 +15,7 @@
 mod baselines;
 mod load;
 mod process;
+mod trace;
 mod xid;
 
 use std::collections::HashSet;
@@ -95,6 +96,10 @@ pub struct BenchArgs {
     /// TLS and token for a gateway whose `--gateway-config` secures it.
     #[command(flatten)]
     pub access: crate::client::GatewayAccess,
+    /// Run the measured gateway with tracing on, every trace sampled, its
+    /// spans exported over OTLP to a sink in the bench process.
+    #[arg(long)]
+    pub trace: bool,
 }
 
 /// Microseconds since the epoch: payloads carry their send time, so the
@@ -341,6 +346,8 @@ pub struct OutboxdFigures {
     pub gateway_cpu_percent: f64,
     pub gateway_rss_mb: f64,
     pub gateway_peak_rss_mb: f64,
+    /// Spans the sink received, with `--trace`.
+    pub spans_exported: Option<u64>,
     pub store_growth_mb: f64,
     pub bytes_per_event: f64,
 }
@@ -477,7 +484,13 @@ async fn outboxd_run(
     topic: &str,
 ) -> anyhow::Result<OutboxdFigures> {
     let database_size_before = process::database_size(&args.database_url).await?;
-    let gateway = process::Gateway::start(args, None).await?;
+    let traced = if args.trace {
+        Some(trace::TracedRun::start(args).await?)
+    } else {
+        None
+    };
+    let gateway_args = traced.as_ref().map_or(args, |traced| &traced.args);
+    let gateway = process::Gateway::start(gateway_args, None).await?;
     let arrivals = Arrivals::start(&args.brokers, topic)?;
     let warm_up = load::warm_up(gateway.endpoint(), topic, shape).await?;
     if !arrivals.wait_for(warm_up, Duration::from_secs(60)) {
@@ -519,7 +532,9 @@ async fn outboxd_run(
     let missing = arrivals.wait_for_ids(&load.acked_ids, Duration::from_secs(300));
     let total_seconds = started.elapsed().as_secs_f64();
     let peak_rss_mb = gateway.peak_rss_mb()?;
+    // The gateway exports what it still holds as it stops.
     gateway.stop().await?;
+    let spans_exported = traced.as_ref().map(|traced| traced.sink.span_count());
     let duplicates = arrivals.duplicates.load(Ordering::Relaxed);
     let lag = arrivals.finish()?;
     ensure!(
@@ -560,6 +575,7 @@ async fn outboxd_run(
         gateway_peak_rss_mb: peak_rss_mb,
         store_growth_mb: growth / 1_048_576.0,
         bytes_per_event: growth / load.acked_events.max(1) as f64,
+        spans_exported,
     })
 }
 
@@ -585,6 +601,11 @@ fn render(args: &BenchArgs, report: &BenchReport) -> String {
             (rate, None) => format!("{rate} events/s"),
         }
     ));
+    if args.trace {
+        out.push_str(
+            "Tracing on: every trace sampled (ratio 1.0), spans exported over OTLP to a sink in the bench process.\n\n",
+        );
+    }
     out.push_str("| figure | value |\n|---|---|\n");
     let rows: Vec<(&str, String)> = vec![
         ("events acknowledged", o.acked_events.to_string()),
@@ -643,6 +664,12 @@ fn render(args: &BenchArgs, report: &BenchReport) -> String {
     ];
     for (name, value) in rows {
         out.push_str(&format!("| {name} | {value} |\n"));
+    }
+    if let Some(spans) = o.spans_exported {
+        out.push_str(&format!(
+            "| spans received by the OTLP sink (per acknowledged event) | {spans}; {:.2} |\n",
+            spans as f64 / o.acked_events.max(1) as f64
+        ));
     }
     if let Some((events, seconds)) = report.backlog {
         out.push_str(&format!(
