@@ -92,24 +92,29 @@ impl Telemetry {
 /// (the exporter is a task). A second call sets up nothing.
 pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     config.validate().map_err(TelemetryError::Invalid)?;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| {
-            EnvFilter::new("info,rdkafka=warn,sqlx=warn,h2=warn,tower=warn,hyper=warn")
-        })
-        .add_directive(
-            format!("{SPAN_TARGET}=info")
-                .parse()
-                .expect("a valid directive"),
-        );
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,rdkafka=warn,sqlx=warn,h2=warn,tower=warn,hyper=warn")
+    });
     let logs = match config.log_format {
+        // Text lines stay as they were: outboxd's spans are not shown
+        // (unless RUST_LOG asks for `outboxd::span`).
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),
+        // JSON lines name the span they were written in, whatever level
+        // RUST_LOG lets through; its fields are not written, so not kept.
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .event_format(json::JsonLines)
-            .with_filter(filter)
+            .fmt_fields(json::NoSpanFields)
+            .with_filter(
+                filter.add_directive(
+                    format!("{SPAN_TARGET}=info")
+                        .parse()
+                        .expect("a valid directive"),
+                ),
+            )
             .boxed(),
     };
     let Some(endpoint) = &config.otlp_endpoint else {
@@ -157,7 +162,9 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
         .with_tracer(tracer)
         .with_location(false)
         .with_threads(false)
-        .with_level(true)
+        .with_level(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
         .with_filter(Targets::new().with_target("outboxd", tracing::Level::INFO));
     if tracing_subscriber::registry()
         .with(logs)

@@ -68,6 +68,21 @@ where
     }
 }
 
+/// Keeps nothing of a span's fields: [`JsonLines`] writes a span's name
+/// and ids, which need no formatting, and formatting the fields of every
+/// span would cost more than the line.
+pub struct NoSpanFields;
+
+impl<'writer> FormatFields<'writer> for NoSpanFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        _writer: Writer<'writer>,
+        _fields: R,
+    ) -> fmt::Result {
+        Ok(())
+    }
+}
+
 /// An event's fields as JSON values.
 struct JsonFields(Map<String, Value>);
 
