@@ -18,8 +18,7 @@ use std::time::Duration;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanExporter as _};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -68,28 +67,29 @@ pub struct Telemetry {
     exporting: Option<(
         SdkTracerProvider,
         CancellationToken,
-        tokio::task::JoinHandle<()>,
+        std::thread::JoinHandle<()>,
     )>,
 }
 
 impl Telemetry {
     /// Stops exporting after one last export of queued spans (bounded).
     pub async fn shutdown(self) {
-        if let Some((provider, stop, task)) = self.exporting {
+        if let Some((provider, stop, thread)) = self.exporting {
             TRACING.store(false, Ordering::Relaxed);
             // Ends nothing still open; spans ended so far are queued.
             let _ = provider.force_flush();
             stop.cancel();
-            if let Err(error) = task.await {
-                tracing::warn!(%error, "span export task failed");
+            match tokio::task::spawn_blocking(move || thread.join()).await {
+                Ok(Ok(())) => {}
+                _ => tracing::warn!("the span export thread failed"),
             }
         }
     }
 }
 
 /// Installs the global subscriber: logs in `config.log_format`, and with an
-/// `otlp_endpoint`, spans exported to it. Must run inside the tokio runtime
-/// (the exporter is a task). A second call sets up nothing.
+/// `otlp_endpoint`, spans exported to it from a thread of their own. A
+/// second call sets up nothing.
 pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     config.validate().map_err(TelemetryError::Invalid)?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -135,17 +135,14 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
                 .map(|(key, value)| KeyValue::new(key.clone(), value.clone())),
         )
         .build();
-    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint.clone())
-        .with_timeout(Duration::from_secs(5))
-        .build()
-        .map_err(|error| TelemetryError::Exporter {
-            endpoint: endpoint.clone(),
-            message: error.to_string(),
-        })?;
-    exporter.set_resource(&resource);
     let (processor, queue) = export::QueueingProcessor::new(config.max_queued_spans);
+    let stop = CancellationToken::new();
+    let thread = export::spawn(endpoint.clone(), resource.clone(), queue, stop.clone()).map_err(
+        |message| TelemetryError::Exporter {
+            endpoint: endpoint.clone(),
+            message,
+        },
+    )?;
     let ratio = Sampler::TraceIdRatioBased(config.sampling_ratio);
     let sampler = if config.parent_based {
         Sampler::ParentBased(Box::new(ratio))
@@ -172,14 +169,13 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
         .try_init()
         .is_err()
     {
+        stop.cancel();
         return Ok(Telemetry { exporting: None });
     }
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(export::run_export(exporter, queue, stop.clone()));
     TRACING.store(true, Ordering::Relaxed);
     tracing::info!(%endpoint, service_name = %config.service_name, sampling_ratio = config.sampling_ratio, "exporting spans over OTLP");
     Ok(Telemetry {
-        exporting: Some((provider, stop, task)),
+        exporting: Some((provider, stop, thread)),
     })
 }
 

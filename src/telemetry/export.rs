@@ -1,9 +1,10 @@
 //! The span pipeline: a bounded queue in front of the OTLP exporter.
 //!
 //! Ending a span only puts it in a bounded queue (`try_send`, never a wait);
-//! one task exports what is queued in batches. When the collector is slow or
-//! gone, the queue fills and further spans are dropped and counted in
-//! `outboxd_spans_dropped_total`: exporting can cost spans, never appends.
+//! one task, on a thread and runtime of its own, exports what is queued in
+//! batches. When the collector is slow or gone, the queue fills and further
+//! spans are dropped and counted in `outboxd_spans_dropped_total`: exporting
+//! can cost spans, never appends.
 //! The SDK's own batch processor drops the same way but does not count what
 //! it drops, hence this one.
 
@@ -12,6 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use opentelemetry::Context;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
 use tokio::sync::mpsc;
@@ -23,6 +26,8 @@ use super::names;
 const MAX_EXPORT_BATCH: usize = 512;
 /// How long a span may wait for a batch to fill.
 const EXPORT_DELAY: Duration = Duration::from_millis(500);
+/// How long one export request may take.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the last export may take at shutdown.
 const FINAL_EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -70,6 +75,55 @@ impl SpanProcessor for QueueingProcessor {
     }
 }
 
+/// Starts the export on a thread of its own, with its own single-threaded
+/// runtime: encoding and sending spans never take a turn from the gateway's
+/// runtime. Returns once the exporter is built.
+pub fn spawn(
+    endpoint: String,
+    resource: Resource,
+    queue: SpanQueue,
+    stop: CancellationToken,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    let (built, outcome) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("otlp-export".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    let _ = built.send(Err(error.to_string()));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                // The exporter's channel lives on the runtime it is built on.
+                let exporter = opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(endpoint)
+                    .with_timeout(EXPORT_TIMEOUT)
+                    .build();
+                let mut exporter = match exporter {
+                    Ok(exporter) => exporter,
+                    Err(error) => {
+                        let _ = built.send(Err(error.to_string()));
+                        return;
+                    }
+                };
+                exporter.set_resource(&resource);
+                let _ = built.send(Ok(()));
+                run_export(exporter, queue, stop).await;
+            });
+        })
+        .map_err(|error| error.to_string())?;
+    outcome
+        .recv()
+        .map_err(|_| "the span export thread ended at once".to_owned())??;
+    Ok(thread)
+}
+
 /// The export task's end of the queue.
 pub struct SpanQueue {
     spans: mpsc::Receiver<SpanData>,
@@ -79,7 +133,7 @@ pub struct SpanQueue {
 /// Exports queued spans in batches until `shutdown`, then exports what is
 /// left (bounded by a timeout). A collector that cannot be reached is logged
 /// once, and again once it answers; its spans are dropped and counted.
-pub async fn run_export<E: SpanExporter>(
+async fn run_export<E: SpanExporter>(
     mut exporter: E,
     queue: SpanQueue,
     shutdown: CancellationToken,
