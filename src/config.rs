@@ -316,6 +316,31 @@ mod tests {
     }
 
     #[test]
+    fn telemetry_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outboxd.toml");
+        std::fs::write(
+            &path,
+            "[telemetry]\notlp_endpoint = \"http://collector:4317\"\nsampling_ratio = 0.5\nlog_format = \"json\"\n[telemetry.resource_attributes]\nregion = \"eu\"\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&path), &Overrides::default()).unwrap();
+        assert_eq!(
+            config.telemetry.otlp_endpoint.as_deref(),
+            Some("http://collector:4317")
+        );
+        assert_eq!(config.telemetry.sampling_ratio, 0.5);
+        assert_eq!(
+            config.telemetry.log_format,
+            crate::telemetry::LogFormat::Json
+        );
+        assert_eq!(config.telemetry.resource_attributes["region"], "eu");
+        std::fs::write(&path, "[telemetry]\nsampling_ratio = 2.0\n").unwrap();
+        let error = Config::load(Some(&path), &Overrides::default()).unwrap_err();
+        assert!(error.to_string().contains("sampling_ratio"), "{error}");
+    }
+
+    #[test]
     fn refuses_a_zero_retention() {
         let mut config = Config::default();
         config.relay.retention = Duration::ZERO;

@@ -278,6 +278,7 @@ async fn run_writer(
             events,
         );
         let committed = store.append(&batches).instrument(span.clone()).await;
+        // What follows is logged in the commit's span; nothing below awaits.
         let _entered = span.enter();
         match committed {
             Ok(results) => {

@@ -20,8 +20,8 @@ pub enum LogFormat {
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
     /// OTLP/gRPC endpoint of an OpenTelemetry Collector (e.g.
-    /// `http://otel-collector:4317`). No spans are made or exported when
-    /// absent.
+    /// `http://otel-collector:4317`; plain gRPC, no TLS). No spans are made
+    /// or exported when absent.
     pub otlp_endpoint: Option<String>,
     /// `service.name` of the exported spans.
     pub service_name: String,
@@ -117,11 +117,14 @@ impl TelemetryConfig {
         if !(0.0..=1.0).contains(&self.sampling_ratio) {
             return Err("telemetry.sampling_ratio must be between 0.0 and 1.0".into());
         }
+        // The exporter is built without TLS: spans go to a collector next
+        // to outboxd (an agent or sidecar), which forwards them further.
         if let Some(endpoint) = &self.otlp_endpoint
-            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+            && !endpoint.starts_with("http://")
         {
             return Err(
-                "telemetry.otlp_endpoint must be an http:// or https:// URL of an OTLP/gRPC receiver"
+                "telemetry.otlp_endpoint must be an http:// URL of an OTLP/gRPC receiver \
+                 (TLS to the collector is not supported: run one beside outboxd)"
                     .into(),
             );
         }
