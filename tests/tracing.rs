@@ -519,3 +519,84 @@ async fn grpc_requests_are_counted_per_method_and_status_code() {
     assert_eq!(timed(&after) - timed(&before), 4.0, "{after}");
     gateway.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_phase_commit_is_an_event_of_the_commit_span() {
+    let sink = SpanSink::start(true).await.unwrap();
+    let tansu = Tansu::shared();
+    let topic = unique("committed");
+    tansu.create_topic(&topic, 1).await;
+    let store = support::sqlite_url();
+    let mut config = test_config(&store, &tansu.bootstrap);
+    config.telemetry.otlp_endpoint = Some(sink.endpoint());
+    let process = ServeProcess::start(&config).await;
+    let mut client = client_of(&process).await;
+    let token = Some(proto::TransactionToken {
+        producer: "orders".into(),
+        transaction_id: "t-2pc".into(),
+        mode: proto::TokenMode::TwoPhase as i32,
+        timeout: Some(prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+        ..Default::default()
+    });
+    let appender = CallerSpan::new();
+    let event_id = client
+        .append(appender.request(append_request(
+            token,
+            vec![keyed_event(&topic, "order-1", b"created")],
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .event_ids
+        .remove(0);
+    let committer = CallerSpan::new();
+    client
+        .commit(committer.request(proto::CommitRequest {
+            producer: "orders".into(),
+            transaction_id: "t-2pc".into(),
+        }))
+        .await
+        .unwrap();
+    consume_until(
+        &tansu.bootstrap,
+        &topic,
+        &HashSet::from([event_id]),
+        Duration::from_millis(300),
+        Duration::from_secs(60),
+    )
+    .await;
+
+    let commit = spans_when(&sink, "the Commit span", |spans| {
+        spans
+            .iter()
+            .find(|s| s.trace_id == committer.trace_id && s.kind == kind::SERVER)
+            .cloned()
+    })
+    .await;
+    assert_eq!(commit.name, "outboxd.v1.Outbox/Commit");
+    let (_, resolved) = commit
+        .events
+        .iter()
+        .find(|(name, _)| name == "token resolved")
+        .unwrap_or_else(|| panic!("a token resolved event: {:?}", commit.events));
+    assert_eq!(
+        resolved.get("outboxd.transaction_id").map(String::as_str),
+        Some("t-2pc")
+    );
+    assert_eq!(
+        resolved.get("outboxd.event.state").map(String::as_str),
+        Some("Ready")
+    );
+    // The event's publish span is in the appender's trace, under its Append.
+    spans_when(&sink, "the publish span", |spans| {
+        spans
+            .iter()
+            .find(|s| s.trace_id == appender.trace_id && s.kind == kind::PRODUCER)
+            .map(|_| ())
+    })
+    .await;
+    process.stop();
+}
