@@ -38,8 +38,8 @@ pub use spans::{
 use crate::relay::{BreakerState, RelayHealth};
 use crate::store::Store;
 
-/// Target of outboxd's OpenTelemetry spans. Logs made inside them carry
-/// their ids (and, in text, their names) whatever `RUST_LOG` says.
+/// Target of outboxd's OpenTelemetry spans. JSON log lines made inside them
+/// carry their ids whatever level `RUST_LOG` lets through.
 pub const SPAN_TARGET: &str = "outboxd::span";
 
 /// Set once spans are exported: the code that makes spans asks first, so
@@ -64,17 +64,27 @@ pub enum TelemetryError {
 /// left.
 #[must_use = "dropping the handle leaves queued spans unexported"]
 pub struct Telemetry {
-    exporting: Option<(
-        SdkTracerProvider,
-        CancellationToken,
-        std::thread::JoinHandle<()>,
-    )>,
+    exporting: Option<Exporting>,
+}
+
+/// The parts of a running span export.
+struct Exporting {
+    /// Makes the spans; dropping it would stop recording them.
+    provider: SdkTracerProvider,
+    /// Tells the export thread to send what is queued and stop.
+    stop: CancellationToken,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl Telemetry {
     /// Stops exporting after one last export of queued spans (bounded).
     pub async fn shutdown(self) {
-        if let Some((provider, stop, thread)) = self.exporting {
+        if let Some(Exporting {
+            provider,
+            stop,
+            thread,
+        }) = self.exporting
+        {
             TRACING.store(false, Ordering::Relaxed);
             // Ends nothing still open; spans ended so far are queued.
             let _ = provider.force_flush();
@@ -175,7 +185,11 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     TRACING.store(true, Ordering::Relaxed);
     tracing::info!(%endpoint, service_name = %config.service_name, sampling_ratio = config.sampling_ratio, "exporting spans over OTLP");
     Ok(Telemetry {
-        exporting: Some((provider, stop, thread)),
+        exporting: Some(Exporting {
+            provider,
+            stop,
+            thread,
+        }),
     })
 }
 
