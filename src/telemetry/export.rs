@@ -29,7 +29,7 @@ const EXPORT_DELAY: Duration = Duration::from_millis(500);
 /// How long one export request may take.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the last export may take at shutdown.
-const FINAL_EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+const FINAL_EXPORT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A span processor that queues finished spans for [`run_export`].
 #[derive(Debug)]
@@ -154,11 +154,15 @@ async fn run_export<E: SpanExporter>(
             }
             if !batch.is_empty() {
                 let last = std::mem::take(&mut batch);
-                let _ = tokio::time::timeout(
+                let count = last.len() as u64;
+                let exported = tokio::time::timeout(
                     FINAL_EXPORT_TIMEOUT,
                     export(&exporter, last, &unreachable),
                 )
                 .await;
+                if exported.is_err() {
+                    metrics::counter!(names::SPANS_DROPPED).increment(count);
+                }
             }
             let _ = exporter.shutdown();
             return;
@@ -177,7 +181,15 @@ async fn run_export<E: SpanExporter>(
             }
         }
         let full = std::mem::replace(&mut batch, Vec::with_capacity(MAX_EXPORT_BATCH));
-        export(&exporter, full, &unreachable).await;
+        let count = full.len() as u64;
+        tokio::select! {
+            _ = export(&exporter, full, &unreachable) => {}
+            // A collector that hangs must not hold up the shutdown: this
+            // batch is given up, what is queued gets one last try.
+            _ = shutdown.cancelled() => {
+                metrics::counter!(names::SPANS_DROPPED).increment(count);
+            }
+        }
         match dropped.swap(0, Ordering::Relaxed) {
             0 => dropping = false,
             count if !dropping => {
