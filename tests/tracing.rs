@@ -609,3 +609,45 @@ async fn a_two_phase_commit_is_an_event_of_the_commit_span() {
     .await;
     process.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_finished_while_stopping_are_exported() {
+    let sink = SpanSink::start(true).await.unwrap();
+    let tansu = Tansu::shared();
+    let topic = unique("stopping");
+    tansu.create_topic(&topic, 1).await;
+    let store = support::sqlite_url();
+    let mut config = test_config(&store, &tansu.bootstrap);
+    config.telemetry.otlp_endpoint = Some(sink.endpoint());
+    let process = ServeProcess::start(&config).await;
+    let mut client = client_of(&process).await;
+    let caller = CallerSpan::new();
+    let event_id = client
+        .append(caller.request(append_request(
+            immediate_token("orders", "t-last"),
+            vec![keyed_event(&topic, "order-1", b"created")],
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .event_ids
+        .remove(0);
+    // At once: the record goes out while the gateway drains, and its span
+    // ends after the gateway stopped taking requests.
+    process.stop();
+    let records = consume_until(
+        &tansu.bootstrap,
+        &topic,
+        &HashSet::from([event_id]),
+        Duration::from_millis(300),
+        Duration::from_secs(60),
+    )
+    .await;
+    let (_, parent) = parse_traceparent(&records[0].header("traceparent").unwrap());
+    let spans = sink.spans();
+    let publish = spans
+        .iter()
+        .find(|s| s.trace_id == caller.trace_id && s.kind == kind::PRODUCER)
+        .unwrap_or_else(|| panic!("the publish span was exported before exit: {spans:#?}"));
+    assert_eq!(publish.span_id, parent);
+}

@@ -144,10 +144,26 @@ async fn run_export<E: SpanExporter>(
     let mut dropping = false;
     let mut batch = Vec::with_capacity(MAX_EXPORT_BATCH);
     loop {
-        let stopping = tokio::select! {
+        let mut stopping = tokio::select! {
             _ = shutdown.cancelled() => true,
             received = spans.recv_many(&mut batch, MAX_EXPORT_BATCH) => received == 0,
         };
+        // Let a batch fill a little: one request per span would cost more
+        // than the spans.
+        if !stopping && batch.len() < MAX_EXPORT_BATCH {
+            let deadline = tokio::time::Instant::now() + EXPORT_DELAY;
+            while batch.len() < MAX_EXPORT_BATCH {
+                let want = MAX_EXPORT_BATCH - batch.len();
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        stopping = true;
+                        break;
+                    }
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    received = spans.recv_many(&mut batch, want) => if received == 0 { break },
+                }
+            }
+        }
         if stopping {
             while let Ok(span) = spans.try_recv() {
                 batch.push(span);
@@ -166,19 +182,6 @@ async fn run_export<E: SpanExporter>(
             }
             let _ = exporter.shutdown();
             return;
-        }
-        // Let a batch fill a little: one request per span would cost more
-        // than the spans.
-        if batch.len() < MAX_EXPORT_BATCH {
-            let deadline = tokio::time::Instant::now() + EXPORT_DELAY;
-            while batch.len() < MAX_EXPORT_BATCH {
-                let want = MAX_EXPORT_BATCH - batch.len();
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep_until(deadline) => break,
-                    received = spans.recv_many(&mut batch, want) => if received == 0 { break },
-                }
-            }
         }
         let full = std::mem::replace(&mut batch, Vec::with_capacity(MAX_EXPORT_BATCH));
         let count = full.len() as u64;

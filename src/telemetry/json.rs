@@ -28,28 +28,28 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let metadata = event.metadata();
-        let mut line = Map::new();
-        line.insert(
-            "timestamp".into(),
-            chrono::Utc::now()
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-                .into(),
-        );
-        line.insert("level".into(), metadata.level().as_str().into());
-        line.insert("target".into(), metadata.target().into());
+        // Keys in a fixed order, the usual ones first, so that the lines
+        // read well as text too.
+        let mut line: Vec<(String, Value)> = vec![
+            (
+                "timestamp".into(),
+                chrono::Utc::now()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                    .into(),
+            ),
+            ("level".into(), metadata.level().as_str().into()),
+            ("target".into(), metadata.target().into()),
+        ];
         let mut fields = JsonFields(Map::new());
         event.record(&mut fields);
         if let Some(message) = fields.0.remove("message") {
-            line.insert("message".into(), message);
-        }
-        for (name, value) in fields.0 {
-            line.entry(name).or_insert(value);
+            line.push(("message".into(), message));
         }
         if let Some(scope) = ctx.event_scope() {
             let mut innermost = true;
             for span in scope {
                 if innermost {
-                    line.insert("span".into(), span.name().into());
+                    line.push(("span".into(), span.name().into()));
                     innermost = false;
                 }
                 let extensions = span.extensions();
@@ -57,14 +57,27 @@ where
                     .get::<OtelData>()
                     .and_then(|data| Some((data.trace_id()?, data.span_id()?)));
                 if let Some((trace_id, span_id)) = ids {
-                    line.insert("trace_id".into(), trace_id.to_string().into());
-                    line.insert("span_id".into(), span_id.to_string().into());
+                    line.push(("trace_id".into(), trace_id.to_string().into()));
+                    line.push(("span_id".into(), span_id.to_string().into()));
                     break;
                 }
             }
         }
-        let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
-        writeln!(writer, "{text}")
+        for (name, value) in fields.0 {
+            if !line.iter().any(|(taken, _)| *taken == name) {
+                line.push((name, value));
+            }
+        }
+        writer.write_char('{')?;
+        for (index, (name, value)) in line.iter().enumerate() {
+            if index > 0 {
+                writer.write_char(',')?;
+            }
+            let name = serde_json::to_string(name).map_err(|_| fmt::Error)?;
+            let value = serde_json::to_string(value).map_err(|_| fmt::Error)?;
+            write!(writer, "{name}:{value}")?;
+        }
+        writeln!(writer, "}}")
     }
 }
 
