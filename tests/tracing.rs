@@ -364,6 +364,22 @@ async fn json_logs_carry_the_trace_and_span_of_a_dead_letter() {
     }
 }
 
+/// Waits until the metrics port takes connections (the gateway binds it
+/// once it starts, after the gRPC listener the test bound).
+async fn metrics_port_open(port: u16) {
+    eventually(
+        "the metrics port to open",
+        Duration::from_secs(30),
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+}
+
 /// `GET path` on the metrics port: (status code, body).
 async fn http_get(port: u16, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -409,6 +425,7 @@ async fn readiness_follows_the_store_not_kafka() {
     config.relay.breaker_cooldown = Duration::from_millis(200);
     let gateway = Gateway::start(config).await;
     let mut client = gateway.client().await;
+    metrics_port_open(metrics_port).await;
 
     assert_eq!(
         http_get(metrics_port, "/healthz").await,
@@ -486,6 +503,7 @@ async fn grpc_requests_are_counted_per_method_and_status_code() {
     config.metrics_listen = Some(([127, 0, 0, 1], metrics_port).into());
     let gateway = Gateway::start(config).await;
     let mut client = gateway.client().await;
+    metrics_port_open(metrics_port).await;
     // The recorder is the process's: other tests here count too.
     let before = scrape_metrics(metrics_port).await;
     for round in 0..3 {
