@@ -54,8 +54,10 @@ pub fn tracing_enabled() -> bool {
 /// Why telemetry could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
+    /// `[telemetry]` or the OTEL_* variables say something unusable.
     #[error("invalid telemetry configuration: {0}")]
     Invalid(String),
+    /// The exporter could not be built (e.g. an endpoint that is no URI).
     #[error("cannot build the OTLP exporter for {endpoint}: {message}")]
     Exporter { endpoint: String, message: String },
 }

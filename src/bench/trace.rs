@@ -11,7 +11,9 @@ use crate::telemetry::sink::SpanSink;
 /// A running sink, and the bench arguments whose gateway configuration
 /// exports to it.
 pub struct TracedRun {
+    /// Where the gateway's spans go; it counts them.
     pub sink: SpanSink,
+    /// The bench's arguments with the traced gateway configuration.
     pub args: BenchArgs,
     /// The gateway configuration written for the run; removed on drop.
     config: std::path::PathBuf,

@@ -23,10 +23,13 @@ use tokio_util::sync::CancellationToken;
 pub struct ReceivedSpan {
     /// `service.name` of the resource that sent it.
     pub service_name: String,
+    /// The span's name (e.g. `outboxd.v1.Outbox/Append`, `orders publish`).
     pub name: String,
     /// OTLP's span kind: 1 internal, 2 server, 3 client, 4 producer, 5 consumer.
     pub kind: i32,
+    /// 32 hex digits.
     pub trace_id: String,
+    /// 16 hex digits.
     pub span_id: String,
     /// Empty for a root span.
     pub parent_span_id: String,
@@ -49,8 +52,11 @@ impl ReceivedSpan {
 
 /// OTLP span kinds, as [`ReceivedSpan::kind`] holds them.
 pub mod kind {
+    /// Work inside outboxd (a store commit, token resolution).
     pub const INTERNAL: i32 = 1;
+    /// The serving side of an RPC.
     pub const SERVER: i32 = 2;
+    /// Sending a record to Kafka.
     pub const PRODUCER: i32 = 4;
 }
 
