@@ -23,9 +23,9 @@
 //! - [`tail`]: a small Kafka consumer printing records with their headers.
 //! - [`telemetry`]: logs (text or JSON), OpenTelemetry spans over OTLP, metrics,
 //!   request metrics, `/healthz` and `/readyz`.
+//! - [`proto`]: the generated `outboxd.v1` messages, clients and servers.
 //!
 //! How each guarantee is kept: `docs/architecture.md`.
-//! - [`proto`]: the generated `outboxd.v1` messages, clients and servers.
 #![forbid(unsafe_code)]
 
 pub mod admin;
