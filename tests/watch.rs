@@ -104,15 +104,36 @@ async fn a_watch_resumed_from_any_cursor_misses_no_final_state() {
     assert_eq!(all.len(), WRITERS * APPENDS * EVENTS);
 
     // The first watch learns every final state.
-    support::eventually(
-        "the first watch to see every event final",
-        Duration::from_secs(60),
-        || {
-            let done = all.is_subset(&finals(&first));
-            async move { done.then_some(()) }
-        },
-    )
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !all.is_subset(&finals(&first)) {
+        if std::time::Instant::now() > deadline {
+            // Say whether the events are not final in the store, or final
+            // there and missing from the watch.
+            let missing: Vec<String> = all.difference(&finals(&first)).cloned().collect();
+            let stored = OutboxClient::new(channel.clone())
+                .get_status(proto::GetStatusRequest {
+                    event_ids: missing.iter().take(1_000).cloned().collect(),
+                    ..Default::default()
+                })
+                .await
+                .map(|r| {
+                    let mut states = std::collections::BTreeMap::<i32, usize>::new();
+                    for status in r.into_inner().events {
+                        *states.entry(status.state).or_default() += 1;
+                    }
+                    format!("{states:?}")
+                })
+                .unwrap_or_else(|status| format!("GetStatus failed: {status}"));
+            panic!(
+                "after 60s the first watch had not seen {} of {} events final ({} updates); \
+                 their states in the store (EventState number: count): {stored}",
+                missing.len(),
+                all.len(),
+                first.lock().unwrap().len(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     first_task.abort();
     let delivered: Vec<proto::EventStatus> = first.lock().unwrap().clone();
 
