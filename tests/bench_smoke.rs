@@ -18,6 +18,30 @@ fn figure<'a>(report: &'a str, figure: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no row {figure:?} in the report:\n{report}"))
 }
 
+/// The markdown report of an `outboxd bench` run with `args`, on a fresh
+/// database and the shared broker.
+async fn bench_report(args: &[&str]) -> String {
+    let tansu = Tansu::shared();
+    let database = support::fresh_database().await;
+    let report = std::env::temp_dir().join(format!("{}.md", support::unique("bench-report")));
+    let report_path = report.display().to_string();
+    let mut command = vec![
+        "bench",
+        "--database-url",
+        &database,
+        "--brokers",
+        &tansu.bootstrap,
+        "--report",
+        &report_path,
+    ];
+    command.extend_from_slice(args);
+    support::run_outboxd(&command).await;
+    let markdown = std::fs::read_to_string(&report).expect("the report was written");
+    let _ = std::fs::remove_file(&report);
+    println!("{markdown}");
+    markdown
+}
+
 /// The number in a report value (before any unit or `;`).
 fn number(value: &str) -> f64 {
     value
@@ -29,16 +53,7 @@ fn number(value: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_bench_run_completes_with_every_event_delivered() {
-    let tansu = Tansu::shared();
-    let database = support::fresh_database().await;
-    let report = std::env::temp_dir().join(format!("{}.md", support::unique("bench-report")));
-    let report_path = report.display().to_string();
-    support::run_outboxd(&[
-        "bench",
-        "--database-url",
-        &database,
-        "--brokers",
-        &tansu.bootstrap,
+    let markdown = bench_report(&[
         "--duration",
         "3s",
         "--connections",
@@ -51,13 +66,8 @@ async fn a_short_bench_run_completes_with_every_event_delivered() {
         "3",
         "--backlog",
         "3000",
-        "--report",
-        &report_path,
     ])
     .await;
-    let markdown = std::fs::read_to_string(&report).expect("the report was written");
-    let _ = std::fs::remove_file(&report);
-    println!("{markdown}");
 
     assert!(
         number(figure(&markdown, "events acknowledged")) > 0.0,
@@ -110,16 +120,7 @@ async fn a_short_bench_run_completes_with_every_event_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_given_as_a_fraction_of_direct_produce_is_set_from_its_measure() {
-    let tansu = Tansu::shared();
-    let database = support::fresh_database().await;
-    let report = std::env::temp_dir().join(format!("{}.md", support::unique("bench-report")));
-    let report_path = report.display().to_string();
-    support::run_outboxd(&[
-        "bench",
-        "--database-url",
-        &database,
-        "--brokers",
-        &tansu.bootstrap,
+    let markdown = bench_report(&[
         "--duration",
         "2s",
         "--concurrency",
@@ -129,13 +130,8 @@ async fn a_rate_given_as_a_fraction_of_direct_produce_is_set_from_its_measure() 
         "--rate-fraction",
         "0.01",
         "--skip-baselines",
-        "--report",
-        &report_path,
     ])
     .await;
-    let markdown = std::fs::read_to_string(&report).expect("the report was written");
-    let _ = std::fs::remove_file(&report);
-    println!("{markdown}");
     let direct = number(figure(&markdown, "direct produce (records/s)"));
     let load = markdown
         .lines()
@@ -163,16 +159,7 @@ async fn a_rate_given_as_a_fraction_of_direct_produce_is_set_from_its_measure() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_traced_bench_run_exports_its_spans() {
-    let tansu = Tansu::shared();
-    let database = support::fresh_database().await;
-    let report = std::env::temp_dir().join(format!("{}.md", support::unique("bench-traced")));
-    let report_path = report.display().to_string();
-    support::run_outboxd(&[
-        "bench",
-        "--database-url",
-        &database,
-        "--brokers",
-        &tansu.bootstrap,
+    let markdown = bench_report(&[
         "--duration",
         "2s",
         "--connections",
@@ -185,13 +172,8 @@ async fn a_traced_bench_run_exports_its_spans() {
         "3",
         "--skip-baselines",
         "--trace",
-        "--report",
-        &report_path,
     ])
     .await;
-    let markdown = std::fs::read_to_string(&report).expect("the report was written");
-    let _ = std::fs::remove_file(&report);
-    println!("{markdown}");
     assert!(markdown.contains("Tracing on"), "{markdown}");
     assert_eq!(
         number(figure(

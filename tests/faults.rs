@@ -560,6 +560,20 @@ async fn dead_letters_are_copied_to_the_dead_letter_topic() {
     gateway.stop().await;
 }
 
+/// Pauses the relay once it serves; returns when it reports NOT_SERVING.
+async fn pause_relay(
+    channel: &Channel,
+) -> outboxd::proto::outbox_admin_client::OutboxAdminClient<Channel> {
+    let mut admin = outboxd::proto::outbox_admin_client::OutboxAdminClient::new(channel.clone());
+    wait_for_relay_health(channel, ServingStatus::Serving).await;
+    admin
+        .pause_relay(proto::PauseRelayRequest {})
+        .await
+        .unwrap();
+    wait_for_relay_health(channel, ServingStatus::NotServing).await;
+    admin
+}
+
 /// PauseRelay holds publishing on every instance while appends go on; the
 /// backlog shows what waits; ResumeRelay delivers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -572,14 +586,7 @@ async fn pausing_holds_publishing_and_shows_the_backlog() {
     let gateway = Gateway::start(config).await;
     let mut client = gateway.client().await;
     let channel = gateway.channel().await;
-    let mut admin = outboxd::proto::outbox_admin_client::OutboxAdminClient::new(channel.clone());
-    wait_for_relay_health(&channel, ServingStatus::Serving).await;
-
-    admin
-        .pause_relay(proto::PauseRelayRequest {})
-        .await
-        .unwrap();
-    wait_for_relay_health(&channel, ServingStatus::NotServing).await;
+    let mut admin = pause_relay(&channel).await;
     let ids = client
         .append(proto::AppendRequest {
             token: Some(proto::TransactionToken {
@@ -974,13 +981,7 @@ async fn a_paused_relay_publishes_nothing_at_shutdown() {
     let gateway = Gateway::start(config.clone()).await;
     let mut client = gateway.client().await;
     let channel = gateway.channel().await;
-    let mut admin = outboxd::proto::outbox_admin_client::OutboxAdminClient::new(channel.clone());
-    wait_for_relay_health(&channel, ServingStatus::Serving).await;
-    admin
-        .pause_relay(proto::PauseRelayRequest {})
-        .await
-        .unwrap();
-    wait_for_relay_health(&channel, ServingStatus::NotServing).await;
+    pause_relay(&channel).await;
     let mut ids = Vec::new();
     for t in 0..20 {
         let request = support::append_request(

@@ -158,6 +158,31 @@ async fn try_append(
     Ok(response.into_inner().event_ids.remove(0))
 }
 
+/// A test configuration serving TLS with `files`, read again every
+/// `reload_interval`.
+fn tls_config(brokers: &str, files: &ServerFiles, reload_interval: Duration) -> Config {
+    let mut config = support::test_config(&support::sqlite_url(), brokers);
+    config.tls.cert = Some(files.cert.clone());
+    config.tls.key = Some(files.key.clone());
+    config.tls.reload_interval = reload_interval;
+    config
+}
+
+/// Waits until a client with `access` appends for `producer` through
+/// `address`; the id of the event it stored.
+async fn wait_serving(
+    what: &str,
+    address: &str,
+    access: &GatewayAccess,
+    producer: &str,
+    topic: &str,
+) -> String {
+    eventually(what, Duration::from_secs(60), || async {
+        try_append(address, access, producer, topic).await.ok()
+    })
+    .await
+}
+
 fn mutual_tls_config(
     store_url: &str,
     brokers: &str,
@@ -213,10 +238,12 @@ async fn mutual_tls_admits_only_valid_certificates_of_its_client_ca_and_names_th
             clients.sign("orders-1", &["orders.internal"], false),
         )),
     );
-    let stored = eventually(
+    let stored = wait_serving(
         "the TLS gateway to serve",
-        Duration::from_secs(30),
-        || async { try_append(&address, &orders, "orders", &topic).await.ok() },
+        &address,
+        &orders,
+        "orders",
+        &topic,
     )
     .await;
 
@@ -321,23 +348,17 @@ async fn a_rotated_server_certificate_is_used_for_new_connections_and_open_ones_
     let first = Authority::new("first server CA");
     let second = Authority::new("second server CA");
     let files = ServerFiles::new(&first);
-    let store_url = support::sqlite_url();
-    let mut config = support::test_config(&store_url, &tansu.bootstrap);
-    config.tls.cert = Some(files.cert.clone());
-    config.tls.key = Some(files.key.clone());
-    config.tls.reload_interval = Duration::from_millis(200);
+    let config = tls_config(&tansu.bootstrap, &files, Duration::from_millis(200));
     let gateway = Gateway::start(config).await;
     let address = format!("https://{}", gateway.address);
     let trusts_first = access(&files, &first, None);
     let trusts_second = access(&files, &second, None);
-    eventually(
+    wait_serving(
         "the TLS gateway to serve",
-        Duration::from_secs(30),
-        || async {
-            try_append(&address, &trusts_first, "shop", &topic)
-                .await
-                .ok()
-        },
+        &address,
+        &trusts_first,
+        "shop",
+        &topic,
     )
     .await;
     assert!(
@@ -359,14 +380,12 @@ async fn a_rotated_server_certificate_is_used_for_new_connections_and_open_ones_
         .into_inner();
 
     files.rotate_to(&second);
-    eventually(
+    wait_serving(
         "the rotated certificate to be served",
-        Duration::from_secs(30),
-        || async {
-            try_append(&address, &trusts_second, "shop", &topic)
-                .await
-                .ok()
-        },
+        &address,
+        &trusts_second,
+        "shop",
+        &topic,
     )
     .await;
     assert!(
@@ -415,23 +434,18 @@ async fn sighup_reloads_the_certificate_of_a_running_process() {
     let first = Authority::new("first server CA");
     let second = Authority::new("second server CA");
     let files = ServerFiles::new(&first);
-    let mut config = support::test_config(&support::sqlite_url(), &tansu.bootstrap);
-    config.tls.cert = Some(files.cert.clone());
-    config.tls.key = Some(files.key.clone());
     // Only the signal can make it reload within the test.
-    config.tls.reload_interval = Duration::from_secs(3_600);
+    let config = tls_config(&tansu.bootstrap, &files, Duration::from_secs(3_600));
     let process = ServeProcess::spawn_on(&config, support::free_port());
     let address = format!("https://{}", process.address);
     let trusts_first = access(&files, &first, None);
     let trusts_second = access(&files, &second, None);
-    eventually(
+    wait_serving(
         "outboxd serve to accept TLS",
-        Duration::from_secs(60),
-        || async {
-            try_append(&address, &trusts_first, "shop", &topic)
-                .await
-                .ok()
-        },
+        &address,
+        &trusts_first,
+        "shop",
+        &topic,
     )
     .await;
 
@@ -444,14 +458,12 @@ async fn sighup_reloads_the_certificate_of_a_running_process() {
         "the certificate changed before SIGHUP"
     );
     process.hang_up();
-    eventually(
+    wait_serving(
         "the certificate to be reloaded on SIGHUP",
-        Duration::from_secs(10),
-        || async {
-            try_append(&address, &trusts_second, "shop", &topic)
-                .await
-                .ok()
-        },
+        &address,
+        &trusts_second,
+        "shop",
+        &topic,
     )
     .await;
     process.stop();

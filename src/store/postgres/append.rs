@@ -101,8 +101,7 @@ pub(super) async fn append(
 
     // The transactions, created when new (first token in the batch wins).
     let mut seen = HashMap::new();
-    let (mut producers, mut ids, mut modes, mut states) = (vec![], vec![], vec![], vec![]);
-    let (mut xids, mut systems, mut expiries) = (vec![], vec![], vec![]);
+    let mut new_transactions = TransactionColumns::default();
     for batch in batches {
         let token = &batch.token;
         if uses_taken_id(batch, &taken, &stored)
@@ -112,25 +111,12 @@ pub(super) async fn append(
         {
             continue;
         }
-        producers.push(token.producer.as_str());
-        ids.push(token.transaction_id.as_str());
-        modes.push(mode_code(&token.mode));
-        let new = NewTransaction::of(&token.mode);
-        states.push(new.state);
-        xids.push(new.caller_xid);
-        systems.push(new.caller_system_id);
-        expiries.push(new.expires_in.map(|d| d.as_secs_f64()));
+        new_transactions.push(batch);
     }
     let mut transactions: HashMap<(String, String), ExistingTransaction> = HashMap::new();
-    if !producers.is_empty() {
-        for row in sqlx::query(UPSERT_TRANSACTIONS)
-            .bind(&producers)
-            .bind(&ids)
-            .bind(&modes)
-            .bind(&states)
-            .bind(&xids)
-            .bind(&systems)
-            .bind(&expiries)
+    if !new_transactions.producers.is_empty() {
+        for row in new_transactions
+            .bind(sqlx::query(UPSERT_TRANSACTIONS))
             .fetch_all(&mut *tx)
             .await?
         {
@@ -208,6 +194,45 @@ pub(super) async fn append(
         results.push(result);
     }
     Ok(Some(results))
+}
+
+/// New transactions' columns, as arrays for one statement.
+#[derive(Default)]
+struct TransactionColumns<'a> {
+    producers: Vec<&'a str>,
+    ids: Vec<&'a str>,
+    modes: Vec<i16>,
+    states: Vec<i16>,
+    xids: Vec<Option<i64>>,
+    systems: Vec<Option<i64>>,
+    expiries: Vec<Option<f64>>,
+}
+
+impl<'a> TransactionColumns<'a> {
+    /// The transaction of `batch`, as it starts when it is new.
+    fn push(&mut self, batch: &'a AppendBatch) {
+        let token = &batch.token;
+        let new = NewTransaction::of(&token.mode);
+        self.producers.push(token.producer.as_str());
+        self.ids.push(token.transaction_id.as_str());
+        self.modes.push(mode_code(&token.mode));
+        self.states.push(new.state);
+        self.xids.push(new.caller_xid);
+        self.systems.push(new.caller_system_id);
+        self.expiries.push(new.expires_in.map(|d| d.as_secs_f64()));
+    }
+
+    /// Binds the seven arrays, in this order, as the next parameters.
+    fn bind<'q>(&'q self, query: PgQuery<'q>) -> PgQuery<'q> {
+        query
+            .bind(&self.producers)
+            .bind(&self.ids)
+            .bind(&self.modes)
+            .bind(&self.states)
+            .bind(&self.xids)
+            .bind(&self.systems)
+            .bind(&self.expiries)
+    }
 }
 
 /// Caller-chosen ids of `batch` among `taken`, unless `batch` is a retry of
@@ -311,21 +336,12 @@ pub(super) async fn append_new(
     }) {
         return Ok(None);
     }
-    let (mut producers, mut ids, mut modes, mut states) = (vec![], vec![], vec![], vec![]);
-    let (mut xids, mut systems, mut expiries) = (vec![], vec![], vec![]);
+    let mut new_transactions = TransactionColumns::default();
     let (mut sequences, mut hashes, mut packed) = (vec![], vec![], vec![]);
     let mut event_ids = Vec::with_capacity(batches.len());
     let mut caller_ids = Vec::new();
     for batch in batches {
-        let token = &batch.token;
-        producers.push(token.producer.as_str());
-        ids.push(token.transaction_id.as_str());
-        modes.push(mode_code(&token.mode));
-        let new = NewTransaction::of(&token.mode);
-        states.push(new.state);
-        xids.push(new.caller_xid);
-        systems.push(new.caller_system_id);
-        expiries.push(new.expires_in.map(|d| d.as_secs_f64()));
+        new_transactions.push(batch);
         sequences.push(batch.sequence as i64);
         hashes.push(batch.content_hash().to_vec());
         let these: Vec<EventId> = batch
@@ -347,15 +363,8 @@ pub(super) async fn append_new(
     for (batch, these) in batches.iter().zip(&event_ids) {
         rows.push_batch(batch, these, shard_count, now);
     }
-    let query = sqlx::query(FAST_APPEND)
-        .bind(slot)
-        .bind(&producers)
-        .bind(&ids)
-        .bind(&modes)
-        .bind(&states)
-        .bind(&xids)
-        .bind(&systems)
-        .bind(&expiries)
+    let query = new_transactions
+        .bind(sqlx::query(FAST_APPEND).bind(slot))
         .bind(&sequences)
         .bind(&hashes)
         .bind(&packed);
