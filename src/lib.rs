@@ -18,7 +18,7 @@
 //! - [`tls`]: the listener's transport: TLS, mutual TLS, certificate reloads.
 //! - [`server`]: wiring of one instance and its orderly shutdown.
 //! - [`client`]: how the operator tools reach a (secured) gateway.
-//! - [`bench`]: `outboxd bench`, outboxd against its baselines in one run.
+//! - [`bench`](mod@bench): `outboxd bench`, outboxd against its baselines in one run.
 //! - [`dev`]: `outboxd dev`, the embedded default with an in-process broker.
 //! - [`tail`]: a small Kafka consumer printing records with their headers.
 //! - [`telemetry`]: logs (text or JSON), OpenTelemetry spans over OTLP, metrics,

@@ -154,13 +154,13 @@ impl From<IngestError> for ApiError {
                 rejection @ (AppendRejection::TransactionResolved { .. }
                 | AppendRejection::TokenMismatch { .. }),
             ) => ApiError::FailedPrecondition(rejection.to_string()),
-            IngestError::Unavailable(detail) => {
-                tracing::warn!(%detail, "append failed: store unavailable");
+            IngestError::Unavailable(error) => {
+                tracing::warn!(%error, "append failed: store unavailable");
                 ApiError::Unavailable(
                     "the store is unavailable; nothing was stored, retry later".into(),
                 )
             }
-            IngestError::Store(detail) => ApiError::Internal(detail),
+            IngestError::Store(error) => ApiError::Internal(error.to_string()),
             IngestError::ShuttingDown => {
                 ApiError::Unavailable("outboxd is shutting down; retry on another instance".into())
             }

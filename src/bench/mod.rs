@@ -10,7 +10,7 @@
 //!   ceiling of the Kafka side.
 //! - **naive outbox** and **careful outbox**: the relay services write by
 //!   hand, as such code usually is and as it is when written with care, fed
-//!   the load outboxd sustained (see [`baselines`]).
+//!   the load outboxd sustained (see `baselines.rs`).
 
 mod baselines;
 mod load;

@@ -61,11 +61,12 @@ pub enum IngestError {
     #[error(transparent)]
     Rejected(#[from] AppendRejection),
     /// The store could not commit: nothing of this append was stored.
+    /// (Shared: one failed commit fails every append it carried.)
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Arc<StoreError>),
     /// The store failed for another reason; nothing was stored.
     #[error("store failure: {0}")]
-    Store(String),
+    Store(#[source] Arc<StoreError>),
     #[error("outboxd is shutting down")]
     ShuttingDown,
     /// Too many bytes of appends are queued: nothing of this one was
@@ -316,19 +317,36 @@ async fn run_writer(
             Err(error) => {
                 tracing::warn!(writer, requests = replies.len(), %error, "append commit failed");
                 let unavailable = matches!(error, StoreError::Unavailable(_));
+                let error = Arc::new(error);
                 crate::telemetry::failed(&span, if unavailable { "unavailable" } else { "store" });
                 metrics::counter!(names::APPEND_REQUESTS, "outcome" => "failed")
                     .increment(replies.len() as u64);
                 for reply in replies {
                     let error = if unavailable {
-                        IngestError::Unavailable(error.to_string())
+                        IngestError::Unavailable(error.clone())
                     } else {
-                        IngestError::Store(error.to_string())
+                        IngestError::Store(error.clone())
                     };
                     let _ = reply.send(Err(error));
                 }
             }
         }
         drop(budget);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_failure_keeps_the_store_error_as_its_source() {
+        let error = IngestError::Store(Arc::new(StoreError::Corrupt("bad row".into())));
+        let source = std::error::Error::source(&error).expect("a source");
+        assert_eq!(source.to_string(), "corrupt store data: bad row");
+        assert_eq!(
+            error.to_string(),
+            "store failure: corrupt store data: bad row"
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! Resolves transaction tokens in the background: discards two_phase
 //! transactions whose timeout passed, and asks the callers' PostgreSQL
 //! clusters, in bulk, whether postgres_xid transactions committed.
-//! (Retention and backlog figures are [`super::housekeeping`]'s.)
+//! (Retention and backlog figures are [`super::Housekeeping`]'s.)
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
