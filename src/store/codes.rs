@@ -9,6 +9,55 @@ use uuid::Uuid;
 use super::AppendRejection;
 use crate::domain::{AppendBatch, EventId, EventState, FieldViolation, TokenMode};
 
+/// A stored number as SQL text, for queries composed at compile time with
+/// `concat!`, so that SQL names states and modes instead of repeating their
+/// numbers: `concat!("… WHERE state = ", stored!(event pending))`. Literals
+/// (not bind parameters) keep the partial indexes usable whatever plan is
+/// cached. `tests::stored_numbers_are_the_codes_they_name` checks each
+/// against the constant or enum it stands for.
+macro_rules! stored {
+    (event pending) => {
+        "1"
+    };
+    (event ready) => {
+        "2"
+    };
+    (event retrying) => {
+        "3"
+    };
+    (event published) => {
+        "4"
+    };
+    (event dead_lettered) => {
+        "5"
+    };
+    (event discarded) => {
+        "6"
+    };
+    // The first final state: the relay's partial index holds the rows below.
+    (event first_final) => {
+        "4"
+    };
+    (transaction open) => {
+        "1"
+    };
+    (transaction committed) => {
+        "2"
+    };
+    (transaction aborted) => {
+        "3"
+    };
+    (mode immediate) => {
+        "1"
+    };
+    (mode two_phase) => {
+        "2"
+    };
+    (mode postgres_xid) => {
+        "3"
+    };
+}
+
 /// Transaction states in `outbox_transactions.state`.
 pub(super) const TRANSACTION_OPEN: i16 = 1;
 pub(super) const TRANSACTION_COMMITTED: i16 = 2;
@@ -148,6 +197,31 @@ mod tests {
         ] {
             assert_eq!(mode_name(mode_code(&mode)), mode.name());
         }
+    }
+
+    #[test]
+    fn stored_numbers_are_the_codes_they_name() {
+        let number = |text: &str| text.parse::<i16>().expect("a number");
+        for (text, state) in [
+            (stored!(event pending), EventState::Pending),
+            (stored!(event ready), EventState::Ready),
+            (stored!(event retrying), EventState::Retrying),
+            (stored!(event published), EventState::Published),
+            (stored!(event dead_lettered), EventState::DeadLettered),
+            (stored!(event discarded), EventState::Discarded),
+        ] {
+            assert_eq!(number(text), state as i16, "{state:?}");
+        }
+        assert_eq!(number(stored!(event first_final)), EventState::FIRST_FINAL);
+        assert_eq!(number(stored!(transaction open)), TRANSACTION_OPEN);
+        assert_eq!(
+            number(stored!(transaction committed)),
+            TRANSACTION_COMMITTED
+        );
+        assert_eq!(number(stored!(transaction aborted)), TRANSACTION_ABORTED);
+        assert_eq!(number(stored!(mode immediate)), MODE_IMMEDIATE);
+        assert_eq!(number(stored!(mode two_phase)), MODE_TWO_PHASE);
+        assert_eq!(number(stored!(mode postgres_xid)), MODE_POSTGRES_XID);
     }
 
     #[test]

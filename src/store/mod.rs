@@ -3,6 +3,7 @@
 //!
 //! The relay and the API see only this trait, never SQL.
 
+#[macro_use]
 mod codes;
 mod error;
 pub mod postgres;

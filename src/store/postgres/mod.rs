@@ -26,21 +26,13 @@ use crate::domain::{
 };
 
 mod append;
+mod queries;
 mod wake_ups;
-/// Not-final rows of a shard, and the same with its dead letters (their
-/// own partial index serves them).
-const READ_RELAY_ROWS: &str = concat!(
-    include_str!("../sql/postgres/read_relay_rows_head.sql"),
-    "      AND state < 4\n",
-    include_str!("../sql/postgres/read_relay_rows_tail.sql"),
-);
-const READ_RELAY_ROWS_WITH_DEAD_LETTERS: &str = concat!(
-    include_str!("../sql/postgres/read_relay_rows_head.sql"),
-    "      AND (state < 4 OR state = 5)\n",
-    include_str!("../sql/postgres/read_relay_rows_tail.sql"),
-);
-const RECORD_DELIVERED: &str = include_str!("../sql/postgres/record_delivered.sql");
-const RECORD_FAILED: &str = include_str!("../sql/postgres/record_failed.sql");
+
+use queries::{
+    READ_RELAY_ROWS, READ_RELAY_ROWS_WITH_DEAD_LETTERS, RECORD_DELIVERED, RECORD_FAILED,
+    TRANSITION_PENDING_EVENTS,
+};
 const ACQUIRE_LEASES: &str = include_str!("../sql/postgres/acquire_leases.sql");
 
 /// Registers a writer before its transaction takes an xid (migration 0002).
@@ -48,10 +40,6 @@ const REGISTER_WRITER: &str = "INSERT INTO outbox_writer_slots (floor_xid, backe
      SELECT pg_snapshot_xmax(pg_current_snapshot()), pid, backend_start \
      FROM pg_stat_activity WHERE pid = pg_backend_pid() \
      RETURNING id";
-
-/// Moves a transaction's PENDING events to a new state.
-const TRANSITION_PENDING_EVENTS: &str =
-    include_str!("../sql/postgres/transition_pending_events.sql");
 
 /// A pooled connection whose backend holds a visibility-gate slot. Unless
 /// the slot is known to be removed, the connection is closed instead of
@@ -766,11 +754,15 @@ impl Store for PostgresStore {
 
     async fn expire_transactions(&self, limit: u32) -> Result<Resolved, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let expired: Vec<(String, String)> = sqlx::query_as(
+        let expired: Vec<(String, String)> = sqlx::query_as(concat!(
             "SELECT producer, transaction_id FROM outbox_transactions \
-             WHERE state = 1 AND mode = 2 AND expires_at < now() \
-             ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
+             WHERE state = ",
+            stored!(transaction open),
+            " AND mode = ",
+            stored!(mode two_phase),
+            " AND expires_at < now() \
+             ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED"
+        ))
         .bind(limit as i64)
         .fetch_all(&mut *tx)
         .await?;
@@ -804,13 +796,13 @@ impl Store for PostgresStore {
         limit: u32,
     ) -> Result<Vec<PreparedTransaction>, StoreError> {
         let rows = sqlx::query(
-            "SELECT t.producer, t.transaction_id, t.created_at, t.expires_at, \
+            concat!("SELECT t.producer, t.transaction_id, t.created_at, t.expires_at, \
                     (SELECT coalesce(sum(length(a.event_ids) / 16), 0)::bigint FROM outbox_appends AS a \
                      WHERE a.producer = t.producer AND a.transaction_id = t.transaction_id) AS events \
              FROM outbox_transactions AS t \
-             WHERE t.producer = $1 AND t.mode = 2 AND t.state = 1 \
+             WHERE t.producer = $1 AND t.mode = ", stored!(mode two_phase), " AND t.state = ", stored!(transaction open), " \
                AND t.created_at <= now() - make_interval(secs => $2::double precision) \
-             ORDER BY t.created_at LIMIT $3",
+             ORDER BY t.created_at LIMIT $3"),
         )
         .bind(producer)
         .bind(older_than.as_secs_f64())
@@ -832,14 +824,14 @@ impl Store for PostgresStore {
     }
 
     async fn open_xid_tokens(&self, limit: u32) -> Result<Vec<XidToken>, StoreError> {
-        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(concat!(
             "(SELECT producer, transaction_id, caller_xid, caller_system_id FROM outbox_transactions \
-              WHERE state = 1 AND mode = 3 AND resolve_after <= now() \
+              WHERE state = ", stored!(transaction open), " AND mode = ", stored!(mode postgres_xid), " AND resolve_after <= now() \
               ORDER BY resolve_after DESC LIMIT $1) \
              UNION \
              (SELECT producer, transaction_id, caller_xid, caller_system_id FROM outbox_transactions \
-              WHERE state = 1 AND mode = 3 AND resolve_after <= now() \
-              ORDER BY resolve_after LIMIT $1)",
+              WHERE state = ", stored!(transaction open), " AND mode = ", stored!(mode postgres_xid), " AND resolve_after <= now() \
+              ORDER BY resolve_after LIMIT $1)"),
         )
         .bind(limit.div_ceil(2) as i64)
         .fetch_all(&self.pool)
@@ -883,12 +875,13 @@ impl Store for PostgresStore {
             .iter()
             .map(|t| (t.producer.as_str(), t.transaction_id.as_str()))
             .unzip();
-        sqlx::query(
+        sqlx::query(concat!(
             "UPDATE outbox_transactions t \
              SET resolve_after = now() + make_interval(secs => $3::double precision) \
              FROM UNNEST($1::text[], $2::text[]) AS u(producer, transaction_id) \
-             WHERE t.producer = u.producer AND t.transaction_id = u.transaction_id AND t.state = 1",
-        )
+             WHERE t.producer = u.producer AND t.transaction_id = u.transaction_id AND t.state = ",
+            stored!(transaction open)
+        ))
         .bind(&producers)
         .bind(&ids)
         .bind(delay.as_secs_f64())
@@ -916,15 +909,15 @@ impl Store for PostgresStore {
         }
         if !producers.is_empty() {
             let rows = sqlx::query(
-                "UPDATE outbox_events AS e SET last_error = u.reason, \
+                concat!("UPDATE outbox_events AS e SET last_error = u.reason, \
                      change_seq = nextval('outbox_change_seq'), change_xid = pg_current_xact_id(), \
                      updated_at = now() \
                  FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(producer, transaction_id, reason) \
                  WHERE e.producer = u.producer AND e.transaction_id = u.transaction_id \
-                   AND e.state = 1 AND e.last_error IS DISTINCT FROM u.reason \
+                   AND e.state = ", stored!(event pending), " AND e.last_error IS DISTINCT FROM u.reason \
                  RETURNING e.event_id, e.producer, e.transaction_id, e.append_sequence, e.topic, \
                      e.state, e.kafka_partition, e.kafka_offset, e.attempts, e.last_error, \
-                     e.updated_at, e.change_seq",
+                     e.updated_at, e.change_seq"),
             )
             .bind(&producers)
             .bind(&transaction_ids)
@@ -940,10 +933,12 @@ impl Store for PostgresStore {
                 continue;
             };
             // Another instance may have resolved it meanwhile.
-            let open: Option<i16> = sqlx::query_scalar(
+            let open: Option<i16> = sqlx::query_scalar(concat!(
                 "SELECT state FROM outbox_transactions \
-                 WHERE producer = $1 AND transaction_id = $2 AND state = 1 FOR UPDATE",
-            )
+                 WHERE producer = $1 AND transaction_id = $2 AND state = ",
+                stored!(transaction open),
+                " FOR UPDATE"
+            ))
             .bind(&transaction.producer)
             .bind(&transaction.transaction_id)
             .fetch_optional(&mut *tx)
@@ -981,12 +976,16 @@ impl Store for PostgresStore {
         .execute(&self.pool)
         .await?
         .rows_affected();
-        let discarded = sqlx::query(
+        let discarded = sqlx::query(concat!(
             "DELETE FROM outbox_events WHERE seq IN ( \
                  SELECT seq FROM outbox_events \
-                 WHERE state IN (4, 6) AND updated_at < now() - make_interval(secs => $1::double precision) \
-                 ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)",
-        )
+                 WHERE state IN (",
+            stored!(event published),
+            ", ",
+            stored!(event discarded),
+            ") AND updated_at < now() - make_interval(secs => $1::double precision) \
+                 ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)"
+        ))
         .bind(older_than.as_secs_f64())
         .bind(limit as i64)
         .execute(&self.pool)
@@ -1013,12 +1012,12 @@ impl Store for PostgresStore {
         .execute(&self.pool)
         .await?;
         sqlx::query(
-            "DELETE FROM outbox_transactions WHERE ctid IN ( \
-                 SELECT t.ctid FROM outbox_transactions t WHERE t.state <> 1 \
+            concat!("DELETE FROM outbox_transactions WHERE ctid IN ( \
+                 SELECT t.ctid FROM outbox_transactions t WHERE t.state <> ", stored!(transaction open), " \
                    AND coalesce(t.resolved_at, t.created_at) < now() - make_interval(secs => $1::double precision) \
                    AND NOT EXISTS (SELECT 1 FROM outbox_appends a \
                        WHERE a.producer = t.producer AND a.transaction_id = t.transaction_id) \
-                 LIMIT $2)",
+                 LIMIT $2)"),
         )
         .bind(older_than.as_secs_f64())
         .bind(limit as i64)
@@ -1036,12 +1035,13 @@ impl Store for PostgresStore {
         let ids: Vec<Uuid> = filter.event_ids.iter().map(|id| id.0).collect();
         let sql = format!(
             "SELECT seq, {STATUS_COLUMNS} FROM outbox_events \
-             WHERE state = 5 AND seq > $1 \
+             WHERE state = {dead_lettered} AND seq > $1 \
                AND (cardinality($2::uuid[]) = 0 OR event_id = ANY($2)) \
                AND ($3::text IS NULL OR producer = $3) \
                AND ($4::text IS NULL OR topic = $4) \
                AND ($5::timestamptz IS NULL OR updated_at >= $5) \
-             ORDER BY seq LIMIT $6"
+             ORDER BY seq LIMIT $6",
+            dead_lettered = stored!(event dead_lettered),
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(after_seq)
@@ -1060,15 +1060,15 @@ impl Store for PostgresStore {
     async fn redrive(&self, filter: &DeadLetterFilter) -> Result<Resolved, StoreError> {
         let ids: Vec<Uuid> = filter.event_ids.iter().map(|id| id.0).collect();
         let rows = sqlx::query(
-            "UPDATE outbox_events SET state = 2, attempts = 0, last_error = NULL, \
+            concat!("UPDATE outbox_events SET state = ", stored!(event ready), ", attempts = 0, last_error = NULL, \
                  next_attempt_at = NULL, change_seq = nextval('outbox_change_seq'), change_xid = pg_current_xact_id(), updated_at = now() \
-             WHERE state = 5 \
+             WHERE state = ", stored!(event dead_lettered), " \
                AND (cardinality($1::uuid[]) = 0 OR event_id = ANY($1)) \
                AND ($2::text IS NULL OR producer = $2) \
                AND ($3::text IS NULL OR topic = $3) \
                AND ($4::timestamptz IS NULL OR updated_at >= $4) \
              RETURNING event_id, producer, transaction_id, append_sequence, topic, state, \
-                 kafka_partition, kafka_offset, attempts, last_error, updated_at, change_seq, shard",
+                 kafka_partition, kafka_offset, attempts, last_error, updated_at, change_seq, shard"),
         )
         .bind(&ids)
         .bind(filter.producer.as_deref())
@@ -1085,10 +1085,12 @@ impl Store for PostgresStore {
     }
 
     async fn backlog(&self) -> Result<Vec<ShardBacklog>, StoreError> {
-        let rows: Vec<(i32, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
+        let rows: Vec<(i32, i64, Option<DateTime<Utc>>)> = sqlx::query_as(concat!(
             "SELECT shard, count(*), min(appended_at) FROM outbox_events \
-             WHERE state < 4 GROUP BY shard ORDER BY shard",
-        )
+             WHERE state < ",
+            stored!(event first_final),
+            " GROUP BY shard ORDER BY shard"
+        ))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows

@@ -114,12 +114,14 @@ impl SqliteStore {
         event_state: Option<EventState>,
         reason: Option<&str>,
     ) -> Result<Resolved, StoreError> {
-        let seqs: Vec<(i64, i64)> = sqlx::query_as(
+        let seqs: Vec<(i64, i64)> = sqlx::query_as(concat!(
             "SELECT seq, shard FROM outbox_events \
-             WHERE producer = ?1 AND transaction_id = ?2 AND state = 1 \
+             WHERE producer = ?1 AND transaction_id = ?2 AND state = ",
+            stored!(event pending),
+            " \
                AND (?3 IS NOT NULL OR last_error IS NOT ?4) \
-             ORDER BY seq",
-        )
+             ORDER BY seq"
+        ))
         .bind(&transaction.producer)
         .bind(&transaction.transaction_id)
         .bind(event_state.map(|s| s as i16))
@@ -485,13 +487,17 @@ impl Store for SqliteStore {
         limit: u32,
         with_dead_letters: bool,
     ) -> Result<RelayPage, StoreError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(concat!(
             "SELECT seq, event_id, producer, transaction_id, topic, kafka_key, payload, headers, \
                  aggregate_type, aggregate_id, event_type, state, attempts, next_attempt_at, \
                  occurred_at, appended_at, traceparent, tracestate \
-             FROM outbox_events WHERE shard = ?1 AND (state < 4 OR (?4 AND state = 5)) \
-               AND seq > ?2 ORDER BY seq LIMIT ?3",
-        )
+             FROM outbox_events WHERE shard = ?1 AND (state < ",
+            stored!(event first_final),
+            " OR (?4 AND state = ",
+            stored!(event dead_lettered),
+            ")) \
+               AND seq > ?2 ORDER BY seq LIMIT ?3"
+        ))
         .bind(shard as i64)
         .bind(after.seq)
         .bind(limit as i64)
@@ -548,10 +554,16 @@ impl Store for SqliteStore {
     ) -> Result<Vec<EventStatus>, StoreError> {
         self.record(lease, delivered, |d, change, now| {
             sqlx::query(concat!(
-                "UPDATE outbox_events SET state = 4, kafka_partition = ?1, kafka_offset = ?2, \
+                "UPDATE outbox_events SET state = ",
+                stored!(event published),
+                concat!(
+                    ", kafka_partition = ?1, kafka_offset = ?2, \
                          published_at = ?3, last_error = NULL, next_attempt_at = NULL, \
                          change_seq = ?4, updated_at = ?3 \
-                     WHERE seq = ?5 AND state < 4 RETURNING ",
+                     WHERE seq = ?5 AND state < ",
+                    stored!(event first_final),
+                    " RETURNING "
+                ),
                 status_columns!()
             ))
             .bind(d.partition as i64)
@@ -570,10 +582,18 @@ impl Store for SqliteStore {
     ) -> Result<Vec<EventStatus>, StoreError> {
         self.record(lease, failed, |f, change, now| {
             sqlx::query(concat!(
-                "UPDATE outbox_events SET state = CASE WHEN ?1 IS NULL THEN 5 ELSE 3 END, \
+                "UPDATE outbox_events SET state = CASE WHEN ?1 IS NULL THEN ",
+                stored!(event dead_lettered),
+                " ELSE ",
+                stored!(event retrying),
+                concat!(
+                    " END, \
                          attempts = attempts + 1, last_error = ?2, next_attempt_at = ?1, \
                          change_seq = ?3, updated_at = ?4 \
-                     WHERE seq = ?5 AND state < 4 RETURNING ",
+                     WHERE seq = ?5 AND state < ",
+                    stored!(event first_final),
+                    " RETURNING "
+                ),
                 status_columns!()
             ))
             .bind(f.retry_at.map(micros))
@@ -601,10 +621,14 @@ impl Store for SqliteStore {
 
     async fn expire_transactions(&self, limit: u32) -> Result<Resolved, StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let expired: Vec<(String, String)> = sqlx::query_as(
+        let expired: Vec<(String, String)> = sqlx::query_as(concat!(
             "SELECT producer, transaction_id FROM outbox_transactions \
-             WHERE state = 1 AND mode = 2 AND expires_at < ?1 ORDER BY expires_at LIMIT ?2",
-        )
+             WHERE state = ",
+            stored!(transaction open),
+            " AND mode = ",
+            stored!(mode two_phase),
+            " AND expires_at < ?1 ORDER BY expires_at LIMIT ?2"
+        ))
         .bind(micros(Utc::now()))
         .bind(limit as i64)
         .fetch_all(&mut *tx)
@@ -638,14 +662,18 @@ impl Store for SqliteStore {
         older_than: Duration,
         limit: u32,
     ) -> Result<Vec<PreparedTransaction>, StoreError> {
-        let rows: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+        let rows: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(concat!(
             "SELECT t.producer, t.transaction_id, t.created_at, t.expires_at, \
                     (SELECT count(*) FROM outbox_events AS e \
                      WHERE e.producer = t.producer AND e.transaction_id = t.transaction_id) \
              FROM outbox_transactions AS t \
-             WHERE t.producer = ?1 AND t.mode = 2 AND t.state = 1 AND t.created_at <= ?2 \
-             ORDER BY t.created_at LIMIT ?3",
-        )
+             WHERE t.producer = ?1 AND t.mode = ",
+            stored!(mode two_phase),
+            " AND t.state = ",
+            stored!(transaction open),
+            " AND t.created_at <= ?2 \
+             ORDER BY t.created_at LIMIT ?3"
+        ))
         .bind(producer)
         .bind(micros(Utc::now()) - older_than.as_micros() as i64)
         .bind(limit as i64)
@@ -666,17 +694,25 @@ impl Store for SqliteStore {
     }
 
     async fn open_xid_tokens(&self, limit: u32) -> Result<Vec<XidToken>, StoreError> {
-        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(concat!(
             "SELECT * FROM (SELECT producer, transaction_id, caller_xid, caller_system_id \
                  FROM outbox_transactions \
-                 WHERE state = 1 AND mode = 3 AND coalesce(resolve_after, created_at) <= ?2 \
+                 WHERE state = ",
+            stored!(transaction open),
+            " AND mode = ",
+            stored!(mode postgres_xid),
+            " AND coalesce(resolve_after, created_at) <= ?2 \
                  ORDER BY coalesce(resolve_after, created_at) DESC LIMIT ?1) \
              UNION \
              SELECT * FROM (SELECT producer, transaction_id, caller_xid, caller_system_id \
                  FROM outbox_transactions \
-                 WHERE state = 1 AND mode = 3 AND coalesce(resolve_after, created_at) <= ?2 \
+                 WHERE state = ",
+            stored!(transaction open),
+            " AND mode = ",
+            stored!(mode postgres_xid),
+            " AND coalesce(resolve_after, created_at) <= ?2 \
                  ORDER BY coalesce(resolve_after, created_at) LIMIT ?1)",
-        )
+        ))
         .bind(limit.div_ceil(2) as i64)
         .bind(micros(Utc::now()))
         .fetch_all(&self.pool)
@@ -702,10 +738,12 @@ impl Store for SqliteStore {
         let until = micros(Utc::now()) + delay.as_micros() as i64;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for transaction in transactions {
-            sqlx::query(
+            sqlx::query(concat!(
                 "UPDATE outbox_transactions SET resolve_after = ?3 \
-                 WHERE producer = ?1 AND transaction_id = ?2 AND state = 1",
-            )
+                 WHERE producer = ?1 AND transaction_id = ?2 AND state = ",
+                stored!(transaction open),
+                ""
+            ))
             .bind(&transaction.producer)
             .bind(&transaction.transaction_id)
             .bind(until)
@@ -723,10 +761,12 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut resolved = Resolved::default();
         for (transaction, verdict) in verdicts {
-            let open: Option<i64> = sqlx::query_scalar(
+            let open: Option<i64> = sqlx::query_scalar(concat!(
                 "SELECT state FROM outbox_transactions \
-                 WHERE producer = ?1 AND transaction_id = ?2 AND state = 1",
-            )
+                 WHERE producer = ?1 AND transaction_id = ?2 AND state = ",
+                stored!(transaction open),
+                ""
+            ))
             .bind(&transaction.producer)
             .bind(&transaction.transaction_id)
             .fetch_optional(&mut *tx)
@@ -760,11 +800,15 @@ impl Store for SqliteStore {
 
     async fn purge_finished(&self, older_than: Duration, limit: u32) -> Result<u64, StoreError> {
         let cutoff = micros(Utc::now()) - older_than.as_micros() as i64;
-        let events = sqlx::query(
+        let events = sqlx::query(concat!(
             "DELETE FROM outbox_events WHERE seq IN ( \
-                 SELECT seq FROM outbox_events WHERE state IN (4, 6) AND updated_at < ?1 \
-                 ORDER BY seq LIMIT ?2)",
-        )
+                 SELECT seq FROM outbox_events WHERE state IN (",
+            stored!(event published),
+            ", ",
+            stored!(event discarded),
+            ") AND updated_at < ?1 \
+                 ORDER BY seq LIMIT ?2)"
+        ))
         .bind(cutoff)
         .bind(limit as i64)
         .execute(&self.pool)
@@ -783,14 +827,16 @@ impl Store for SqliteStore {
         .bind(EventState::Discarded as i64)
         .execute(&self.pool)
         .await?;
-        sqlx::query(
+        sqlx::query(concat!(
             "DELETE FROM outbox_transactions WHERE rowid IN ( \
                  SELECT t.rowid FROM outbox_transactions t \
-                 WHERE t.state <> 1 AND coalesce(t.resolved_at, t.created_at) < ?1 \
+                 WHERE t.state <> ",
+            stored!(transaction open),
+            " AND coalesce(t.resolved_at, t.created_at) < ?1 \
                    AND NOT EXISTS (SELECT 1 FROM outbox_appends a \
                        WHERE a.producer = t.producer AND a.transaction_id = t.transaction_id) \
-                 LIMIT ?2)",
-        )
+                 LIMIT ?2)"
+        ))
         .bind(cutoff)
         .bind(limit as i64)
         .execute(&self.pool)
@@ -806,10 +852,11 @@ impl Store for SqliteStore {
     ) -> Result<Vec<(i64, EventStatus)>, StoreError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT seq, {STATUS_COLUMNS} FROM outbox_events \
-             WHERE state = 5 AND seq > ?1 \
+             WHERE state = {dead_lettered} AND seq > ?1 \
                AND (?2 IS NULL OR producer = ?2) AND (?3 IS NULL OR topic = ?3) \
                AND (?4 IS NULL OR updated_at >= ?4) \
-             ORDER BY seq"
+             ORDER BY seq",
+            dead_lettered = stored!(event dead_lettered),
         )))
         .bind(after_seq)
         .bind(filter.producer.as_deref())
@@ -841,9 +888,15 @@ impl Store for SqliteStore {
         let now = micros(Utc::now());
         for (index, (seq, _)) in matching.iter().enumerate() {
             let row = sqlx::query(concat!(
-                "UPDATE outbox_events SET state = 2, attempts = 0, last_error = NULL, \
+                "UPDATE outbox_events SET state = ",
+                stored!(event ready),
+                concat!(
+                    ", attempts = 0, last_error = NULL, \
                      next_attempt_at = NULL, change_seq = ?1, updated_at = ?2 \
-                 WHERE seq = ?3 AND state = 5 RETURNING shard, ",
+                 WHERE seq = ?3 AND state = ",
+                    stored!(event dead_lettered),
+                    " RETURNING shard, "
+                ),
                 status_columns!()
             ))
             .bind(first_change + index as i64)
@@ -861,10 +914,12 @@ impl Store for SqliteStore {
     }
 
     async fn backlog(&self) -> Result<Vec<ShardBacklog>, StoreError> {
-        let rows: Vec<(i64, i64, Option<i64>)> = sqlx::query_as(
+        let rows: Vec<(i64, i64, Option<i64>)> = sqlx::query_as(concat!(
             "SELECT shard, count(*), min(appended_at) FROM outbox_events \
-             WHERE state < 4 GROUP BY shard ORDER BY shard",
-        )
+             WHERE state < ",
+            stored!(event first_final),
+            " GROUP BY shard ORDER BY shard"
+        ))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
