@@ -166,7 +166,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     drop(broker);
     drop(temp_dir);
     result?;
-    served
+    Ok(served?)
 }
 
 /// A private directory removed when dropped.

@@ -82,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(config.listen).await?;
             let served = outboxd::server::run(config, listener, shutdown_on_signal()).await;
             telemetry.shutdown().await;
-            served
+            Ok(served?)
         }
         Command::Migrate(args) => {
             let config = args.load()?;

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use anyhow::Context;
+use std::net::SocketAddr;
+use std::time::Duration;
+
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -12,13 +14,62 @@ use tonic_health::ServingStatus;
 
 use crate::api::{AdminApi, Authenticator, OutboxApi};
 use crate::config::Config;
-use crate::ingest::{Ingest, Transactions};
+use crate::ingest::{Ingest, Operations, Transactions};
 use crate::proto;
 use crate::relay::{
-    BreakerState, Housekeeping, Publisher, Relay, RelayHealth, RelayWaker, Resolver, SharedBreaker,
-    XidSources,
+    BreakerState, Housekeeping, Publisher, Relay, RelayError, RelayHealth, RelayWaker, Resolver,
+    SharedBreaker, StateChanges, XidSources,
 };
 use crate::status::StatusBus;
+use crate::store::StoreError;
+use crate::tls::TlsError;
+
+/// Why a gateway could not start, or did not stop in order.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The `[tls]` files do not make a server configuration.
+    #[error("loading the TLS certificates")]
+    Tls(#[source] TlsError),
+    /// The metrics listener's address cannot be bound.
+    #[error("binding the metrics listener {address}")]
+    MetricsListener {
+        /// `metrics_listen`.
+        address: SocketAddr,
+        /// Why not.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A listener's own address cannot be read.
+    #[error("reading a listener's address")]
+    ListenerAddress(#[source] std::io::Error),
+    /// The store cannot be reached.
+    #[error("connecting to the store")]
+    Connect(#[source] StoreError),
+    /// The store's schema cannot be brought up to date.
+    #[error("migrating the store")]
+    Migrate(#[source] StoreError),
+    /// The Kafka producer cannot be created from `[kafka]`.
+    #[error("creating the Kafka producer")]
+    Producer(#[source] rdkafka::error::KafkaError),
+    /// A `tokens.postgres_xid_clusters` entry is not a usable URL.
+    #[error("configuring postgres_xid clusters")]
+    XidClusters(#[source] StoreError),
+    /// The reflection service cannot be built from the descriptors.
+    #[error("building the reflection service")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    /// The gRPC server failed while serving.
+    #[error("gRPC server failed")]
+    Serve(#[source] tonic::transport::Error),
+    /// The relay stopped with an error.
+    #[error("relay failed")]
+    Relay(#[source] RelayError),
+    /// The relay's task panicked.
+    #[error("relay task failed")]
+    RelayTask(#[source] tokio::task::JoinError),
+    /// Writers and relay did not finish within `shutdown_timeout`.
+    #[error("shutdown took longer than {0:?}")]
+    ShutdownTimeout(Duration),
+}
 
 /// Health service name of the relay (the ingest path reports under
 /// `outboxd.v1.Outbox`): "Kafka down" shows as relay NOT_SERVING while
@@ -32,16 +83,17 @@ pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let tls = crate::tls::TlsServer::load(&config.tls).context("loading the TLS certificates")?;
+) -> Result<(), ServeError> {
+    let tls = crate::tls::TlsServer::load(&config.tls).map_err(ServeError::Tls)?;
     let readiness = crate::telemetry::Readiness::default();
     let metrics_task = match config.metrics_listen {
         Some(address) => {
             let listener = TcpListener::bind(address)
                 .await
-                .with_context(|| format!("binding the metrics listener {address}"))?;
+                .map_err(|source| ServeError::MetricsListener { address, source })?;
             crate::telemetry::metrics();
-            tracing::info!(address = %listener.local_addr()?, "serving Prometheus metrics");
+            let address = listener.local_addr().map_err(ServeError::ListenerAddress)?;
+            tracing::info!(%address, "serving Prometheus metrics");
             Some(tokio::spawn(crate::telemetry::serve_metrics(
                 listener,
                 readiness.clone(),
@@ -56,8 +108,8 @@ pub async fn run(
         config.relay.shard_count,
     )
     .await
-    .context("connecting to the store")?;
-    store.migrate().await.context("migrating the store")?;
+    .map_err(ServeError::Connect)?;
+    store.migrate().await.map_err(ServeError::Migrate)?;
     let breaker = Arc::new(SharedBreaker::new(
         config.relay.breaker_cooldown,
         config.relay.breaker_max_cooldown,
@@ -68,16 +120,23 @@ pub async fn run(
             breaker.clone(),
             config.relay.dead_letter_topic.clone(),
         )
-        .context("creating the Kafka producer")?,
+        .map_err(ServeError::Producer)?,
     );
 
     let bus = StatusBus::new(config.watch.bus_capacity);
     let waker = RelayWaker::new(store.shard_count());
+    let changes = StateChanges {
+        bus: bus.clone(),
+        waker: waker.clone(),
+    };
+    let xid_sources =
+        XidSources::new(store.as_ref(), &config.tokens).map_err(ServeError::XidClusters)?;
     let mut writers = JoinSet::new();
     let ingest = Ingest::start(
         store.clone(),
         bus.clone(),
         waker.clone(),
+        xid_sources.clone(),
         &config.ingest,
         &mut writers,
     );
@@ -117,12 +176,9 @@ pub async fn run(
         }
         .run(relay_shutdown.clone()),
     );
-    let xid_sources = XidSources::new(store.as_ref(), &config.tokens)
-        .context("configuring postgres_xid clusters")?;
     let resolver = Resolver {
         store: store.clone(),
-        bus: bus.clone(),
-        waker: waker.clone(),
+        changes: changes.clone(),
         sources: xid_sources.clone(),
         config: config.tokens.clone(),
         idle_interval: config.relay.poll_interval,
@@ -166,14 +222,13 @@ pub async fn run(
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .context("building the reflection service")?;
+        .map_err(ServeError::Reflection)?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
-        .context("building the reflection service")?;
+        .map_err(ServeError::Reflection)?;
 
-    let admin_bus = bus.clone();
     let auth = Authenticator::new(&config.auth, &config.limits);
     if auth.is_open() {
         tracing::warn!(
@@ -184,10 +239,8 @@ pub async fn run(
         ingest: ingest.clone(),
         transactions: Transactions {
             store: store.clone(),
-            bus: bus.clone(),
-            waker: waker.clone(),
+            changes: changes.clone(),
         },
-        xid_sources,
         store: store.clone(),
         bus,
         limits: config.limits.clone(),
@@ -197,7 +250,8 @@ pub async fn run(
         shutdown: shutdown.clone(),
     };
     let max_message = config.limits.max_request_bytes;
-    tracing::info!(address = %listener.local_addr()?, store = %redact(&config.store.url), brokers = %config.kafka.brokers, "outboxd serving");
+    let address = listener.local_addr().map_err(ServeError::ListenerAddress)?;
+    tracing::info!(%address, store = %redact(&config.store.url), brokers = %config.kafka.brokers, "outboxd serving");
     let tls_task = tls
         .clone()
         .map(|tls| tokio::spawn(tls.watch(shutdown.clone())));
@@ -235,10 +289,11 @@ pub async fn run(
         )
         .add_service(proto::outbox_admin_server::OutboxAdminServer::new(
             AdminApi {
-                store: store.clone(),
+                operations: Operations {
+                    store: store.clone(),
+                    changes,
+                },
                 auth,
-                bus: admin_bus,
-                waker: waker.clone(),
             },
         ))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled());
@@ -254,10 +309,8 @@ pub async fn run(
             }
         }
         relay_shutdown.cancel();
-        match resolver_task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::error!(%error, "token resolver failed"),
-            Err(error) => tracing::error!(%error, "token resolver task failed"),
+        if let Err(error) = resolver_task.await {
+            tracing::error!(%error, "token resolver task failed");
         }
         if let Err(error) = bridge_task.await {
             tracing::error!(%error, "wake-up bridge task failed");
@@ -275,15 +328,12 @@ pub async fn run(
     if let Some(task) = metrics_task {
         task.abort();
     }
-    served.context("gRPC server failed")?;
+    served.map_err(ServeError::Serve)?;
     match drained {
         Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(error))) => Err(error.context("relay failed")),
-        Ok(Err(join_error)) => Err(anyhow::anyhow!("relay task failed: {join_error}")),
-        Err(_) => Err(anyhow::anyhow!(
-            "shutdown took longer than {:?}",
-            config.shutdown_timeout
-        )),
+        Ok(Ok(Err(error))) => Err(ServeError::Relay(error)),
+        Ok(Err(join_error)) => Err(ServeError::RelayTask(join_error)),
+        Err(_) => Err(ServeError::ShutdownTimeout(config.shutdown_timeout)),
     }
 }
 

@@ -206,7 +206,7 @@ impl std::fmt::Debug for TlsServer {
 
 impl TlsServer {
     /// Reads the files; `None` when TLS is off.
-    pub fn load(settings: &TlsConfig) -> anyhow::Result<Option<Arc<TlsServer>>> {
+    pub fn load(settings: &TlsConfig) -> Result<Option<Arc<TlsServer>>, TlsError> {
         if !settings.enabled() {
             return Ok(None);
         }
@@ -221,7 +221,7 @@ impl TlsServer {
 
     /// Reads the files again and, when they make a valid configuration,
     /// uses it for the connections accepted from now on.
-    pub fn reload(&self) -> anyhow::Result<()> {
+    pub fn reload(&self) -> Result<(), TlsError> {
         *self.stamps.lock().expect("stamps lock") = file_stamps(&self.settings);
         let config = build(&self.settings)?;
         *self.current.write().expect("tls config lock") = Arc::new(config);
@@ -264,7 +264,7 @@ impl TlsServer {
                 Ok(()) => tracing::info!(after = why, "TLS certificates reloaded"),
                 Err(error) => tracing::error!(
                     after = why,
-                    error = format!("{error:#}"),
+                    error = %causes(&error),
                     "TLS certificates not reloaded; the ones in use stay"
                 ),
             }
@@ -280,27 +280,85 @@ fn file_stamps(settings: &TlsConfig) -> Vec<Option<SystemTime>> {
         .collect()
 }
 
-fn certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+/// Why the `[tls]` files do not make a server configuration. Each message
+/// names the file and says what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Only one of `tls.cert` and `tls.key` is set.
+    #[error("tls.cert and tls.key must be set together")]
+    Incomplete,
+    /// A certificate file cannot be read or is not PEM.
+    #[error("reading certificates from {}", path.display())]
+    Certificates {
+        /// The file.
+        path: PathBuf,
+        /// What reading it found.
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A certificate file holds no certificate.
+    #[error("{} holds no PEM certificate", .0.display())]
+    NoCertificate(PathBuf),
+    /// The private key file cannot be read or holds no key.
+    #[error("reading the private key {}", path.display())]
+    PrivateKey {
+        /// The file.
+        path: PathBuf,
+        /// What reading it found.
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A CA certificate of `tls.client_ca` is not one rustls accepts.
+    #[error("a CA certificate in {}", path.display())]
+    CaCertificate {
+        /// The file.
+        path: PathBuf,
+        /// Why rustls refused it.
+        source: rustls::Error,
+    },
+    /// The client certificate verifier cannot be built from the CAs.
+    #[error("verifying client certificates")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The certificate does not go with the private key.
+    #[error("the certificate and key do not go together")]
+    KeyMismatch(#[source] rustls::Error),
+    /// rustls refused the configuration (protocol versions).
+    #[error("TLS configuration")]
+    Config(#[from] rustls::Error),
+}
+
+/// An error and its causes, outermost first, as one line.
+fn causes(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certificates = CertificateDer::pem_file_iter(path)
         .and_then(|found| found.collect::<Result<Vec<_>, _>>())
-        .map_err(|error| {
-            anyhow::anyhow!("reading certificates from {}: {error}", path.display())
+        .map_err(|source| TlsError::Certificates {
+            path: path.to_owned(),
+            source,
         })?;
-    anyhow::ensure!(
-        !certificates.is_empty(),
-        "{} holds no PEM certificate",
-        path.display()
-    );
+    if certificates.is_empty() {
+        return Err(TlsError::NoCertificate(path.to_owned()));
+    }
     Ok(certificates)
 }
 
-fn build(settings: &TlsConfig) -> anyhow::Result<ServerConfig> {
+fn build(settings: &TlsConfig) -> Result<ServerConfig, TlsError> {
     let (Some(cert), Some(key)) = (&settings.cert, &settings.key) else {
-        anyhow::bail!("tls.cert and tls.key must be set together");
+        return Err(TlsError::Incomplete);
     };
     let chain = certificates(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|error| anyhow::anyhow!("reading the private key {}: {error}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::PrivateKey {
+        path: key.to_owned(),
+        source,
+    })?;
     // The provider is named rather than taken from the process default, so
     // that no other crate's choice can change (or break) it.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -310,9 +368,12 @@ fn build(settings: &TlsConfig) -> anyhow::Result<ServerConfig> {
         Some(path) => {
             let mut roots = rustls::RootCertStore::empty();
             for certificate in certificates(path)? {
-                roots.add(certificate).map_err(|error| {
-                    anyhow::anyhow!("a CA certificate in {}: {error}", path.display())
-                })?;
+                roots
+                    .add(certificate)
+                    .map_err(|source| TlsError::CaCertificate {
+                        path: path.to_owned(),
+                        source,
+                    })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             let verifier = if settings.client_certificate_optional {
@@ -326,7 +387,7 @@ fn build(settings: &TlsConfig) -> anyhow::Result<ServerConfig> {
     };
     let mut config = builder
         .with_single_cert(chain, key)
-        .map_err(|error| anyhow::anyhow!("the certificate and key do not go together: {error}"))?;
+        .map_err(TlsError::KeyMismatch)?;
     // gRPC is HTTP/2 only; clients check that it was negotiated.
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)

@@ -480,7 +480,8 @@ async fn certificate_files_that_do_not_load_are_named_at_start() {
     let error = outboxd::server::run(config, listener, Default::default())
         .await
         .expect_err("a gateway started with a certificate file that holds none");
-    let error = format!("{error:#}");
+    // The error and its causes, as `outboxd serve` prints them.
+    let error = format!("{:#}", anyhow::Error::from(error));
     assert!(error.contains("not-a-cert.pem"), "{error}");
 }
 

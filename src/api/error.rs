@@ -161,6 +161,9 @@ impl From<IngestError> for ApiError {
                 )
             }
             IngestError::Store(error) => ApiError::Internal(error.to_string()),
+            error @ IngestError::Unresolvable { .. } => {
+                ApiError::FailedPrecondition(error.to_string())
+            }
             IngestError::ShuttingDown => {
                 ApiError::Unavailable("outboxd is shutting down; retry on another instance".into())
             }

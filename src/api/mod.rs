@@ -9,34 +9,26 @@ mod error;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::stream::FuturesOrdered;
-use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
+use futures::Stream;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
 
 pub use auth::{AuthConfig, Authenticator};
 pub use error::ApiError;
 
-use crate::domain::{AppendBatch, AppendOutcome, FieldViolation, Limits, TokenMode};
-use crate::ingest::{Ingest, Transactions};
+use crate::domain::{AppendBatch, FieldViolation, Limits};
+use crate::ingest::{Ingest, Operations, Transactions};
 use crate::proto;
-use crate::relay::{RelayWaker, XidSources};
 use crate::status::{StatusBus, WatchSettings, WatchTarget};
 use crate::store::Store;
-
-/// Appends one AppendStream may have in flight before it stops reading.
-const MAX_PIPELINED_APPENDS: usize = 1_024;
 
 /// The `Outbox` service.
 #[derive(Clone)]
 pub struct OutboxApi {
     pub ingest: Ingest,
     pub transactions: Transactions,
-    /// Which producers' postgres_xid tokens can be resolved.
-    pub xid_sources: XidSources,
     pub store: Arc<dyn Store>,
     pub bus: StatusBus,
     pub limits: Limits,
@@ -61,21 +53,6 @@ fn authorize_append(access: &auth::Access, batch: &AppendBatch) -> Result<(), Ap
     Ok(())
 }
 
-/// Refuses a postgres_xid token that nothing could ever resolve.
-fn check_resolvable(batch: &AppendBatch, sources: &XidSources) -> Result<(), ApiError> {
-    if matches!(batch.token.mode, TokenMode::PostgresXid { .. })
-        && !sources.can_resolve(&batch.token.producer)
-    {
-        return Err(ApiError::FailedPrecondition(format!(
-            "no PostgreSQL cluster is configured to resolve postgres_xid tokens of producer {:?} \
-             (set tokens.postgres_xid_clusters, or use a PostgreSQL store)",
-            batch.token.producer
-        )));
-    }
-    Ok(())
-}
-type PendingAck = Pin<Box<dyn Future<Output = (u64, Result<AppendOutcome, ApiError>)> + Send>>;
-
 #[tonic::async_trait]
 impl proto::outbox_server::Outbox for OutboxApi {
     async fn append(
@@ -88,7 +65,6 @@ impl proto::outbox_server::Outbox for OutboxApi {
         let correlation = request.correlation;
         let batch = convert::append_batch(request, trace, &self.limits)?;
         authorize_append(&access, &batch)?;
-        check_resolvable(&batch, &self.xid_sources)?;
         let outcome = self.ingest.append(batch).await.map_err(ApiError::from)?;
         Ok(Response::new(convert::append_response(
             outcome,
@@ -105,66 +81,34 @@ impl proto::outbox_server::Outbox for OutboxApi {
         let access = self.auth.access(&request)?;
         let stream_place = access.open_stream()?;
         let trace = crate::telemetry::for_append(convert::trace_context(request.metadata()));
-        let mut inbound = request.into_inner();
-        // One writer lane per stream: its appends commit in stream order.
-        let lane = self.ingest.lane();
         let limits = self.limits.clone();
-        let sources = self.xid_sources.clone();
-        let shutdown = self.shutdown.clone();
-        let (tx, rx) = mpsc::channel(MAX_PIPELINED_APPENDS);
-        tokio::spawn(async move {
-            // Given back when the stream ends.
-            let _stream_place = stream_place;
-            let mut acks: FuturesOrdered<PendingAck> = FuturesOrdered::new();
-            let mut reading = true;
-            loop {
-                if !reading && acks.is_empty() {
-                    break;
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled(), if reading => reading = false,
-                    message = inbound.message(), if reading && acks.len() < MAX_PIPELINED_APPENDS => {
-                        match message {
-                            Ok(Some(request)) => {
-                                let correlation = request.correlation;
-                                let batch = convert::append_batch(request, trace.clone(), &limits)
-                                    .and_then(|batch| authorize_append(&access, &batch).map(|()| batch))
-                                    .and_then(|batch| check_resolvable(&batch, &sources).map(|()| batch));
-                                let pending: PendingAck = match batch {
-                                    Err(error) => Box::pin(async move { (correlation, Err(error)) }),
-                                    Ok(batch) => match lane.submit(batch).await {
-                                        Ok(ack) => Box::pin(async move {
-                                            (correlation, ack.await.map_err(ApiError::from))
-                                        }),
-                                        Err(error) => {
-                                            let error = ApiError::from(error);
-                                            Box::pin(async move { (correlation, Err(error)) })
-                                        }
-                                    },
-                                };
-                                acks.push_back(pending);
-                            }
-                            Ok(None) => reading = false,
-                            Err(status) => {
-                                tracing::debug!(%status, "append stream broke");
-                                reading = false;
-                            }
-                        }
-                    }
-                    Some((correlation, result)) = acks.next(), if !acks.is_empty() => {
-                        let response = match result {
-                            Ok(outcome) => convert::append_response(outcome, correlation),
-                            Err(error) => convert::append_failure(&error, correlation),
-                        };
-                        if tx.send(Ok(response)).await.is_err() {
-                            // The caller went away; its appends still commit.
-                            reading = false;
-                        }
-                    }
-                }
-            }
-        }.instrument(tracing::Span::current()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // A request the stream cannot read ends it; the requests read are
+        // still answered.
+        let requests = request
+            .into_inner()
+            .map_while(|message| {
+                message
+                    .inspect_err(|status| tracing::debug!(%status, "append stream broke"))
+                    .ok()
+            })
+            .map(move |request| {
+                let correlation = request.correlation;
+                let batch = convert::append_batch(request, trace.clone(), &limits)
+                    .and_then(|batch| authorize_append(&access, &batch).map(|()| batch));
+                (correlation, batch)
+            });
+        let acks = self
+            .ingest
+            .append_stream(Box::pin(requests), self.shutdown.clone())
+            .map(move |(correlation, outcome)| {
+                // Given back when the stream ends.
+                let _stream_place = &stream_place;
+                Ok(match outcome {
+                    Ok(outcome) => convert::append_response(outcome, correlation),
+                    Err(error) => convert::append_failure(&error, correlation),
+                })
+            });
+        Ok(Response::new(Box::pin(acks)))
     }
 
     async fn commit(
@@ -344,12 +288,11 @@ const MAX_DEAD_LETTER_PAGE: u32 = 1_000;
 /// The `OutboxAdmin` service.
 #[derive(Clone)]
 pub struct AdminApi {
-    pub store: Arc<dyn Store>,
+    /// What the operations do.
+    pub operations: Operations,
     /// Who the callers are: OutboxAdmin needs the admin role (ListPrepared
     /// only the right to act for its producer).
     pub auth: Authenticator,
-    pub bus: StatusBus,
-    pub waker: RelayWaker,
 }
 
 #[tonic::async_trait]
@@ -381,8 +324,8 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
             request.since,
         )?;
         let page = self
-            .store
-            .list_dead_letters(&filter, after_seq, page_size)
+            .operations
+            .dead_letters(&filter, after_seq, page_size)
             .await
             .map_err(ApiError::from)?;
         let next_page_token = if page.len() as u32 == page_size {
@@ -413,10 +356,11 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         }
         let ids = convert::event_ids(&request.event_ids, "event_ids")?;
         let filter = convert::dead_letter_filter(ids, request.producer, request.topic, None)?;
-        let resolved = self.store.redrive(&filter).await.map_err(ApiError::from)?;
-        let events = resolved.changed.len() as u64;
-        self.waker.rewind_shards(resolved.shards);
-        self.bus.publish(resolved.changed);
+        let events = self
+            .operations
+            .redrive(&filter)
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(proto::RedriveResponse { events }))
     }
 
@@ -425,7 +369,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         request: Request<proto::PauseRelayRequest>,
     ) -> Result<Response<proto::PauseRelayResponse>, Status> {
         self.auth.access(&request)?.check_admin()?;
-        self.store
+        self.operations
             .set_relay_paused(true)
             .await
             .map_err(ApiError::from)?;
@@ -437,7 +381,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         request: Request<proto::ResumeRelayRequest>,
     ) -> Result<Response<proto::ResumeRelayResponse>, Status> {
         self.auth.access(&request)?.check_admin()?;
-        self.store
+        self.operations
             .set_relay_paused(false)
             .await
             .map_err(ApiError::from)?;
@@ -449,7 +393,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         request: Request<proto::GetBacklogRequest>,
     ) -> Result<Response<proto::GetBacklogResponse>, Status> {
         self.auth.access(&request)?.check_admin()?;
-        let backlog = self.store.backlog().await.map_err(ApiError::from)?;
+        let backlog = self.operations.backlog().await.map_err(ApiError::from)?;
         let now = chrono::Utc::now();
         Ok(Response::new(proto::GetBacklogResponse {
             shards: backlog
@@ -474,7 +418,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         request: Request<proto::ListLeasesRequest>,
     ) -> Result<Response<proto::ListLeasesResponse>, Status> {
         self.auth.access(&request)?.check_admin()?;
-        let leases = self.store.leases().await.map_err(ApiError::from)?;
+        let leases = self.operations.leases().await.map_err(ApiError::from)?;
         Ok(Response::new(proto::ListLeasesResponse {
             leases: leases
                 .iter()
@@ -521,8 +465,8 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
             }
         };
         let prepared = self
-            .store
-            .list_prepared(&request.producer, older_than, MAX_PREPARED_LISTED)
+            .operations
+            .prepared(&request.producer, older_than, MAX_PREPARED_LISTED)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(proto::ListPreparedResponse {

@@ -14,12 +14,19 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+mod operations;
+mod stream;
 mod transactions;
 
+pub use operations::Operations;
+pub use stream::{MAX_PIPELINED_APPENDS, StreamedAck, StreamedAppend};
 pub use transactions::{ResolveError, Transactions};
 
+use futures::Stream;
+use tokio_util::sync::CancellationToken;
+
 use crate::domain::{AppendBatch, AppendOutcome, TokenMode};
-use crate::relay::RelayWaker;
+use crate::relay::{RelayWaker, XidSources};
 use crate::status::StatusBus;
 use crate::store::{AppendRejection, Store, StoreError};
 use crate::telemetry::names;
@@ -67,6 +74,17 @@ pub enum IngestError {
     /// The store failed for another reason; nothing was stored.
     #[error("store failure: {0}")]
     Store(#[source] Arc<StoreError>),
+    /// A postgres_xid token that nothing could ever resolve: no cluster is
+    /// configured for its producer, and the store is not PostgreSQL.
+    #[error(
+        "no PostgreSQL cluster is configured to resolve postgres_xid tokens of producer {producer:?} \
+         (set tokens.postgres_xid_clusters, or use a PostgreSQL store)"
+    )]
+    Unresolvable {
+        /// The batch's producer.
+        producer: String,
+    },
+    /// The writers have stopped; nothing of this append was stored.
     #[error("outboxd is shutting down")]
     ShuttingDown,
     /// Too many bytes of appends are queued: nothing of this one was
@@ -117,6 +135,7 @@ pub struct Ingest {
     queues: Arc<Vec<mpsc::Sender<QueuedAppend>>>,
     next: Arc<AtomicUsize>,
     budget: ByteBudget,
+    sources: Arc<XidSources>,
 }
 
 /// The writers' queue chosen for one stream of appends.
@@ -124,16 +143,20 @@ pub struct Ingest {
 pub struct WriterLane {
     queue: mpsc::Sender<QueuedAppend>,
     budget: ByteBudget,
+    /// Which producers' postgres_xid tokens can be resolved.
+    sources: Arc<XidSources>,
 }
 
 impl Ingest {
-    /// Starts the writer tasks into `tasks`.
+    /// Starts the writer tasks into `tasks`. Appends of postgres_xid tokens
+    /// that none of `sources` can resolve are refused before they are queued.
     pub fn start(
         store: Arc<dyn Store>,
         bus: StatusBus,
         waker: RelayWaker,
+        sources: XidSources,
         config: &IngestConfig,
-        tasks: &mut JoinSet<anyhow::Result<()>>,
+        tasks: &mut JoinSet<()>,
     ) -> Ingest {
         let mut queues = Vec::with_capacity(config.writers.max(1));
         for writer in 0..config.writers.max(1) {
@@ -146,15 +169,13 @@ impl Ingest {
                 max_events: config.max_coalesced_events.max(1),
                 max_bytes: config.max_coalesced_bytes.max(1),
             };
-            tasks.spawn(async move {
-                run_writer(writer, rx, store, bus, waker, bounds).await;
-                Ok(())
-            });
+            tasks.spawn(run_writer(writer, rx, store, bus, waker, bounds));
         }
         Ingest {
             queues: Arc::new(queues),
             next: Arc::new(AtomicUsize::new(0)),
             budget: ByteBudget::new(config.max_queued_bytes),
+            sources: Arc::new(sources),
         }
     }
 
@@ -164,6 +185,7 @@ impl Ingest {
         WriterLane {
             queue: self.queues[index].clone(),
             budget: self.budget.clone(),
+            sources: self.sources.clone(),
         }
     }
 
@@ -171,6 +193,24 @@ impl Ingest {
     /// the queued-bytes budget is spent.
     pub async fn append(&self, batch: AppendBatch) -> Result<AppendOutcome, IngestError> {
         self.lane().try_submit(batch).await?.await
+    }
+
+    /// The acknowledgements of one stream of appends, in request order:
+    /// its appends go through one lane, so they commit in stream order, and
+    /// up to [`MAX_PIPELINED_APPENDS`] are in flight at once. Reading stops
+    /// when `requests` ends or at `shutdown`; the stream ends once every
+    /// request read is acknowledged. Queuing waits for the queued-bytes
+    /// budget instead of refusing (the stream's backpressure).
+    pub fn append_stream<S, E>(
+        &self,
+        requests: S,
+        shutdown: CancellationToken,
+    ) -> impl Stream<Item = StreamedAck<E>> + Send + 'static
+    where
+        S: Stream<Item = StreamedAppend<E>> + Send + Unpin + 'static,
+        E: From<IngestError> + Send + 'static,
+    {
+        stream::acknowledge(self.lane(), requests, shutdown)
     }
 }
 
@@ -199,6 +239,13 @@ impl WriterLane {
         batch: AppendBatch,
         wait_for_budget: bool,
     ) -> Result<impl Future<Output = Result<AppendOutcome, IngestError>> + use<>, IngestError> {
+        if matches!(batch.token.mode, TokenMode::PostgresXid { .. })
+            && !self.sources.can_resolve(&batch.token.producer)
+        {
+            return Err(IngestError::Unresolvable {
+                producer: batch.token.producer,
+            });
+        }
         let bytes = batch.approximate_bytes();
         let share = self.budget.share(bytes);
         let kib = self.budget.kib.clone();

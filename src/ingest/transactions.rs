@@ -3,9 +3,8 @@
 use std::sync::Arc;
 
 use crate::domain::TransactionRef;
-use crate::relay::RelayWaker;
-use crate::status::StatusBus;
-use crate::store::{Store, StoreError, Verdict};
+use crate::relay::StateChanges;
+use crate::store::{Resolved, Store, StoreError, Verdict};
 
 /// Why a Commit or Abort was refused.
 #[derive(Debug, thiserror::Error)]
@@ -31,9 +30,10 @@ pub enum ResolveError {
 /// Resolves two_phase transactions and tells the relay and watchers.
 #[derive(Clone)]
 pub struct Transactions {
+    /// Where transactions are resolved.
     pub store: Arc<dyn Store>,
-    pub bus: StatusBus,
-    pub waker: RelayWaker,
+    /// Where the events' state changes are announced.
+    pub changes: StateChanges,
 }
 
 impl Transactions {
@@ -63,8 +63,10 @@ impl Transactions {
                 crate::telemetry::resolution_attributes(status),
             );
         }
-        self.waker.rewind_shards(resolution.shards);
-        self.bus.publish(resolution.changed);
+        self.changes.announce(Resolved {
+            changed: resolution.changed,
+            shards: resolution.shards,
+        });
         let transaction_id = transaction.transaction_id.clone();
         match resolution.verdict {
             Verdict::Done | Verdict::AlreadyDone => Ok(resolution.events),

@@ -7,6 +7,7 @@
 
 mod backoff;
 pub mod breaker;
+mod changes;
 mod housekeeping;
 pub mod publisher;
 pub mod resolver;
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use backoff::retry_delay;
 pub use breaker::{BreakerState, SharedBreaker};
+pub use changes::StateChanges;
 pub use housekeeping::Housekeeping;
 pub use publisher::{KafkaConfig, Publisher};
 pub use resolver::{Resolver, TokenConfig, XidSources};
@@ -118,6 +120,18 @@ pub enum RelayHealth {
     Stopped,
 }
 
+/// Why the relay stopped before its orderly end.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// A shard worker panicked: a defect, not a broker or store failure
+    /// (those are retried).
+    #[error("shard worker panicked")]
+    WorkerPanicked(#[source] tokio::task::JoinError),
+    /// The producer's flush at shutdown did not run to its end.
+    #[error("flushing the Kafka producer at shutdown failed")]
+    Flush(#[source] tokio::task::JoinError),
+}
+
 /// Runs the relay until `shutdown`; then drains records in flight, flushes
 /// the producer and releases its leases.
 pub struct Relay {
@@ -133,7 +147,7 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RelayError> {
         let shard_count = self.store.shard_count();
         let mut workers: HashMap<u32, (i64, CancellationToken)> = HashMap::new();
         let mut running: JoinSet<(u32, i64, Result<(), shard::ShardError>)> = JoinSet::new();
@@ -273,7 +287,7 @@ impl Relay {
                             }
                         }
                         Err(join_error) => {
-                            return Err(anyhow::anyhow!("shard worker panicked: {join_error}"));
+                            return Err(RelayError::WorkerPanicked(join_error));
                         }
                     }
                 }
@@ -287,7 +301,10 @@ impl Relay {
         }
         let publisher = self.publisher.clone();
         let drain = self.config.drain_timeout;
-        match tokio::task::spawn_blocking(move || publisher.flush(drain)).await? {
+        match tokio::task::spawn_blocking(move || publisher.flush(drain))
+            .await
+            .map_err(RelayError::Flush)?
+        {
             Ok(()) => {}
             // What is left is recorded as not published: the next owner sends it.
             Err(error) => tracing::warn!(%error, "producer flush at shutdown incomplete"),

@@ -10,9 +10,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::RelayWaker;
+use super::StateChanges;
 use crate::domain::TransactionRef;
-use crate::status::StatusBus;
 use crate::store::xid::{XactStatus, XidSource};
 use crate::store::{Resolved, Store, StoreError, XidToken, XidVerdict};
 
@@ -69,8 +68,8 @@ impl XidSources {
 
 pub struct Resolver {
     pub store: Arc<dyn Store>,
-    pub bus: StatusBus,
-    pub waker: RelayWaker,
+    /// Where resolutions are announced (and the resolver is woken from).
+    pub changes: StateChanges,
     pub sources: XidSources,
     pub config: TokenConfig,
     /// When nothing is open, look at least this often (other instances may
@@ -85,7 +84,7 @@ const PASS_LIMIT: u32 = 5_000;
 const PUT_OFF: Duration = Duration::from_secs(5);
 
 impl Resolver {
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(self, shutdown: CancellationToken) {
         let mut busy = true;
         loop {
             let wait = if busy {
@@ -94,8 +93,8 @@ impl Resolver {
                 self.idle_interval
             };
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = self.waker.resolver.notified() => {}
+                _ = shutdown.cancelled() => return,
+                _ = self.changes.waker.resolver.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
             match self.pass().await {
@@ -110,8 +109,7 @@ impl Resolver {
 
     fn announce(&self, resolved: Resolved) {
         crate::telemetry::resolutions(&resolved.changed);
-        self.waker.rewind_shards(resolved.shards);
-        self.bus.publish(resolved.changed);
+        self.changes.announce(resolved);
     }
 
     /// One pass; returns whether open tokens remain.

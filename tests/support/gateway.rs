@@ -8,7 +8,7 @@ pub struct Gateway {
     pub address: SocketAddr,
     pub config: Config,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<Result<(), outboxd::server::ServeError>>,
 }
 
 /// A configuration for tests: quick polls, small shard count.
