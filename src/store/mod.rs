@@ -7,6 +7,7 @@
 mod codes;
 mod error;
 pub mod postgres;
+pub mod segment;
 pub mod sqlite;
 mod tokens;
 pub mod xid;
