@@ -58,10 +58,13 @@ impl EventState {
     /// the rows below it.
     pub const FIRST_FINAL: i16 = 4;
 
+    /// Whether no further state change can follow (published, dead-lettered or
+    /// discarded).
     pub fn is_final(self) -> bool {
         (self as i16) >= Self::FIRST_FINAL
     }
 
+    /// The state stored as `value`; `None` for a number no state has.
     pub fn from_stored(value: i16) -> Option<Self> {
         Some(match value {
             1 => Self::Pending,
@@ -82,13 +85,24 @@ pub enum TokenMode {
     /// Publishable at append.
     Immediate,
     /// Publishable on `Commit`; discarded on `Abort` or after `timeout`.
-    TwoPhase { timeout: Duration },
+    TwoPhase {
+        /// How long the transaction may stay open, counted from its first
+        /// append.
+        timeout: Duration,
+    },
     /// Publishable when the caller's PostgreSQL transaction `caller_xid` is
     /// seen committed on the cluster whose system identifier is `system_id`.
-    PostgresXid { caller_xid: u64, system_id: u64 },
+    PostgresXid {
+        /// The caller's 64-bit transaction id (`pg_current_xact_id()`).
+        caller_xid: u64,
+        /// The cluster's system identifier (`pg_control_system()`).
+        system_id: u64,
+    },
 }
 
 impl TokenMode {
+    /// The mode's name as the API spells it: `immediate`, `two_phase` or
+    /// `postgres_xid`.
     pub fn name(&self) -> &'static str {
         match self {
             TokenMode::Immediate => "immediate",
@@ -101,29 +115,38 @@ impl TokenMode {
 /// The caller's transaction: its id within a producer namespace, and its mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransactionToken {
+    /// The producer namespace the transaction id belongs to.
     pub producer: String,
+    /// The caller's id for the transaction, unique within `producer`.
     pub transaction_id: String,
+    /// How the transaction's events become publishable.
     pub mode: TokenMode,
 }
 
 /// A (producer, transaction id) pair.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TransactionRef {
+    /// The producer namespace the transaction id belongs to.
     pub producer: String,
+    /// The caller's id for the transaction, unique within `producer`.
     pub transaction_id: String,
 }
 
 /// A Kafka record header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// Header name.
     pub key: String,
+    /// Header value, raw bytes.
     pub value: Vec<u8>,
 }
 
 /// W3C trace context of the append, carried to the Kafka record.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TraceContext {
+    /// The `traceparent` header, when the append carried one.
     pub traceparent: Option<String>,
+    /// The `tracestate` header, when the append carried one.
     pub tracestate: Option<String>,
 }
 
@@ -132,14 +155,23 @@ pub struct TraceContext {
 pub struct NewEvent {
     /// The caller's id, when it chose one.
     pub event_id: Option<EventId>,
+    /// The Kafka topic the event is published to.
     pub topic: String,
     /// The Kafka key as given; `None` when the caller gave none.
     pub key: Option<Vec<u8>>,
+    /// The Kafka record value.
     pub payload: Vec<u8>,
+    /// The caller's headers of the Kafka record, in order; none starts with
+    /// `outbox-`, which outboxd keeps for its own.
     pub headers: Vec<Header>,
+    /// The kind of entity the event is about (Debezium's `aggregatetype`).
     pub aggregate_type: String,
+    /// The id of the entity the event is about; the ordering key when no key
+    /// was given.
     pub aggregate_id: String,
+    /// What happened, in the caller's words.
     pub event_type: String,
+    /// When it happened, as the caller reports; `None` when not given.
     pub occurred_at: Option<DateTime<Utc>>,
 }
 
@@ -158,10 +190,13 @@ impl NewEvent {
 /// One `Append` request: a batch of events of one transaction token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppendBatch {
+    /// The transaction the events belong to.
     pub token: TransactionToken,
     /// Numbers the appends of one transaction.
     pub sequence: u64,
+    /// The events, stored together or not at all.
     pub events: Vec<NewEvent>,
+    /// Trace context of the request; not part of the content hash.
     pub trace: TraceContext,
 }
 
@@ -308,17 +343,27 @@ pub fn decode_headers(bytes: &[u8]) -> Option<Vec<Header>> {
 /// The state of one stored event, as reported to callers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventStatus {
+    /// The event's id.
     pub event_id: EventId,
+    /// The producer that appended the event.
     pub producer: String,
+    /// The transaction the event was appended under.
     pub transaction_id: String,
+    /// The sequence of the append that stored the event.
     pub sequence: u64,
+    /// The Kafka topic the event is published to.
     pub topic: String,
+    /// Where the event is in its life.
     pub state: EventState,
+    /// The Kafka partition it was published to; `None` until published.
     pub partition: Option<i32>,
+    /// The Kafka offset it was published at; `None` until published.
     pub offset: Option<i64>,
+    /// Delivery attempts charged so far.
     pub attempts: u32,
     /// Last error or dead-letter reason; empty when none.
     pub reason: String,
+    /// When the state last changed.
     pub updated_at: DateTime<Utc>,
     /// Position of this change in the store's change feed; increases with
     /// every state change of any event.
@@ -355,6 +400,8 @@ impl EventStatus {
 /// The outcome of one stored append.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppendOutcome {
+    /// The ids of the append's events, in request order (the stored ones for a
+    /// duplicate).
     pub event_ids: Vec<EventId>,
     /// Nothing new was stored: this append was already there, same content.
     pub duplicate: bool,

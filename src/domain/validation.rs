@@ -10,11 +10,14 @@ use super::{AppendBatch, TokenMode};
 /// `events[3].topic`: "must be at most 249 characters".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {
+    /// The field's path in the request, e.g. `events[3].topic`.
     pub field: String,
+    /// What is wrong with it, for the caller to read.
     pub description: String,
 }
 
 impl FieldViolation {
+    /// A violation of `field`, described by `description`.
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
         FieldViolation {
             field: field.into(),
