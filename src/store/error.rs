@@ -10,14 +10,23 @@ pub enum StoreError {
     Unavailable(#[source] sqlx::Error),
     /// A relay write was fenced off: another instance owns the shard now.
     #[error("lease of shard {shard} lost (epoch {epoch} is no longer current)")]
-    LeaseLost { shard: u32, epoch: i64 },
+    LeaseLost {
+        /// The shard written to.
+        shard: u32,
+        /// The epoch the writer held, now superseded.
+        epoch: i64,
+    },
+    /// A schema migration could not be applied.
     #[error("store migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The store's configuration is unusable (a bad or unsupported URL).
     #[error("store configuration: {0}")]
     Config(String),
     /// Stored data that outboxd cannot read back (a bug or manual edits).
     #[error("corrupt store data: {0}")]
     Corrupt(String),
+    /// A statement failed for a reason other than the connection (a
+    /// constraint, a row that does not decode, …).
     #[error("store query failed: {0}")]
     Query(#[source] sqlx::Error),
 }

@@ -32,7 +32,9 @@ pub enum AppendRejection {
         "append {sequence} of transaction {transaction_id:?} already exists with different content"
     )]
     ConflictingRetry {
+        /// The transaction appended to.
         transaction_id: String,
+        /// The sequence of the refused append.
         sequence: u64,
     },
     /// A caller-chosen event id is already taken.
@@ -41,20 +43,27 @@ pub enum AppendRejection {
     /// The transaction exists with another token mode.
     #[error("transaction {transaction_id:?} was opened as {existing}, not {requested}")]
     ModeMismatch {
+        /// The transaction appended to.
         transaction_id: String,
+        /// The mode the transaction was opened with.
         existing: &'static str,
+        /// The mode this append asked for.
         requested: &'static str,
     },
     /// The transaction is already resolved (committed, aborted, expired…).
     #[error("transaction {transaction_id:?} is already {resolution}")]
     TransactionResolved {
+        /// The transaction appended to.
         transaction_id: String,
+        /// How it was resolved: "committed", "aborted", "expired"….
         resolution: String,
     },
     /// The token of a later append disagrees with the transaction's first one.
     #[error("transaction {transaction_id:?}: {detail}")]
     TokenMismatch {
+        /// The transaction appended to.
         transaction_id: String,
+        /// What differs.
         detail: String,
     },
 }
@@ -66,6 +75,7 @@ pub enum Verdict {
     Done,
     /// It already was so; nothing changed (Commit and Abort are idempotent).
     AlreadyDone,
+    /// No transaction has this (producer, transaction id).
     NotFound,
     /// Not a two_phase transaction.
     WrongMode(&'static str),
@@ -76,6 +86,7 @@ pub enum Verdict {
 /// The outcome of resolving one transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolution {
+    /// What became of the request.
     pub verdict: Verdict,
     /// Events of the transaction.
     pub events: u64,
@@ -88,11 +99,14 @@ pub struct Resolution {
 /// State changes made by a background resolution, and their shards.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resolved {
+    /// The events whose state changed, for the status bus.
     pub changed: Vec<EventStatus>,
+    /// Shards of the changed events, whose relays must look again.
     pub shards: Vec<u32>,
 }
 
 impl Resolved {
+    /// Adds the changes of `other` to these.
     pub fn extend(&mut self, other: Resolved) {
         self.changed.extend(other.changed);
         self.shards.extend(other.shards);
@@ -102,10 +116,15 @@ impl Resolved {
 /// An open two_phase transaction, for recovery after a caller crash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreparedTransaction {
+    /// The producer the transaction belongs to.
     pub producer: String,
+    /// The caller's id for the transaction.
     pub transaction_id: String,
+    /// When its first append was stored.
     pub created_at: DateTime<Utc>,
+    /// When it will be discarded unless committed.
     pub expires_at: DateTime<Utc>,
+    /// Events appended to it so far.
     pub events: u64,
 }
 
@@ -114,31 +133,41 @@ pub struct PreparedTransaction {
 pub struct DeadLetterFilter {
     /// These events (then the other fields are ignored).
     pub event_ids: Vec<EventId>,
+    /// Only this producer's dead letters; `None`: any producer.
     pub producer: Option<String>,
+    /// Only dead letters of this topic; `None`: any topic.
     pub topic: Option<String>,
+    /// Only events dead-lettered (last changed) at or after this time; `None`:
+    /// any time.
     pub since: Option<DateTime<Utc>>,
 }
 
 /// One shard's unpublished events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardBacklog {
+    /// The shard.
     pub shard: u32,
     /// Events not yet final.
     pub depth: u64,
+    /// When the oldest of those events was appended.
     pub oldest: Option<DateTime<Utc>>,
 }
 
 /// An open postgres_xid token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct XidToken {
+    /// The transaction the token names.
     pub transaction: TransactionRef,
+    /// The caller's transaction id (`pg_current_xact_id()`).
     pub caller_xid: u64,
+    /// The system identifier of the caller's cluster.
     pub system_id: u64,
 }
 
 /// What the caller's cluster said about a postgres_xid token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum XidVerdict {
+    /// Committed: the events become publishable.
     Committed,
     /// Rolled back (or its session died before commit).
     Aborted,
@@ -149,7 +178,6 @@ pub enum XidVerdict {
     Unresolvable(String),
 }
 
-/// A shard's lease: the right to relay it, fenced by `epoch`.
 /// What the shard workers of other instances must look at.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WakeUp {
@@ -161,6 +189,7 @@ pub struct WakeUp {
 }
 
 impl WakeUp {
+    /// Whether there is nothing to look at.
     pub fn is_empty(&self) -> bool {
         self.new_rows.is_empty() && self.rewind.is_empty()
     }
@@ -174,12 +203,16 @@ pub trait WakeUpListener: Send {
     async fn next(&mut self) -> Result<Option<WakeUp>, StoreError>;
 }
 
+/// A shard's lease: the right to relay it, fenced by `epoch`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
+    /// The shard leased.
     pub shard: u32,
+    /// The instance holding it; empty when nobody does.
     pub owner: String,
     /// Grows each time the shard changes owner; every relay write names it.
     pub epoch: i64,
+    /// When the lease lapses unless renewed.
     pub expires_at: DateTime<Utc>,
 }
 
@@ -190,12 +223,14 @@ pub struct RelayCursor {
     /// The id of outboxd's own writing transaction (`writer_xid`); 0 for
     /// stores whose writes are serialised.
     pub writer_xid: i64,
+    /// The row's `seq`, the store-wide order of appended events.
     pub seq: i64,
 }
 
 /// A page of relay rows.
 #[derive(Debug, Clone, Default)]
 pub struct RelayPage {
+    /// The rows, in relay order.
     pub rows: Vec<RelayRow>,
     /// Committed rows of the shard wait behind the visibility gate: they
     /// become readable when an older writer finishes.
@@ -205,28 +240,49 @@ pub struct RelayPage {
 /// One not-yet-final row handed to the relay.
 #[derive(Debug, Clone)]
 pub struct RelayRow {
+    /// Store-wide position of the event in append order; names it in
+    /// [`Delivered`] and [`DeliveryFailed`].
     pub seq: i64,
+    /// The writing transaction, as in [`RelayCursor::writer_xid`].
     pub writer_xid: i64,
+    /// The event's id.
     pub event_id: EventId,
+    /// The producer that appended it.
     pub producer: String,
+    /// The transaction it was appended under.
     pub transaction_id: String,
+    /// The Kafka topic to publish to.
     pub topic: String,
+    /// The record key: the event's ordering key; `None` when it has none.
     pub kafka_key: Option<Vec<u8>>,
+    /// The record value.
     pub payload: Vec<u8>,
+    /// The caller's headers.
     pub headers: Vec<Header>,
+    /// The kind of entity the event is about.
     pub aggregate_type: String,
+    /// The id of the entity the event is about.
     pub aggregate_id: String,
+    /// What happened, in the caller's words.
     pub event_type: String,
+    /// READY, PENDING or RETRYING (DEAD_LETTERED only when asked for).
     pub state: crate::domain::EventState,
+    /// Delivery attempts charged so far.
     pub attempts: u32,
+    /// When a RETRYING event is next due; `None` otherwise.
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// When it happened: the caller's time, else when it was appended.
     pub occurred_at: DateTime<Utc>,
+    /// When it was stored.
     pub appended_at: DateTime<Utc>,
+    /// W3C `traceparent` of the append, if it carried one.
     pub traceparent: Option<String>,
+    /// W3C `tracestate` of the append, if it carried one.
     pub tracestate: Option<String>,
 }
 
 impl RelayRow {
+    /// The cursor just at this row: reading after it continues with the next.
     pub fn cursor(&self) -> RelayCursor {
         RelayCursor {
             writer_xid: self.writer_xid,
@@ -238,15 +294,20 @@ impl RelayRow {
 /// Kafka acknowledged the record of the event with this `seq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivered {
+    /// The event's [`RelayRow::seq`].
     pub seq: i64,
+    /// The partition Kafka wrote the record to.
     pub partition: i32,
+    /// Its offset there.
     pub offset: i64,
 }
 
 /// A delivery of the event with this `seq` failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryFailed {
+    /// The event's [`RelayRow::seq`].
     pub seq: i64,
+    /// Why it failed, kept as the event's reason.
     pub error: String,
     /// When to try again; `None` dead-letters the event.
     pub retry_at: Option<DateTime<Utc>>,
@@ -401,6 +462,7 @@ pub trait Store: Send + Sync + 'static {
     /// Pauses or resumes relaying, for every instance.
     async fn set_relay_paused(&self, paused: bool) -> Result<(), StoreError>;
 
+    /// Whether relaying is paused (see [`Store::set_relay_paused`]).
     async fn relay_paused(&self) -> Result<bool, StoreError>;
 
     /// Starts hearing the wake-ups other instances of this store announce

@@ -12,8 +12,11 @@ use super::StoreError;
 /// What `pg_xact_status` said about one xid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XactStatus {
+    /// Still running, or not yet begun: ask again later.
     InProgress,
+    /// Committed: the token's events may be published.
     Committed,
+    /// Rolled back, or its session died before commit.
     Aborted,
     /// NULL: too old to know (its commit log was truncated).
     Unknown,
@@ -26,6 +29,7 @@ pub struct XidSource {
 }
 
 impl XidSource {
+    /// A cluster reached through an existing pool (the store's own).
     pub fn from_pool(pool: PgPool) -> Self {
         XidSource { pool }
     }
