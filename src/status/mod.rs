@@ -29,6 +29,8 @@ impl StatusBus {
         StatusBus { sender }
     }
 
+    /// Announces state changes to every current subscriber; a no-op when
+    /// nobody listens.
     pub fn publish(&self, statuses: impl IntoIterator<Item = EventStatus>) {
         if self.sender.receiver_count() == 0 {
             return;
@@ -39,6 +41,8 @@ impl StatusBus {
         }
     }
 
+    /// Hears every change published from now on; a receiver that lags more
+    /// than the capacity gets `RecvError::Lagged`.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<EventStatus>> {
         self.sender.subscribe()
     }
@@ -52,23 +56,35 @@ pub enum WatchTarget {
     /// Every event of these transactions, until all are final.
     Transactions(Vec<TransactionRef>),
     /// Every event of a producer, until cancelled, after a change cursor.
-    Producer { producer: String, after_cursor: u64 },
+    Producer {
+        /// The producer whose events are followed.
+        producer: String,
+        /// Only changes after this cursor are sent; from 0, the watch starts
+        /// with the current state of every event of the producer.
+        after_cursor: u64,
+    },
 }
 
 /// One message of a watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchUpdate {
+    /// The event's state.
     pub status: EventStatus,
     /// Part of the initial current-state report.
     pub snapshot: bool,
 }
 
+/// Why a watch ended early.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
+    /// Some watched event ids are not in the store (the ids, comma-separated).
     #[error("unknown event ids: {0}")]
     UnknownEvents(String),
+    /// Some watched transactions have no events in the store
+    /// (`producer/transaction_id`, comma-separated).
     #[error("no events for transactions: {0}")]
     UnknownTransactions(String),
+    /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
