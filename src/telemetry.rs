@@ -59,7 +59,12 @@ pub enum TelemetryError {
     Invalid(String),
     /// The exporter could not be built (e.g. an endpoint that is no URI).
     #[error("cannot build the OTLP exporter for {endpoint}: {message}")]
-    Exporter { endpoint: String, message: String },
+    Exporter {
+        /// The OTLP endpoint configured.
+        endpoint: String,
+        /// What the exporter builder said.
+        message: String,
+    },
 }
 
 /// Keeps the span exporter running; [`Telemetry::shutdown`] exports what is
@@ -199,9 +204,13 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
 pub mod names {
     /// Append requests by outcome: stored, duplicate, rejected, failed.
     pub const APPEND_REQUESTS: &str = "outboxd_append_requests_total";
+    /// New events stored (duplicates not counted).
     pub const EVENTS_APPENDED: &str = "outboxd_events_appended_total";
+    /// Events Kafka acknowledged.
     pub const EVENTS_PUBLISHED: &str = "outboxd_events_published_total";
+    /// Events given up on after a failed delivery.
     pub const EVENTS_DEAD_LETTERED: &str = "outboxd_events_dead_lettered_total";
+    /// Failed deliveries that will be tried again.
     pub const DELIVERY_RETRIES: &str = "outboxd_delivery_retries_total";
     /// Seconds from append to Kafka's acknowledgement.
     pub const PUBLISH_SECONDS: &str = "outboxd_publish_seconds";
@@ -216,8 +225,9 @@ pub mod names {
     pub const RELAY_WRITES_FENCED: &str = "outboxd_relay_writes_fenced_total";
     /// Shards this instance relays.
     pub const RELAY_SHARDS: &str = "outboxd_relay_shards";
-    /// Unpublished events and the age of the oldest, per shard.
+    /// Events not yet final, per shard.
     pub const BACKLOG_EVENTS: &str = "outboxd_backlog_events";
+    /// Age in seconds of the oldest event not yet final, per shard.
     pub const BACKLOG_OLDEST_SECONDS: &str = "outboxd_backlog_oldest_seconds";
     /// gRPC calls by service, method and status code name.
     pub const GRPC_REQUESTS: &str = "outboxd_grpc_requests_total";
