@@ -56,6 +56,7 @@ impl Default for WatchConfig {
 }
 
 impl WatchConfig {
+    /// The settings each watch runs with.
     pub fn settings(&self) -> WatchSettings {
         WatchSettings {
             resync_interval: self.resync_interval,
@@ -75,15 +76,25 @@ pub struct Config {
     /// How long shutdown may take before outboxd stops anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// `[store]`: where events are stored.
     pub store: StoreConfig,
+    /// `[kafka]`: the brokers and producer properties.
     pub kafka: KafkaConfig,
+    /// `[relay]`: shards, leases, retries and housekeeping.
     pub relay: RelayConfig,
+    /// `[ingest]`: the coalescing writers.
     pub ingest: IngestConfig,
+    /// `[limits]`: sizes and rates a caller may not exceed.
     pub limits: Limits,
+    /// `[watch]`: status watches.
     pub watch: WatchConfig,
+    /// `[tokens]`: resolving transaction tokens.
     pub tokens: TokenConfig,
+    /// `[auth]`: identities and what they may do.
     pub auth: crate::api::AuthConfig,
+    /// `[tls]`: the listener's certificate and, for mutual TLS, the client CA.
     pub tls: crate::tls::TlsConfig,
+    /// `[telemetry]`: logs and spans.
     pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
@@ -111,25 +122,38 @@ impl Default for Config {
 /// the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
+    /// `--listen`, `OUTBOXD_LISTEN`: the gRPC listen address.
     pub listen: Option<SocketAddr>,
+    /// `--database-url`, `OUTBOXD_DATABASE_URL`: the store's URL.
     pub store_url: Option<String>,
+    /// `--brokers`, `OUTBOXD_KAFKA_BROKERS`: the Kafka bootstrap servers.
     pub brokers: Option<String>,
+    /// `--shard-count`, `OUTBOXD_SHARD_COUNT`: shards of a new store.
     pub shard_count: Option<u32>,
+    /// `--log-format`, `OUTBOXD_LOG_FORMAT`: text or JSON log lines.
     pub log_format: Option<crate::telemetry::LogFormat>,
 }
 
+/// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The configuration file cannot be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file named.
         path: String,
+        /// Why it could not be read.
         source: std::io::Error,
     },
+    /// The configuration file is not valid TOML or names unknown settings.
     #[error("invalid configuration file {path}: {source}")]
     Parse {
+        /// The file named.
         path: String,
+        /// What the TOML parser refused, with its place in the file.
         source: Box<toml::de::Error>,
     },
+    /// A value is out of range or settings contradict each other.
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -174,6 +198,8 @@ impl Config {
         Ok(config)
     }
 
+    /// Checks every value and the way settings go together, so that no bad
+    /// setting is found only after a port is bound.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |message: &str| Err(ConfigError::Invalid(message.to_owned()));
         if !(self.store.url.starts_with("postgres://")
