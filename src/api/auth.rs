@@ -122,6 +122,7 @@ impl Pattern {
 /// A configured caller.
 #[derive(Debug)]
 pub struct Identity {
+    /// The configured name, for logs and error messages.
     pub name: String,
     /// None: authenticates by certificate only.
     token_hash: Option<[u8; 32]>,
@@ -177,6 +178,9 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
+    /// The identities of `config`, each with its own stream places and request
+    /// rate from `limits`; `config` is assumed validated
+    /// ([`AuthConfig::validate`]).
     pub fn new(config: &AuthConfig, limits: &Limits) -> Self {
         let identities = config
             .identities
@@ -309,6 +313,8 @@ impl std::ops::Deref for IdentityRef {
 pub enum Access {
     /// No identities are configured: everything.
     Open,
+    /// The caller authenticated as this identity: what its patterns and role
+    /// allow.
     Identity(IdentityRef),
 }
 

@@ -44,6 +44,7 @@ fn timestamp_to_utc(timestamp: &prost_types::Timestamp) -> Option<DateTime<Utc>>
     DateTime::from_timestamp(timestamp.seconds, nanos)
 }
 
+/// A time as a protobuf `Timestamp` (nanosecond precision kept).
 pub fn utc_to_timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: time.timestamp(),
@@ -167,6 +168,8 @@ pub fn append_batch(
     Ok(batch)
 }
 
+/// The response to a stored (or duplicate) append, echoing the stream's
+/// `correlation`.
 pub fn append_response(outcome: AppendOutcome, correlation: u64) -> proto::AppendResponse {
     proto::AppendResponse {
         event_ids: outcome.event_ids.iter().map(ToString::to_string).collect(),
@@ -200,6 +203,7 @@ pub fn append_failure(error: &ApiError, correlation: u64) -> proto::AppendRespon
     }
 }
 
+/// An event state as the API names it.
 pub fn event_state(state: EventState) -> proto::EventState {
     match state {
         EventState::Pending => proto::EventState::Pending,
@@ -211,6 +215,7 @@ pub fn event_state(state: EventState) -> proto::EventState {
     }
 }
 
+/// An event's status as the API reports it.
 pub fn event_status(status: &EventStatus) -> proto::EventStatus {
     proto::EventStatus {
         event_id: status.event_id.to_string(),
@@ -228,6 +233,9 @@ pub fn event_status(status: &EventStatus) -> proto::EventStatus {
     }
 }
 
+/// Parses the event ids of a request; INVALID_ARGUMENT naming each id that
+/// is no UUID (as `field[i]`), or when there are more than
+/// [`MAX_STATUS_TARGETS`].
 pub fn event_ids(ids: &[String], field: &str) -> Result<Vec<EventId>, ApiError> {
     let mut violations = Vec::new();
     let mut parsed = Vec::with_capacity(ids.len());
@@ -280,6 +288,7 @@ pub fn transaction_ref(
     }
 }
 
+/// An open two_phase transaction as `ListPrepared` reports it.
 pub fn prepared_transaction(
     prepared: &crate::store::PreparedTransaction,
 ) -> proto::PreparedTransaction {
@@ -296,6 +305,9 @@ pub fn prepared_transaction(
 /// Unix epoch: 0001-01-01 to 9999-12-31T23:59:59Z.
 const SINCE_RANGE: (i64, i64) = (-62_135_596_800, 253_402_300_799);
 
+/// A dead-letter filter from a request's fields: an empty producer or topic
+/// means any; `since` is clamped to the years 1 to 9999. INVALID_ARGUMENT
+/// for a NUL character or a timestamp that is no time.
 pub fn dead_letter_filter(
     event_ids: Vec<EventId>,
     producer: String,
@@ -332,6 +344,9 @@ pub fn dead_letter_filter(
     })
 }
 
+/// Checks the transactions a status request names: INVALID_ARGUMENT for an
+/// empty or NUL-holding producer or transaction id (as `field[i].…`), or
+/// for more than [`MAX_STATUS_TARGETS`].
 pub fn transaction_refs(
     refs: Vec<proto::TransactionRef>,
     field: &str,

@@ -11,18 +11,27 @@ use crate::store::{AppendRejection, StoreError};
 /// An error as the API reports it.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// The request is malformed: INVALID_ARGUMENT with a `BadRequest` detail.
     #[error("{message}")]
     InvalidArgument {
+        /// What is wrong, for people.
         message: String,
+        /// Every field at fault.
         violations: Vec<FieldViolation>,
     },
+    /// It clashes with what is stored (a retry with other content, a taken
+    /// event id): ALREADY_EXISTS with a `BadRequest` detail.
     #[error("{message}")]
     AlreadyExists {
+        /// What clashes, for people.
         message: String,
+        /// The fields at fault.
         violations: Vec<FieldViolation>,
     },
+    /// The transaction's state forbids it (resolved, another mode).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// What the request names does not exist.
     #[error("{0}")]
     NotFound(String),
     /// The store cannot be reached: the caller must not commit.
@@ -31,9 +40,12 @@ pub enum ApiError {
     /// Over a limit for now; nothing was done. Retry after `retry_after`.
     #[error("{message}")]
     ResourceExhausted {
+        /// Which limit, for people.
         message: String,
+        /// When a retry may succeed; sent as a `RetryInfo` detail.
         retry_after: std::time::Duration,
     },
+    /// An operation outboxd does not offer (UNIMPLEMENTED).
     #[error("{0}")]
     Unimplemented(&'static str),
     /// Credentials are needed and missing or unknown.
@@ -66,6 +78,7 @@ impl ApiError {
         }
     }
 
+    /// The gRPC status code this error is answered with.
     pub fn code(&self) -> Code {
         match self {
             ApiError::InvalidArgument { .. } => Code::InvalidArgument,
@@ -81,6 +94,7 @@ impl ApiError {
         }
     }
 
+    /// The fields at fault; empty for errors not about fields.
     pub fn violations(&self) -> &[FieldViolation] {
         match self {
             ApiError::InvalidArgument { violations, .. }
