@@ -28,7 +28,9 @@ pub enum ApiError {
         /// The fields at fault.
         violations: Vec<FieldViolation>,
     },
-    /// The transaction's state forbids it (resolved, another mode).
+    /// The request does not fit what is stored or configured: the
+    /// transaction is resolved or of another mode, or no cluster can resolve
+    /// its postgres_xid token.
     #[error("{0}")]
     FailedPrecondition(String),
     /// What the request names does not exist.
