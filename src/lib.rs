@@ -12,35 +12,29 @@
 //! - [`ingest`]: the coalescing writer that commits concurrent appends together.
 //! - [`relay`]: shard leases, shard workers and the Kafka publisher.
 //! - [`status`]: the status bus and `WatchStatus` fan-out.
-//! - [`admin`]: `outboxd admin …`, the OutboxAdmin operations from the command line.
 //! - [`api`]: gRPC adapters only: proto ↔ domain, and errors → status codes.
 //! - [`config`]: layered configuration, validated before anything starts.
 //! - [`tls`]: the listener's transport: TLS, mutual TLS, certificate reloads.
 //! - [`server`]: wiring of one instance and its orderly shutdown.
-//! - [`client`]: how the operator tools reach a (secured) gateway.
-//! - [`bench`](mod@bench): `outboxd bench`, outboxd against its baselines in one run.
-//! - [`dev`]: `outboxd dev`, the embedded default with an in-process broker.
-//! - [`tail`]: a small Kafka consumer printing records with their headers.
 //! - [`telemetry`]: logs (text or JSON), OpenTelemetry spans over OTLP, metrics,
 //!   request metrics, `/healthz` and `/readyz`.
 //! - [`proto`]: the generated `outboxd.v1` messages, clients and servers.
+//! - [`cli`]: apart from the server's rooms above, the operator tools that
+//!   drive a gateway: `admin`, `bench`, `dev`, `tail`, and the `client` they
+//!   connect with.
 //!
 //! How each guarantee is kept: `docs/architecture.md`.
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod api;
-pub mod bench;
-pub mod client;
+pub mod cli;
 pub mod config;
-pub mod dev;
 pub mod domain;
 pub mod ingest;
 pub mod relay;
 pub mod server;
 pub mod status;
 pub mod store;
-pub mod tail;
 pub mod telemetry;
 pub mod tls;
 

@@ -26,13 +26,13 @@ enum Command {
     /// Apply the store's schema migrations and exit.
     Migrate(ServeArgs),
     /// Run on the embedded default: SQLite store plus an in-process broker.
-    Dev(outboxd::dev::DevArgs),
+    Dev(outboxd::cli::dev::DevArgs),
     /// Print the records of a topic with their headers.
-    Tail(outboxd::tail::TailArgs),
+    Tail(outboxd::cli::tail::TailArgs),
     /// Dead letters, redrive, pause/resume, backlog, leases, prepared transactions.
-    Admin(outboxd::admin::AdminArgs),
+    Admin(outboxd::cli::admin::AdminArgs),
     /// Measure outboxd against a direct producer and a naive outbox.
-    Bench(outboxd::bench::BenchArgs),
+    Bench(outboxd::cli::bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -111,21 +111,21 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(anyhow::Error::msg)?;
             config.log_format = args.log_format;
             let telemetry = outboxd::telemetry::init(&config)?;
-            let ran = outboxd::dev::run(args, shutdown_on_signal()).await;
+            let ran = outboxd::cli::dev::run(args, shutdown_on_signal()).await;
             telemetry.shutdown().await;
             ran
         }
         Command::Tail(args) => {
             let _telemetry = outboxd::telemetry::init(&TelemetryConfig::default())?;
-            outboxd::tail::run(args, shutdown_on_signal()).await
+            outboxd::cli::tail::run(args, shutdown_on_signal()).await
         }
         Command::Admin(args) => {
             let _telemetry = outboxd::telemetry::init(&TelemetryConfig::default())?;
-            outboxd::admin::run(args).await
+            outboxd::cli::admin::run(args).await
         }
         Command::Bench(args) => {
             let _telemetry = outboxd::telemetry::init(&TelemetryConfig::default())?;
-            outboxd::bench::run(args).await.map(|_| ())
+            outboxd::cli::bench::run(args).await.map(|_| ())
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use outboxd::api::auth::{AuthConfig, IdentityConfig};
-use outboxd::client::BearerToken;
+use outboxd::cli::client::BearerToken;
 use outboxd::proto;
 use outboxd::proto::outbox_admin_client::OutboxAdminClient;
 use outboxd::proto::outbox_client::OutboxClient;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use outboxd::api::auth::{AuthConfig, IdentityConfig};
-use outboxd::client::{GatewayAccess, GatewayChannel};
+use outboxd::cli::client::{GatewayAccess, GatewayChannel};
 use outboxd::config::Config;
 use outboxd::proto;
 use outboxd::proto::outbox_client::OutboxClient;

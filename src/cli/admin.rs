@@ -7,6 +7,8 @@ use clap::{Args, Subcommand};
 use crate::proto;
 use crate::proto::outbox_admin_client::OutboxAdminClient;
 
+/// The arguments of `outboxd admin`: where the gateway is, how to reach
+/// it, and the operation.
 #[derive(Args, Debug, Clone)]
 pub struct AdminArgs {
     /// The gateway's gRPC address.
@@ -19,17 +21,21 @@ pub struct AdminArgs {
     /// TLS and the bearer token (of an identity with the admin role) for a
     /// secured gateway.
     #[command(flatten)]
-    pub access: crate::client::GatewayAccess,
+    pub access: crate::cli::client::GatewayAccess,
+    /// The operation.
     #[command(subcommand)]
     pub command: AdminCommand,
 }
 
+/// One `OutboxAdmin` operation.
 #[derive(Subcommand, Debug, Clone)]
 pub enum AdminCommand {
     /// List dead-lettered events, oldest first.
     DeadLetters {
+        /// Only dead letters of this producer.
         #[arg(long)]
         producer: Option<String>,
+        /// Only dead letters of this topic.
         #[arg(long)]
         topic: Option<String>,
         /// Most events to list.
@@ -38,10 +44,13 @@ pub enum AdminCommand {
     },
     /// Make dead letters READY again: by id, or all of a producer or topic.
     Redrive {
+        /// Event id of a dead letter to redrive (repeatable).
         #[arg(long = "event-id")]
         event_ids: Vec<String>,
+        /// Only dead letters of this producer.
         #[arg(long)]
         producer: Option<String>,
+        /// Only dead letters of this topic.
         #[arg(long)]
         topic: Option<String>,
     },
@@ -55,13 +64,16 @@ pub enum AdminCommand {
     Leases,
     /// Open two_phase transactions of a producer.
     Prepared {
+        /// The producer whose transactions to list.
         #[arg(long)]
         producer: String,
+        /// Only transactions open at least this long (e.g. "10m").
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         older_than: Duration,
     },
 }
 
+/// Runs one admin operation against the gateway and prints its answer.
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     let mut client = OutboxAdminClient::new(args.access.connect(&args.address).await?);
     match args.command {

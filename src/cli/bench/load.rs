@@ -16,7 +16,7 @@ use hdrhistogram::Histogram;
 use rand::Rng;
 use tokio::sync::mpsc;
 // Tokio's clock, so that the schedule can be tested with paused time.
-use crate::client::{GatewayChannel, Target};
+use crate::cli::client::{GatewayChannel, Target};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -30,13 +30,21 @@ const STREAM_WINDOW: usize = 8;
 /// The shape of the load.
 #[derive(Debug, Clone)]
 pub struct LoadShape {
+    /// gRPC connections.
     pub connections: usize,
+    /// Requests in flight in all.
     pub concurrency: usize,
+    /// Events per request.
     pub batch: usize,
+    /// Pipelined AppendStreams instead of unary Appends.
     pub stream: bool,
+    /// Distinct ordering keys.
     pub keys: usize,
+    /// Payload size in bytes (at least 8: the send time).
     pub payload_bytes: usize,
+    /// Target events per second; 0 is open throttle.
     pub rate: u64,
+    /// How long the load runs.
     pub duration: Duration,
 }
 
@@ -49,6 +57,7 @@ impl LoadShape {
         payload
     }
 
+    /// One of the shape's ordering keys, at random.
     pub fn key(&self, rng: &mut impl Rng) -> String {
         format!("key-{}", rng.random_range(0..self.keys.max(1)))
     }
@@ -126,8 +135,11 @@ impl Schedule {
     }
 }
 
+/// What [`drive`] measured.
 pub struct LoadResult {
+    /// Events the gateway acknowledged.
     pub acked_events: u64,
+    /// Requests that failed.
     pub failed_requests: u64,
     /// From each request's scheduled send time to its ack.
     pub ack_latency: Histogram<u64>,
@@ -308,6 +320,17 @@ struct Task<'a> {
 }
 
 impl Task<'_> {
+    /// The task's request of `transaction`, due at `scheduled`.
+    fn request(&self, transaction: u64, scheduled: Instant) -> proto::AppendRequest {
+        request(
+            self.shape,
+            self.topic,
+            self.producer,
+            transaction,
+            self.clock.micros_at(scheduled),
+        )
+    }
+
     /// One unary `Append` at a time.
     async fn unary(
         &self,
@@ -321,28 +344,15 @@ impl Task<'_> {
             if scheduled >= self.deadline {
                 break;
             }
-            let request = request(
-                self.shape,
-                self.topic,
-                self.producer,
-                transaction,
-                self.clock.micros_at(scheduled),
-            );
+            let request = self.request(transaction, scheduled);
             transaction += 1;
             let sent = Instant::now();
-            match client.append(request).await {
-                Ok(response) => {
-                    result.record(scheduled, sent);
-                    let response = response.into_inner();
-                    result.acked(&response.event_ids)?;
-                    self.counters
-                        .acked
-                        .fetch_add(response.event_ids.len() as u64, Ordering::Relaxed);
-                }
-                Err(_) => {
-                    self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            let acked = client
+                .append(request)
+                .await
+                .ok()
+                .map(|response| response.into_inner().event_ids);
+            self.answered(&mut result, scheduled, sent, acked.as_deref())?;
         }
         Ok(result)
     }
@@ -373,14 +383,7 @@ impl Task<'_> {
                     sending = false;
                     continue;
                 }
-                tx.send(request(
-                    self.shape,
-                    self.topic,
-                    self.producer,
-                    transaction,
-                    self.clock.micros_at(scheduled),
-                ))
-                .await?;
+                tx.send(self.request(transaction, scheduled)).await?;
                 transaction += 1;
                 in_flight.push_back((scheduled, Instant::now()));
                 continue;
@@ -391,20 +394,35 @@ impl Task<'_> {
             let (scheduled, sent) = in_flight
                 .pop_front()
                 .unwrap_or_else(|| (Instant::now(), Instant::now()));
-            match response.failure {
-                None => {
-                    result.record(scheduled, sent);
-                    result.acked(&response.event_ids)?;
-                    self.counters
-                        .acked
-                        .fetch_add(response.event_ids.len() as u64, Ordering::Relaxed);
-                }
-                Some(_) => {
-                    self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            let acked = response
+                .failure
+                .is_none()
+                .then_some(response.event_ids.as_slice());
+            self.answered(&mut result, scheduled, sent, acked)?;
         }
         Ok(result)
+    }
+
+    /// Counts the answer to a request due at `scheduled` and sent at
+    /// `sent`: its latencies and event ids when it was acknowledged
+    /// (`acked`), a failure when not.
+    fn answered(
+        &self,
+        result: &mut TaskResult,
+        scheduled: Instant,
+        sent: Instant,
+        acked: Option<&[String]>,
+    ) -> anyhow::Result<()> {
+        let Some(event_ids) = acked else {
+            self.counters.failed.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        };
+        result.record(scheduled, sent);
+        result.acked(event_ids)?;
+        self.counters
+            .acked
+            .fetch_add(event_ids.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 }
 

@@ -14,7 +14,7 @@ pub struct Gateway {
     child: tokio::process::Child,
     pid: u32,
     port: u16,
-    access: crate::client::GatewayAccess,
+    access: crate::cli::client::GatewayAccess,
     _config: tempfile_path::TempPath,
 }
 
@@ -113,8 +113,8 @@ impl Gateway {
     }
 
     /// Its address, with the bench's TLS and token settings.
-    pub fn endpoint(&self) -> crate::client::Target {
-        crate::client::Target {
+    pub fn endpoint(&self) -> crate::cli::client::Target {
+        crate::cli::client::Target {
             address: format!("http://127.0.0.1:{}", self.port),
             access: self.access.clone(),
         }
@@ -155,10 +155,12 @@ impl Gateway {
         Ok(kb)
     }
 
+    /// Its resident memory now (MB).
     pub fn rss_mb(&self) -> anyhow::Result<f64> {
         Ok(self.status_kb("VmRSS:")? / 1024.0)
     }
 
+    /// Its peak resident memory (MB).
     pub fn peak_rss_mb(&self) -> anyhow::Result<f64> {
         Ok(self.status_kb("VmHWM:")? / 1024.0)
     }
@@ -177,6 +179,7 @@ impl Gateway {
     }
 }
 
+/// The size of the database at `url`, in bytes.
 pub async fn database_size(url: &str) -> anyhow::Result<u64> {
     use sqlx::Connection;
     let mut connection = sqlx::PgConnection::connect(url).await?;

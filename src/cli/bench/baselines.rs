@@ -166,6 +166,7 @@ pub enum HandRelay {
 }
 
 impl HandRelay {
+    /// Its name in the report.
     pub fn name(self) -> &'static str {
         match self {
             HandRelay::Naive => "naive outbox",
@@ -193,7 +194,9 @@ impl HandRelay {
 pub struct RelayFigures {
     /// Inserts per second it was offered.
     pub offered_rate: f64,
+    /// Rows the writers inserted.
     pub inserted: u64,
+    /// Rows it published.
     pub published: u64,
     /// Published per second, from its start to its last publish.
     pub rate: f64,

@@ -30,12 +30,14 @@ use hdrhistogram::Histogram;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::tail;
 
 pub use load::LoadShape;
 
+/// The arguments of `outboxd bench`.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// PostgreSQL database for the store (the bench creates its tables).
@@ -95,7 +97,7 @@ pub struct BenchArgs {
     pub xid_samples: Option<usize>,
     /// TLS and token for a gateway whose `--gateway-config` secures it.
     #[command(flatten)]
-    pub access: crate::client::GatewayAccess,
+    pub access: crate::cli::client::GatewayAccess,
     /// Run the measured gateway with tracing on, every trace sampled, its
     /// spans exported over OTLP to a sink in the bench process.
     #[arg(long)]
@@ -111,10 +113,12 @@ pub(crate) fn now_micros() -> u64 {
         .as_micros() as u64
 }
 
+/// A histogram of microseconds, up to an hour.
 pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }
 
+/// Quantile `q` of a histogram of microseconds, in milliseconds.
 pub(crate) fn quantile_ms(histogram: &Histogram<u64>, q: f64) -> f64 {
     histogram.value_at_quantile(q) as f64 / 1_000.0
 }
@@ -144,17 +148,24 @@ const CONSUMER_RESPONSE: Duration = Duration::from_secs(30);
 /// Acknowledged events still missing after the topic was quiet this long
 /// are taken as lost.
 const ARRIVALS_IDLE: Duration = Duration::from_secs(30);
+/// How long the broker may hold back a fetch for the arrivals consumer:
+/// short, as it times each record's arrival.
+const ARRIVALS_FETCH_WAIT: Duration = Duration::from_millis(10);
+/// How long the arrivals consumer waits for a record in one poll (it
+/// answers [`Arrivals::restart_count`] and [`Arrivals::finish`] between).
+const ARRIVALS_POLL: Duration = Duration::from_millis(5);
 
 /// Counts a topic's records as they arrive, keeps their event ids and times
 /// each from its send.
 pub(crate) struct Arrivals {
     /// Distinct events read since the last restart of the count.
     pub delivered: Arc<AtomicU64>,
+    /// Records read again since the last restart of the count.
     pub duplicates: Arc<AtomicU64>,
     /// Every event id read (the warm-up's too), for matching acknowledged
     /// ids rather than counts.
     seen: Arc<Mutex<HashSet<u128>>>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     restart: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<anyhow::Result<Histogram<u64>>>,
 }
@@ -177,27 +188,18 @@ fn record_id(message: &rdkafka::message::BorrowedMessage<'_>) -> u128 {
 impl Arrivals {
     /// Starts an independent consumer of every partition of `topic`.
     pub fn start(brokers: &str, topic: &str) -> anyhow::Result<Arrivals> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set(
-                "group.id",
-                format!("outboxd-bench-{}", uuid::Uuid::now_v7()),
-            )
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "10")
-            .create()?;
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let mut assignment = TopicPartitionList::new();
-        for t in metadata.topics().iter().filter(|t| t.name() == topic) {
-            for p in t.partitions() {
-                assignment.add_partition_offset(topic, p.id(), Offset::Offset(0))?;
-            }
-        }
-        consumer.assign(&assignment)?;
+        let consumer = tail::assigned_consumer(
+            brokers,
+            topic,
+            tail::ConsumerOptions {
+                fetch_wait: Some(ARRIVALS_FETCH_WAIT),
+                ..tail::ConsumerOptions::default()
+            },
+        )?;
         let delivered = Arc::new(AtomicU64::new(0));
         let duplicates = Arc::new(AtomicU64::new(0));
         let seen = Arc::new(Mutex::new(HashSet::new()));
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
         let restart = Arc::new(AtomicBool::new(false));
         let (d, dup, ids, s, r) = (
             delivered.clone(),
@@ -210,34 +212,34 @@ impl Arrivals {
             .name("bench-consumer".into())
             .spawn(move || {
                 let mut lag = histogram();
-                while !s.load(Ordering::Relaxed) {
+                tail::read_messages(&consumer, ARRIVALS_POLL, None, &s, |message| {
+                    if let Some(message) = message {
+                        let arrived = now_micros();
+                        let first_sighting = ids
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(record_id(message));
+                        if first_sighting {
+                            if let Some(payload) = message.payload()
+                                && payload.len() >= 8
+                            {
+                                let sent =
+                                    u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
+                                let _ = lag.record(arrived.saturating_sub(sent).max(1));
+                            }
+                            d.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            dup.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     if r.load(Ordering::Relaxed) {
                         lag.reset();
                         d.store(0, Ordering::Relaxed);
                         dup.store(0, Ordering::Relaxed);
                         r.store(false, Ordering::Relaxed);
                     }
-                    let Some(message) = consumer.poll(Duration::from_millis(5)) else {
-                        continue;
-                    };
-                    let message = message?;
-                    let arrived = now_micros();
-                    let first_sighting = ids
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(record_id(&message));
-                    if !first_sighting {
-                        dup.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    if let Some(payload) = message.payload()
-                        && payload.len() >= 8
-                    {
-                        let sent = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
-                        let _ = lag.record(arrived.saturating_sub(sent).max(1));
-                    }
-                    d.fetch_add(1, Ordering::Relaxed);
-                }
+                    true
+                })?;
                 Ok(lag)
             })?;
         Ok(Arrivals {
@@ -310,8 +312,10 @@ impl Arrivals {
         Ok(())
     }
 
+    /// Stops the consumer; returns the publish lag of what it counted
+    /// since the last restart of the count, or the error that stopped it.
     pub fn finish(self) -> anyhow::Result<Histogram<u64>> {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.cancel();
         self.thread
             .join()
             .map_err(|_| anyhow::anyhow!("the bench consumer panicked"))?
@@ -321,45 +325,74 @@ impl Arrivals {
 /// Figures of one outboxd run.
 #[derive(Debug, Clone, Default)]
 pub struct OutboxdFigures {
+    /// Events the gateway acknowledged during the load.
     pub acked_events: u64,
+    /// Requests that failed.
     pub failed_requests: u64,
     /// Acknowledged event ids the consumer did not read (the run fails
     /// unless this is 0).
     pub missing_events: u64,
+    /// How long the load ran.
     pub load_seconds: f64,
+    /// Acknowledged events per second during the load.
     pub append_rate: f64,
+    /// Distinct events in Kafka by the end of the load.
     pub delivered_during_load: u64,
+    /// Acknowledged events per second from the start of the load until
+    /// the last of them was in Kafka.
     pub end_to_end_rate: f64,
+    /// How long after the load the last acknowledged event took to reach
+    /// Kafka.
     pub drain_seconds: f64,
     /// From each request's scheduled send time (its actual send when the
     /// load is open).
     pub ack_p50_ms: f64,
+    /// Append ack latency p99 (ms), as `ack_p50_ms`.
     pub ack_p99_ms: f64,
+    /// Append ack latency p99.9 (ms), as `ack_p50_ms`.
     pub ack_p999_ms: f64,
     /// From each request's actual send.
     pub service_p50_ms: f64,
+    /// Append service time p99 (ms), as `service_p50_ms`.
     pub service_p99_ms: f64,
+    /// Append service time p99.9 (ms), as `service_p50_ms`.
     pub service_p999_ms: f64,
+    /// Publish lag p50 (ms): from a record's scheduled send until the
+    /// consumer read it.
     pub lag_p50_ms: f64,
+    /// Publish lag p99 (ms), as `lag_p50_ms`.
     pub lag_p99_ms: f64,
+    /// Records the consumer read more than once.
     pub duplicates: u64,
+    /// The gateway's CPU during the load, in % of one core.
     pub gateway_cpu_percent: f64,
+    /// The gateway's resident memory at the end of the load (MB).
     pub gateway_rss_mb: f64,
+    /// The gateway's peak resident memory (MB).
     pub gateway_peak_rss_mb: f64,
     /// Spans the sink received, with `--trace`.
     pub spans_exported: Option<u64>,
+    /// How much the store's database grew (MB).
     pub store_growth_mb: f64,
+    /// That growth per acknowledged event (bytes).
     pub bytes_per_event: f64,
 }
 
 /// The whole run's results.
 #[derive(Debug, Clone, Default)]
 pub struct BenchReport {
+    /// outboxd's own run.
     pub outboxd: OutboxdFigures,
+    /// Records per second of the bare producer, unless skipped.
     pub direct_rate: Option<f64>,
+    /// The naive hand-written outbox relay, unless skipped.
     pub naive: Option<baselines::RelayFigures>,
+    /// The careful hand-written outbox relay, unless skipped.
     pub careful: Option<baselines::RelayFigures>,
+    /// With `--backlog`: the events of the backlog and its drain time (s).
     pub backlog: Option<(u64, f64)>,
+    /// With `--xid-samples`: the postgres_xid resolution latencies, as
+    /// the report prints them.
     pub xid_latency: Option<String>,
 }
 
@@ -367,6 +400,7 @@ pub struct BenchReport {
 /// rate of `--rate-fraction`.
 const DIRECT_PROBE_RECORDS: u64 = 200_000;
 
+/// Runs the bench, writes the markdown report to `--report` and prints it.
 pub async fn run(mut args: BenchArgs) -> anyhow::Result<BenchReport> {
     ensure!(
         args.payload_bytes >= 8,

@@ -1,5 +1,9 @@
 //! `outboxd tail`: a small consumer that prints a topic's records with their
 //! headers, for a look at what reached Kafka.
+//!
+//! It is also the one way the operator tools read outboxd's topics:
+//! [`assigned_consumer`] builds the consumer, [`read_messages`] and
+//! [`read_records`] run the reading loop (`bench` and `dev` use them too).
 
 use std::time::Duration;
 
@@ -10,6 +14,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+/// The arguments of `outboxd tail`.
 #[derive(Args, Debug, Clone)]
 pub struct TailArgs {
     /// Kafka bootstrap servers.
@@ -32,10 +37,15 @@ pub struct TailArgs {
 /// One record as read back from Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TailRecord {
+    /// The partition it was read from.
     pub partition: i32,
+    /// Its offset in that partition.
     pub offset: i64,
+    /// Its key, if it has one.
     pub key: Option<Vec<u8>>,
+    /// Its value, if it has one.
     pub payload: Option<Vec<u8>>,
+    /// Its headers in order (a header without a value has an empty one).
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
@@ -73,18 +83,35 @@ impl TailRecord {
     }
 }
 
-/// A consumer assigned to every partition of `topic`, without a group.
+/// How [`assigned_consumer`] sets its consumer up.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConsumerOptions {
+    /// Start at the end of each partition instead of the beginning.
+    pub from_end: bool,
+    /// The longest the broker holds a fetch back waiting for records
+    /// (librdkafka's `fetch.wait.max.ms`); librdkafka's default when
+    /// `None`. Short for a reader that times each record's arrival.
+    pub fetch_wait: Option<Duration>,
+}
+
+/// A consumer of one of outboxd's topics, assigned to every partition of
+/// `topic` under a throwaway group id (never joined, nothing committed):
+/// the one way the operator tools read what reached Kafka.
 pub fn assigned_consumer(
     brokers: &str,
     topic: &str,
-    from_end: bool,
+    options: ConsumerOptions,
 ) -> anyhow::Result<BaseConsumer> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("outboxd-tail-{}", uuid::Uuid::new_v4()))
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()?;
+        .set("enable.partition.eof", "false");
+    if let Some(wait) = options.fetch_wait {
+        config.set("fetch.wait.max.ms", wait.as_millis().to_string());
+    }
+    let consumer: BaseConsumer = config.create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let partitions: Vec<i32> = metadata
         .topics()
@@ -98,7 +125,7 @@ pub fn assigned_consumer(
         assignment.add_partition_offset(
             topic,
             partition,
-            if from_end {
+            if options.from_end {
                 Offset::End
             } else {
                 Offset::Beginning
@@ -109,32 +136,46 @@ pub fn assigned_consumer(
     Ok(consumer)
 }
 
-/// Reads records until `done` says so, `idle` passes with no record, or
-/// `shutdown`. Blocking: run it off the async runtime.
+/// Polls `consumer`, waiting up to `poll` each time, until `on_poll`
+/// returns false, `idle` passes with no record, or `shutdown`. `on_poll`
+/// sees each record as it is read, and `None` after a poll that read none.
+/// Blocking: run it off the async runtime.
+pub fn read_messages(
+    consumer: &BaseConsumer,
+    poll: Duration,
+    idle: Option<Duration>,
+    shutdown: &CancellationToken,
+    mut on_poll: impl FnMut(Option<&BorrowedMessage<'_>>) -> bool,
+) -> anyhow::Result<()> {
+    let mut last = std::time::Instant::now();
+    while !shutdown.is_cancelled() {
+        let message = consumer.poll(poll).transpose()?;
+        if message.is_some() {
+            last = std::time::Instant::now();
+        } else if idle.is_some_and(|idle| last.elapsed() >= idle) {
+            return Ok(());
+        }
+        if !on_poll(message.as_ref()) {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// How long [`read_records`] waits for a record in one poll.
+const RECORD_POLL: Duration = Duration::from_millis(200);
+
+/// Reads records until `on_record` returns false, `idle` passes with no
+/// record, or `shutdown`. Blocking: run it off the async runtime.
 pub fn read_records(
     consumer: &BaseConsumer,
     idle: Option<Duration>,
     shutdown: &CancellationToken,
     mut on_record: impl FnMut(TailRecord) -> bool,
 ) -> anyhow::Result<()> {
-    let mut last = std::time::Instant::now();
-    while !shutdown.is_cancelled() {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(message)) => {
-                last = std::time::Instant::now();
-                if !on_record(TailRecord::from_message(&message)) {
-                    return Ok(());
-                }
-            }
-            Some(Err(error)) => return Err(error.into()),
-            None => {
-                if idle.is_some_and(|idle| last.elapsed() >= idle) {
-                    return Ok(());
-                }
-            }
-        }
-    }
-    Ok(())
+    read_messages(consumer, RECORD_POLL, idle, shutdown, |message| {
+        message.is_none_or(|message| on_record(TailRecord::from_message(message)))
+    })
 }
 
 fn printable(bytes: &[u8]) -> String {
@@ -147,9 +188,16 @@ fn printable(bytes: &[u8]) -> String {
     }
 }
 
+/// Prints the topic's records, each as a line with its partition, offset,
+/// key and headers and an indented line with its payload (text, or hex
+/// when not UTF-8), until `--count`, `--idle-exit` or `shutdown`.
 pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || {
-        let consumer = assigned_consumer(&args.brokers, &args.topic, args.from_end)?;
+        let options = ConsumerOptions {
+            from_end: args.from_end,
+            ..ConsumerOptions::default()
+        };
+        let consumer = assigned_consumer(&args.brokers, &args.topic, options)?;
         let mut seen = 0u64;
         read_records(&consumer, args.idle_exit, &shutdown, |record| {
             seen += 1;

@@ -11,13 +11,18 @@ use super::{histogram, quantile_ms};
 use crate::proto;
 use crate::proto::outbox_client::OutboxClient;
 
+/// How long postgres_xid tokens took to resolve, from the caller's COMMIT.
 pub struct XidLatency {
+    /// Transactions timed.
     pub samples: usize,
+    /// Until READY (µs).
     pub ready: Histogram<u64>,
+    /// Until PUBLISHED (µs).
     pub published: Histogram<u64>,
 }
 
 impl XidLatency {
+    /// One line of p50 and p99 for the report.
     pub fn summary(&self) -> String {
         format!(
             "{} samples: READY p50 {:.1} ms, p99 {:.1} ms; PUBLISHED p50 {:.1} ms, p99 {:.1} ms",
@@ -33,7 +38,7 @@ impl XidLatency {
 /// `samples` caller transactions on `caller_url`, one after another: each
 /// appends one event with its xid token, commits, and is watched to the end.
 pub async fn measure(
-    gateway: &crate::client::Target,
+    gateway: &crate::cli::client::Target,
     caller_url: &str,
     topic: &str,
     samples: usize,

@@ -95,6 +95,7 @@ impl GatewayAccess {
 pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 
 impl BearerToken {
+    /// Sends `token`, when given; fails unless it is printable ASCII.
     pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
         Ok(BearerToken(
             token
@@ -122,7 +123,9 @@ impl tonic::service::Interceptor for BearerToken {
 /// A gateway's address and how to reach it.
 #[derive(Clone, Debug)]
 pub struct Target {
+    /// `http://host:port` (or `https://`).
     pub address: String,
+    /// TLS and the token.
     pub access: GatewayAccess,
 }
 

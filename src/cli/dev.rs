@@ -13,6 +13,7 @@ use clap::Args;
 use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
 
+use crate::cli::tail;
 use crate::config::{Config, StoreConfig};
 use crate::proto;
 use crate::proto::outbox_client::OutboxClient;
@@ -20,6 +21,7 @@ use crate::proto::outbox_client::OutboxClient;
 /// Topic created on the in-process broker for the demo and the examples.
 pub const DEV_TOPIC: &str = "outboxd-demo";
 
+/// The arguments of `outboxd dev`.
 #[derive(Args, Debug, Clone)]
 pub struct DevArgs {
     /// gRPC listen address.
@@ -93,6 +95,8 @@ impl Drop for DevBroker {
     }
 }
 
+/// Runs a gateway on a SQLite store and an in-process broker until
+/// `shutdown`; with `--demo`, makes its round trip and returns.
 pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let broker = DevBroker::start(DEV_TOPIC, args.partitions)?;
     let temp_dir = if args.demo && args.db.is_none() {
@@ -279,11 +283,12 @@ async fn demo(address: SocketAddr, brokers: &str) -> anyhow::Result<()> {
     let brokers = brokers.to_owned();
     let expected: Vec<String> = ids.clone();
     let records = tokio::task::spawn_blocking(move || {
-        let consumer = crate::tail::assigned_consumer(&brokers, DEV_TOPIC, false)?;
+        let consumer =
+            tail::assigned_consumer(&brokers, DEV_TOPIC, tail::ConsumerOptions::default())?;
         let mut seen = Vec::new();
         let stop = CancellationToken::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        crate::tail::read_records(&consumer, Some(Duration::from_secs(10)), &stop, |record| {
+        tail::read_records(&consumer, Some(Duration::from_secs(10)), &stop, |record| {
             seen.push(record);
             let have = seen
                 .iter()
