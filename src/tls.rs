@@ -105,6 +105,7 @@ impl TlsConfig {
 /// The caller at the other end of a connection.
 #[derive(Debug, Clone, Default)]
 pub struct Peer {
+    /// The client's address, when known.
     pub remote_addr: Option<SocketAddr>,
     /// The verified client certificate's subject common name and DNS and
     /// URI subject alternative names; empty without one.

@@ -27,11 +27,17 @@ use crate::store::Store;
 /// The `Outbox` service.
 #[derive(Clone)]
 pub struct OutboxApi {
+    /// Where appends are stored.
     pub ingest: Ingest,
+    /// Commit and Abort of two_phase transactions.
     pub transactions: Transactions,
+    /// Where statuses are looked up.
     pub store: Arc<dyn Store>,
+    /// Where watches hear of changes.
     pub bus: StatusBus,
+    /// Bounds of a request.
     pub limits: Limits,
+    /// How watches poll and resume.
     pub watch: WatchSettings,
     /// Who the callers are and what they may do.
     pub auth: Authenticator,

@@ -65,6 +65,7 @@ impl Default for IngestConfig {
 /// Why an append was not stored.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
+    /// The store refused this append (the others of its commit went on).
     #[error(transparent)]
     Rejected(#[from] AppendRejection),
     /// The store could not commit: nothing of this append was stored.
@@ -90,7 +91,10 @@ pub enum IngestError {
     /// Too many bytes of appends are queued: nothing of this one was
     /// stored; retry after a short wait.
     #[error("too many bytes of appends are queued ({queued_limit} bytes)")]
-    Overloaded { queued_limit: usize },
+    Overloaded {
+        /// `ingest.max_queued_bytes`.
+        queued_limit: usize,
+    },
 }
 
 struct QueuedAppend {

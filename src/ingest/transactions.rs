@@ -9,20 +9,28 @@ use crate::store::{Resolved, Store, StoreError, Verdict};
 /// Why a Commit or Abort was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
+    /// No such transaction of the producer (the id it names).
     #[error("transaction {0:?} not found")]
     NotFound(String),
+    /// The transaction's token is not two_phase.
     #[error(
         "transaction {transaction_id:?} is a {mode} transaction; only two_phase transactions are committed or aborted"
     )]
     WrongMode {
+        /// The transaction.
         transaction_id: String,
+        /// Its token mode.
         mode: &'static str,
     },
+    /// The transaction was resolved the other way (or expired).
     #[error("transaction {transaction_id:?} is already {resolution}")]
     Refused {
+        /// The transaction.
         transaction_id: String,
+        /// How it was resolved: "committed", "aborted", "expired".
         resolution: String,
     },
+    /// The store failed; nothing changed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }

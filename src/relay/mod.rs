@@ -113,10 +113,12 @@ pub enum RelayHealth {
     Starting,
     /// Relaying the shards it holds.
     Serving {
+        /// How many shards this instance holds.
         shards: usize,
     },
     /// Paused by an operator (OutboxAdmin.PauseRelay).
     Paused,
+    /// Shut down: leases released.
     Stopped,
 }
 
@@ -135,18 +137,27 @@ pub enum RelayError {
 /// Runs the relay until `shutdown`; then drains records in flight, flushes
 /// the producer and releases its leases.
 pub struct Relay {
+    /// Where the events, leases and delivery records are.
     pub store: Arc<dyn Store>,
+    /// Sends the records to Kafka.
     pub publisher: Arc<Publisher>,
+    /// Stops sending while Kafka is unreachable.
     pub breaker: Arc<SharedBreaker>,
+    /// Where published, retried and dead-lettered events are announced.
     pub bus: StatusBus,
+    /// Wakes the shard workers.
     pub waker: RelayWaker,
+    /// Relay settings (`[relay]`).
     pub config: RelayConfig,
     /// This instance's name in the lease table; unique per process.
     pub owner: String,
+    /// Where the relay reports its health.
     pub health: watch::Sender<RelayHealth>,
 }
 
 impl Relay {
+    /// Takes and renews leases and runs a worker per shard held, until
+    /// `shutdown`; then drains, flushes and releases the leases.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), RelayError> {
         let shard_count = self.store.shard_count();
         let mut workers: HashMap<u32, (i64, CancellationToken)> = HashMap::new();

@@ -45,6 +45,9 @@ pub struct XidSources {
 }
 
 impl XidSources {
+    /// The clusters of `tokens.postgres_xid_clusters`, connected lazily,
+    /// and the store's own cluster for the other producers (PostgreSQL
+    /// stores only).
     pub fn new(store: &dyn Store, config: &TokenConfig) -> Result<Self, StoreError> {
         let mut by_producer = HashMap::new();
         for (producer, url) in &config.postgres_xid_clusters {
@@ -66,11 +69,16 @@ impl XidSources {
     }
 }
 
+/// Resolves postgres_xid tokens against the callers' clusters and expires
+/// two_phase transactions past their timeout.
 pub struct Resolver {
+    /// Where the open tokens are.
     pub store: Arc<dyn Store>,
     /// Where resolutions are announced (and the resolver is woken from).
     pub changes: StateChanges,
+    /// Where each producer's tokens are resolved.
     pub sources: XidSources,
+    /// Token settings (`[tokens]`).
     pub config: TokenConfig,
     /// When nothing is open, look at least this often (other instances may
     /// have appended tokens).
@@ -84,6 +92,8 @@ const PASS_LIMIT: u32 = 5_000;
 const PUT_OFF: Duration = Duration::from_secs(5);
 
 impl Resolver {
+    /// Resolves in passes, when woken or at the interval, until `shutdown`;
+    /// a failed pass is logged and retried.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut busy = true;
         loop {
