@@ -9,6 +9,7 @@ mod backoff;
 pub mod breaker;
 mod changes;
 mod housekeeping;
+mod publish;
 pub mod publisher;
 pub mod resolver;
 mod shard;

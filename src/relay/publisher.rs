@@ -2,9 +2,11 @@
 //! instance, with the settings that keep per-key order.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
-
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -15,6 +17,8 @@ use rdkafka::{ClientConfig, ClientContext, Message};
 use serde::{Deserialize, Serialize};
 
 use super::breaker::SharedBreaker;
+pub use super::publish::FailureKind;
+use super::publish::{Delivery, Placement, Publish, PublishFailure, SendRefused};
 use crate::domain::TraceContext;
 use crate::store::RelayRow;
 
@@ -86,21 +90,6 @@ impl KafkaConfig {
     }
 }
 
-/// What a failed delivery means for the event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// The broker side is unreachable or timing out: open the breaker; the
-    /// event's attempts do not grow.
-    BrokerLevel,
-    /// The record can never be accepted (too large, invalid or unknown
-    /// topic, not authorised): dead-letter at once.
-    Permanent,
-    /// Worth another attempt after a backoff.
-    Retriable,
-    /// The producer dropped it on purpose (purge, shutdown): not a failure.
-    Purged,
-}
-
 /// Sorts a produce error into a [`FailureKind`].
 pub fn classify(error: &KafkaError) -> FailureKind {
     use RDKafkaErrorCode as Code;
@@ -153,13 +142,28 @@ impl ClientContext for RelayContext {
 
 type RelayProducer = FutureProducer<RelayContext>;
 
+/// The current producer and its generation. A fatal error (the idempotent
+/// producer can no longer vouch for order or once-ness) makes every later
+/// produce fail; the producer is then replaced by a new one, with a new
+/// producer id, in the next generation.
+struct ProducerSlot(RwLock<(u64, Arc<RelayProducer>)>);
+
+impl ProducerSlot {
+    fn current(&self) -> (u64, Arc<RelayProducer>) {
+        self.0.read().expect("producer lock").clone()
+    }
+
+    /// Whether the producer of `generation` was lost to a fatal error.
+    fn lost_to_fatal_error(&self, generation: u64) -> bool {
+        let (current, producer) = self.current();
+        generation != current || producer.client().fatal_error().is_some()
+    }
+}
+
 /// Publishes relay rows as Kafka records.
 pub struct Publisher {
-    /// The current producer and its generation. A fatal error (the
-    /// idempotent producer can no longer vouch for order or once-ness) makes
-    /// every later produce fail; the producer is then replaced by a new one,
-    /// with a new producer id, in the next generation.
-    producer: RwLock<(u64, Arc<RelayProducer>)>,
+    /// The current producer, shared with the deliveries it has pending.
+    producer: Arc<ProducerSlot>,
     config: ClientConfig,
     breaker: Arc<SharedBreaker>,
     /// Raised by the producer's error callback.
@@ -169,6 +173,9 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// A publisher with a producer made from `config`. Broker-level client
+    /// errors trip `breaker`; dead letters are also copied to
+    /// `dead_letter_topic` when it is set.
     pub fn new(
         config: &KafkaConfig,
         breaker: Arc<SharedBreaker>,
@@ -178,7 +185,7 @@ impl Publisher {
         let error_seen = Arc::new(Notify::new());
         let producer = Self::create(&config, &breaker, &error_seen)?;
         Ok(Publisher {
-            producer: RwLock::new((0, Arc::new(producer))),
+            producer: Arc::new(ProducerSlot(RwLock::new((0, Arc::new(producer))))),
             config,
             breaker,
             error_seen,
@@ -198,7 +205,7 @@ impl Publisher {
     }
 
     fn current(&self) -> (u64, Arc<RelayProducer>) {
-        self.producer.read().expect("producer lock").clone()
+        self.producer.current()
     }
 
     fn producer(&self) -> Arc<RelayProducer> {
@@ -214,13 +221,6 @@ impl Publisher {
     /// Has the relay check the producer again.
     pub fn raise_error_seen(&self) {
         self.error_seen.notify_one();
-    }
-
-    /// Whether the producer of `generation` was lost to a fatal error: what
-    /// it failed is not the records' fault.
-    pub fn lost_to_fatal_error(&self, generation: u64) -> bool {
-        let (current, producer) = self.current();
-        generation != current || producer.client().fatal_error().is_some()
     }
 
     /// Replaces the producer with a new one if it hit a fatal error. The old
@@ -240,7 +240,7 @@ impl Publisher {
         );
         let fresh = Arc::new(Self::create(&self.config, &self.breaker, &self.error_seen)?);
         let (_, old) = std::mem::replace(
-            &mut *self.producer.write().expect("producer lock"),
+            &mut *self.producer.0.write().expect("producer lock"),
             (generation + 1, fresh),
         );
         metrics::counter!(crate::telemetry::names::PRODUCER_REPLACED).increment(1);
@@ -255,10 +255,20 @@ impl Publisher {
             .is_ok()
     }
 
+    /// Waits up to `timeout` for queued records to be delivered.
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.producer().flush(timeout)
+    }
+}
+
+impl Publish for Publisher {
+    type Record = Box<OwnedMessage>;
+    type Pending = KafkaDelivery;
+
     /// Copies a dead-lettered record to the dead-letter topic, with the
     /// reason in `outbox-dead-letter-reason`. Best effort: a copy that fails
     /// is logged; the event is dead-lettered in the store either way.
-    pub fn copy_to_dead_letter_topic(&self, message: &OwnedMessage, reason: &str) {
+    fn copy_to_dead_letter_topic(&self, message: &Self::Record, reason: &str) {
         let Some(topic) = &self.dead_letter_topic else {
             return;
         };
@@ -293,16 +303,14 @@ impl Publisher {
 
     /// Hands the record of `row` to the producer without waiting for Kafka.
     /// Fails at once when the local queue is full or the record is invalid
-    /// (then with the record as a message, for the dead-letter topic).
-    /// The delivery comes with the producer's generation, for
-    /// [`Publisher::lost_to_fatal_error`]. The record's `traceparent` and
-    /// `tracestate` are `trace` (the publish span's, with tracing on) or
-    /// else the ones stored with the event.
-    pub fn send(
+    /// (then with the record, for the dead-letter topic). The record's
+    /// `traceparent` and `tracestate` are `trace` (the publish span's, with
+    /// tracing on) or else the ones stored with the event.
+    fn send(
         &self,
         row: &RelayRow,
         trace: Option<&TraceContext>,
-    ) -> Result<(DeliveryFuture, u64), (KafkaError, Box<OwnedMessage>)> {
+    ) -> Result<KafkaDelivery, SendRefused<Box<OwnedMessage>>> {
         let (generation, producer) = self.current();
         let event_id = row.event_id.to_string();
         let mut headers = OwnedHeaders::new_with_capacity(row.headers.len() + 8);
@@ -343,10 +351,18 @@ impl Publisher {
         if let Some(key) = &row.kafka_key {
             record = record.key(&key[..]);
         }
-        producer
-            .send_result(record)
-            .map(|delivery| (delivery, generation))
-            .map_err(|(error, record)| {
+        match producer.send_result(record) {
+            Ok(delivery) => Ok(KafkaDelivery {
+                delivery,
+                generation,
+                producer: self.producer.clone(),
+            }),
+            Err((error @ KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(SendRefused::QueueFull {
+                    error_type: kafka_error_type(&error),
+                })
+            }
+            Err((error, record)) => {
                 let message = Box::new(OwnedMessage::new(
                     Some(record.payload.map(<[u8]>::to_vec).unwrap_or_default()),
                     record.key.map(<[u8]>::to_vec),
@@ -356,12 +372,68 @@ impl Publisher {
                     -1,
                     record.headers,
                 ));
-                (error, message)
-            })
+                Err(SendRefused::Failed(failure(&error, Some(message))))
+            }
+        }
     }
+}
 
-    /// Waits up to `timeout` for queued records to be delivered.
-    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer().flush(timeout)
+/// A record handed to the producer, until Kafka acknowledges or refuses it.
+pub struct KafkaDelivery {
+    delivery: DeliveryFuture,
+    /// The producer generation that sent it.
+    generation: u64,
+    producer: Arc<ProducerSlot>,
+}
+
+impl Future for KafkaDelivery {
+    type Output = Delivery<Box<OwnedMessage>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (error, message) = match Pin::new(&mut self.delivery).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(Ok(delivery))) => {
+                return Poll::Ready(Ok(Placement {
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                }));
+            }
+            Poll::Ready(Ok(Err((error, message)))) => (error, Some(Box::new(message))),
+            // The producer went away with the record: as if purged.
+            Poll::Ready(Err(_canceled)) => (
+                KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue),
+                None,
+            ),
+        };
+        // Whatever a producer lost to a fatal error reports, the record is
+        // not at fault: it goes again on the new producer.
+        let error = if self.producer.lost_to_fatal_error(self.generation) {
+            KafkaError::MessageProduction(RDKafkaErrorCode::Fatal)
+        } else {
+            error
+        };
+        Poll::Ready(Err(failure(&error, message)))
+    }
+}
+
+/// A produce error, classified, with the record it failed.
+fn failure(
+    error: &KafkaError,
+    record: Option<Box<OwnedMessage>>,
+) -> PublishFailure<Box<OwnedMessage>> {
+    PublishFailure {
+        kind: classify(error),
+        error_type: kafka_error_type(error),
+        error: error.to_string(),
+        record,
+    }
+}
+
+/// OpenTelemetry's `error.type` of a failed delivery: librdkafka's error
+/// code, in its own spelling.
+fn kafka_error_type(error: &KafkaError) -> String {
+    match error.rdkafka_error_code() {
+        Some(code) => format!("{code:?}"),
+        None => "kafka".to_owned(),
     }
 }

@@ -17,15 +17,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::OwnedMessage;
 use std::sync::atomic::Ordering;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::breaker::SharedBreaker;
-use super::publisher::{FailureKind, Publisher, classify};
+use super::publish::{Delivery, FailureKind, Publish, PublishFailure, SendRefused};
 use super::{RelayConfig, ShardSignal, retry_delay};
 use crate::domain::EventState;
 use crate::status::StatusBus;
@@ -36,34 +34,36 @@ use crate::telemetry::names;
 /// visibility gate: about one writer transaction.
 const HELD_BACK_RECHECK: Duration = Duration::from_millis(5);
 
+/// Why a shard worker stopped before it was told to.
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
+    /// Another instance holds the shard now (a fenced write).
     #[error(transparent)]
     LeaseLost(StoreError),
 }
 
 /// The result of one record's delivery.
-struct Outcome {
+struct Outcome<R> {
     seq: i64,
     key: Option<Vec<u8>>,
     /// Attempts including this one.
     attempts: u32,
-    /// The producer generation that sent it.
-    generation: u64,
     /// Its publish span (disabled with tracing off), ended once booked.
     span: tracing::Span,
-    result: Result<(i32, i64), (KafkaError, Option<OwnedMessage>)>,
+    result: Delivery<R>,
 }
 
-type Pending = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+type Pending<R> = Pin<Box<dyn Future<Output = Outcome<R>> + Send>>;
 
 /// The producer's local queue is full: the record was not sent.
 struct QueueFull;
 
-pub(super) struct ShardWorker {
+/// Relays one leased shard through a publisher `P` until told to stop or
+/// the lease is lost.
+pub(super) struct ShardWorker<P: Publish> {
     lease: Lease,
     store: Arc<dyn Store>,
-    publisher: Arc<Publisher>,
+    publisher: Arc<P>,
     breaker: Arc<SharedBreaker>,
     /// Set while an operator has paused relaying.
     paused: Arc<std::sync::atomic::AtomicBool>,
@@ -90,7 +90,7 @@ pub(super) struct ShardWorker {
     held_rows: usize,
     /// When each sent event was appended, for the publish latency metric.
     appended_at: HashMap<i64, DateTime<Utc>>,
-    in_flight: FuturesUnordered<Pending>,
+    in_flight: FuturesUnordered<Pending<P::Record>>,
     delivered: Vec<Delivered>,
     failed: Vec<DeliveryFailed>,
     /// The last read filled its page: read again at once.
@@ -102,11 +102,13 @@ pub(super) struct ShardWorker {
     capacity_limited: bool,
 }
 
-impl ShardWorker {
+impl<P: Publish> ShardWorker<P> {
+    /// A worker for the shard of `lease`, starting at the shard's first row.
+    /// `paused` is the operator's pause flag, shared by every worker.
     pub(super) fn new(
         lease: Lease,
         store: Arc<dyn Store>,
-        publisher: Arc<Publisher>,
+        publisher: Arc<P>,
         breaker: Arc<SharedBreaker>,
         paused: Arc<std::sync::atomic::AtomicBool>,
         bus: StatusBus,
@@ -138,6 +140,8 @@ impl ShardWorker {
         }
     }
 
+    /// Relays the shard until `shutdown`, woken by `signal`; then drains what
+    /// is in flight. Returns an error only when the lease was lost.
     pub(super) async fn run(
         mut self,
         signal: &ShardSignal,
@@ -411,21 +415,16 @@ impl ShardWorker {
         } else {
             crate::telemetry::trace_context_of(&span)
         };
-        let (delivery, generation) = match self.publisher.send(row, trace.as_ref()) {
-            Ok(sent) => sent,
-            Err((error, message)) => {
-                crate::telemetry::failed(&span, &kafka_error_type(&error));
-                if let KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) = error {
-                    return Err(QueueFull);
-                }
+        let delivery = match self.publisher.send(row, trace.as_ref()) {
+            Ok(delivery) => delivery,
+            Err(SendRefused::QueueFull { error_type }) => {
+                crate::telemetry::failed(&span, &error_type);
+                return Err(QueueFull);
+            }
+            Err(SendRefused::Failed(failure)) => {
+                crate::telemetry::failed(&span, &failure.error_type);
                 let _publishing = span.enter();
-                self.fail(
-                    row.seq,
-                    row.kafka_key.clone(),
-                    row.attempts + 1,
-                    error,
-                    Some(*message),
-                );
+                self.fail(row.seq, row.kafka_key.clone(), row.attempts + 1, failure);
                 return Ok(());
             }
         };
@@ -438,56 +437,39 @@ impl ShardWorker {
             self.keys_in_flight.insert(key.clone());
         }
         self.in_flight.push(Box::pin(async move {
-            let result = match delivery.await {
-                Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
-                Ok(Err((error, message))) => Err((error, Some(message))),
-                // The producer went away with the record: as if purged.
-                Err(_canceled) => Err((
-                    KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue),
-                    None,
-                )),
-            };
             Outcome {
                 seq,
                 key,
                 attempts,
-                generation,
                 span,
-                result,
+                result: delivery.await,
             }
         }));
         Ok(())
     }
 
-    fn absorb(&mut self, outcome: Outcome) {
+    fn absorb(&mut self, outcome: Outcome<P::Record>) {
         if let Some(key) = &outcome.key {
             self.keys_in_flight.remove(key);
         }
         let delivered = outcome.result.is_ok();
         let key = outcome.key.clone();
         match outcome.result {
-            Ok((partition, offset)) => {
-                crate::telemetry::published(&outcome.span, partition, offset);
+            Ok(placement) => {
+                crate::telemetry::published(&outcome.span, placement.partition, placement.offset);
                 self.breaker.success();
                 self.delivered.push(Delivered {
                     seq: outcome.seq,
-                    partition,
-                    offset,
+                    partition: placement.partition,
+                    offset: placement.offset,
                 })
             }
-            Err((error, message)) => {
-                // Whatever a producer lost to a fatal error reports, the
-                // record is not at fault: it goes again on the new producer.
-                let error = if self.publisher.lost_to_fatal_error(outcome.generation) {
-                    KafkaError::MessageProduction(RDKafkaErrorCode::Fatal)
-                } else {
-                    error
-                };
-                crate::telemetry::failed(&outcome.span, &kafka_error_type(&error));
+            Err(failure) => {
+                crate::telemetry::failed(&outcome.span, &failure.error_type);
                 // What befalls the record (a retry, a dead letter) is an
                 // event of its publish span, which ends right after.
                 let _publishing = outcome.span.enter();
-                self.fail(outcome.seq, outcome.key, outcome.attempts, error, message)
+                self.fail(outcome.seq, outcome.key, outcome.attempts, failure)
             }
         }
         // Dropping the last handle ends the publish span.
@@ -523,12 +505,16 @@ impl ShardWorker {
         seq: i64,
         key: Option<Vec<u8>>,
         attempts: u32,
-        error: KafkaError,
-        message: Option<OwnedMessage>,
+        failure: PublishFailure<P::Record>,
     ) {
         let shard = self.lease.shard;
         self.block(key);
-        let kind = classify(&error);
+        let PublishFailure {
+            kind,
+            error,
+            record,
+            ..
+        } = failure;
         match kind {
             FailureKind::Purged | FailureKind::BrokerLevel => {
                 // Not the event's fault: nothing is recorded, its attempts do
@@ -543,12 +529,12 @@ impl ShardWorker {
             FailureKind::Permanent => {
                 let reason = format!("permanent failure: {error}");
                 tracing::warn!(shard, seq, %reason, "dead-lettering event");
-                self.dead_letter(seq, reason, message);
+                self.dead_letter(seq, reason, record);
             }
             FailureKind::Retriable if attempts >= self.config.max_attempts => {
                 let reason = format!("gave up after {attempts} attempts: {error}");
                 tracing::warn!(shard, seq, %reason, "dead-lettering event");
-                self.dead_letter(seq, reason, message);
+                self.dead_letter(seq, reason, record);
             }
             FailureKind::Retriable => {
                 let delay = retry_delay(
@@ -562,16 +548,16 @@ impl ShardWorker {
                 self.rewind_no_later_than(Instant::now() + delay);
                 self.failed.push(DeliveryFailed {
                     seq,
-                    error: error.to_string(),
+                    error,
                     retry_at: Some(Utc::now() + delay),
                 });
             }
         }
     }
 
-    fn dead_letter(&mut self, seq: i64, reason: String, message: Option<OwnedMessage>) {
-        if let Some(message) = &message {
-            self.publisher.copy_to_dead_letter_topic(message, &reason);
+    fn dead_letter(&mut self, seq: i64, reason: String, record: Option<P::Record>) {
+        if let Some(record) = &record {
+            self.publisher.copy_to_dead_letter_topic(record, &reason);
         }
         self.sent.insert(seq);
         // Its key is released at the next rewind (the row is final then).
@@ -667,15 +653,6 @@ impl ShardWorker {
             self.sent.remove(&delivered.seq);
         }
         self.bus.publish(statuses);
-    }
-}
-
-/// OpenTelemetry's `error.type` of a failed delivery: librdkafka's error
-/// code, in its own spelling.
-fn kafka_error_type(error: &KafkaError) -> String {
-    match error.rdkafka_error_code() {
-        Some(code) => format!("{code:?}"),
-        None => "kafka".to_owned(),
     }
 }
 
