@@ -664,3 +664,6 @@ fn is_transient(error: &StoreError) -> bool {
         StoreError::Unavailable(_) | StoreError::LeaseLost { .. }
     )
 }
+
+#[cfg(test)]
+mod tests;
