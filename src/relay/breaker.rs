@@ -34,6 +34,8 @@ pub struct Breaker {
 }
 
 impl Breaker {
+    /// A closed breaker whose first cool-down is `base_cooldown`, doubling
+    /// after each failed probe up to `max_cooldown`.
     pub fn new(base_cooldown: Duration, max_cooldown: Duration, now: Instant) -> Self {
         Breaker {
             state: BreakerState::Closed,
@@ -44,6 +46,7 @@ impl Breaker {
         }
     }
 
+    /// Its current state.
     pub fn state(&self) -> BreakerState {
         self.state
     }
@@ -83,6 +86,7 @@ impl Breaker {
         }
     }
 
+    /// Whether shard workers may read and send rows: only when closed.
     pub fn allows_claims(&self) -> bool {
         self.state == BreakerState::Closed
     }
@@ -96,6 +100,7 @@ pub struct SharedBreaker {
 }
 
 impl SharedBreaker {
+    /// A closed breaker; see [`Breaker::new`].
     pub fn new(base_cooldown: Duration, max_cooldown: Duration) -> Self {
         SharedBreaker {
             breaker: Mutex::new(Breaker::new(base_cooldown, max_cooldown, Instant::now())),
@@ -139,6 +144,7 @@ impl SharedBreaker {
         result
     }
 
+    /// A broker-level failure; see [`Breaker::trip`].
     pub fn trip(&self) {
         self.update(|b| {
             b.trip(Instant::now());
@@ -146,6 +152,7 @@ impl SharedBreaker {
         });
     }
 
+    /// A delivery or a probe succeeded: close.
     pub fn success(&self) {
         // Cheap when already closed: no lock contention worth avoiding here,
         // but skip the watch update.
@@ -158,10 +165,12 @@ impl SharedBreaker {
         });
     }
 
+    /// Whether a probe should go out now; if so the breaker is half-open.
     pub fn probe_due(&self) -> bool {
         self.update(|b| b.probe_due(Instant::now()))
     }
 
+    /// The probe failed: open again, with a longer cool-down.
     pub fn probe_failed(&self) {
         self.update(|b| {
             b.probe_failed(Instant::now());
@@ -169,10 +178,12 @@ impl SharedBreaker {
         });
     }
 
+    /// Whether shard workers may read and send rows: only when closed.
     pub fn allows_claims(&self) -> bool {
         *self.changes.borrow() == BreakerState::Closed
     }
 
+    /// Follows the breaker's state changes.
     pub fn subscribe(&self) -> watch::Receiver<BreakerState> {
         self.changes.subscribe()
     }

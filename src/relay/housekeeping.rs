@@ -17,13 +17,16 @@ const BACKLOG_INTERVAL: Duration = Duration::from_secs(5);
 /// Rows removed per statement.
 const PURGE_BATCH: u32 = 1_000;
 
+/// The housekeeping task: retention purges and backlog gauges.
 pub struct Housekeeping {
+    /// The store to purge and measure.
     pub store: Arc<dyn Store>,
     /// How long finished events are kept (see `relay.retention`).
     pub retention: Duration,
 }
 
 impl Housekeeping {
+    /// Purges and measures on their own intervals until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut purge = tokio::time::interval(PURGE_INTERVAL);
         let mut backlog = tokio::time::interval(BACKLOG_INTERVAL);

@@ -16,6 +16,7 @@ use crate::store::{Store, WakeUp};
 /// How a shard worker is told that something changed in its shard.
 #[derive(Default)]
 pub(crate) struct ShardSignal {
+    /// Raised when the shard has something new to read.
     pub(crate) notify: Notify,
     /// Rows behind the worker's cursor may have become sendable (a token was
     /// resolved): it must rewind, not just read on.
@@ -35,6 +36,7 @@ struct Outgoing {
 #[derive(Clone)]
 pub struct RelayWaker {
     shards: Arc<Vec<ShardSignal>>,
+    /// Raised when the token resolver should look for pending tokens.
     pub(crate) resolver: Arc<Notify>,
     outgoing: Arc<Outgoing>,
 }
@@ -45,6 +47,7 @@ pub struct RelayWaker {
 const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(5);
 
 impl RelayWaker {
+    /// A waker with one signal per shard of `shard_count`.
     pub fn new(shard_count: u32) -> Self {
         RelayWaker {
             shards: Arc::new((0..shard_count).map(|_| ShardSignal::default()).collect()),
@@ -93,6 +96,7 @@ impl RelayWaker {
         self.resolver.notify_one();
     }
 
+    /// The signal of `shard`; `None` beyond the shard count.
     pub(crate) fn shard(&self, shard: u32) -> Option<&ShardSignal> {
         self.shards.get(shard as usize)
     }
