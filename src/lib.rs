@@ -25,6 +25,7 @@
 //!
 //! How each guarantee is kept: `docs/architecture.md`.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod api;
 pub mod cli;
