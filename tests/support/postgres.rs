@@ -260,14 +260,7 @@ impl CallerTransaction {
         producer: &str,
         transaction_id: &str,
     ) -> Option<outboxd::proto::TransactionToken> {
-        Some(outboxd::proto::TransactionToken {
-            producer: producer.into(),
-            transaction_id: transaction_id.into(),
-            mode: outboxd::proto::TokenMode::PostgresXid as i32,
-            postgres_xid: self.xid,
-            postgres_system_id: self.system_id,
-            ..Default::default()
-        })
+        super::postgres_xid_token(producer, transaction_id, self.xid, self.system_id)
     }
 
     pub async fn commit(mut self) {
