@@ -8,42 +8,20 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use outboxd::proto;
-use support::{Gateway, MockKafka, Tansu, consume_until};
+use support::{Gateway, Load, MockKafka, Tansu, consume_until};
 
 const OUTBOXD: &str = env!("CARGO_BIN_EXE_outboxd");
 
-fn event(topic: &str, key: &str, n: usize) -> proto::Event {
-    proto::Event {
-        topic: topic.into(),
-        key: Some(key.as_bytes().to_vec().into()),
-        payload: format!("{{\"n\":{n}}}").into_bytes().into(),
-        aggregate_type: "cart".into(),
-        aggregate_id: key.into(),
-        event_type: "item-added".into(),
-        ..Default::default()
-    }
-}
-
 fn append(topic: &str, producer: &str, transaction: usize) -> proto::AppendRequest {
-    proto::AppendRequest {
-        token: Some(proto::TransactionToken {
-            producer: producer.into(),
-            transaction_id: format!("tx-{transaction}"),
-            mode: proto::TokenMode::Immediate as i32,
-            ..Default::default()
-        }),
-        sequence: 0,
-        events: (0..5)
-            .map(|i| {
-                event(
-                    topic,
-                    &format!("cart-{}", (transaction + i) % CART_KEYS),
-                    transaction,
-                )
-            })
-            .collect(),
-        correlation: transaction as u64,
-    }
+    let load = Load {
+        producer,
+        topic,
+        events: 5,
+        key_prefix: "cart-",
+        keys: CART_KEYS,
+    };
+    let (request, _) = load.append(transaction);
+    request.correlation(transaction as u64).build()
 }
 
 /// Ordering keys of the SIGTERM test's events: more than the records the

@@ -10,7 +10,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use outboxd::domain::murmur2::kafka_partition;
 use outboxd::proto;
-use support::{Consumed, Gateway, MockKafka, Tansu, consume_until, first_sightings_by_key};
+use support::{
+    AppendBuilder, Consumed, EventBuilder, Gateway, MockKafka, Tansu, consume_until,
+    first_sightings_by_key,
+};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -32,32 +35,19 @@ const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-
 
 /// The `index`-th event of key `key`: half the keys give a Kafka key, the
 /// other half only an aggregate id (which then becomes the Kafka key).
-fn event(topic: &str, key: usize, index: usize) -> proto::Event {
-    let aggregate_id = format!("aggregate-{key}");
+fn account_event(topic: &str, key: usize, index: usize) -> EventBuilder {
     // Not valid UTF-8 on purpose: payloads are bytes.
     let payload: Vec<u8> = [0xff, 0x00, key as u8]
         .into_iter()
         .chain(format!("event {index} of {key}").into_bytes())
         .collect();
-    proto::Event {
-        topic: topic.to_owned(),
-        key: (key % 2 == 0).then(|| format!("key-{key}").into_bytes().into()),
-        payload: payload.into(),
-        headers: vec![
-            proto::Header {
-                key: "content-type".into(),
-                value: b"application/octet-stream".to_vec().into(),
-            },
-            proto::Header {
-                key: "sequence-in-key".into(),
-                value: index.to_string().into_bytes().into(),
-            },
-        ],
-        aggregate_type: "account".into(),
-        aggregate_id,
-        event_type: format!("step-{}", index % 7),
-        ..Default::default()
-    }
+    EventBuilder::new(topic)
+        .maybe_key((key % 2 == 0).then(|| format!("key-{key}")))
+        .payload(payload)
+        .header("content-type", b"application/octet-stream")
+        .header("sequence-in-key", index.to_string())
+        .aggregate("account", format!("aggregate-{key}"))
+        .event_type(format!("step-{}", index % 7))
 }
 
 fn appended(
@@ -124,21 +114,16 @@ async fn append_load(
             let mut pending_events = Vec::new();
             for n in 0..my_total {
                 let key = my_keys[n % my_keys.len()];
-                pending_events.push(event(&topic, key, per_key[key]));
+                pending_events.push(account_event(&topic, key, per_key[key]).build());
                 per_key[key] += 1;
                 if pending_events.len() == batch || n + 1 == my_total {
                     let transaction_id = format!("tx-{}", requests.len());
-                    requests.push(proto::AppendRequest {
-                        token: Some(proto::TransactionToken {
-                            producer: producer.clone(),
-                            transaction_id,
-                            mode: proto::TokenMode::Immediate as i32,
-                            ..Default::default()
-                        }),
-                        sequence: 0,
-                        events: std::mem::take(&mut pending_events),
-                        correlation: requests.len() as u64,
-                    });
+                    requests.push(
+                        AppendBuilder::new(&producer, &transaction_id)
+                            .correlation(requests.len() as u64)
+                            .events(std::mem::take(&mut pending_events))
+                            .build(),
+                    );
                 }
             }
             match mode {
@@ -344,27 +329,15 @@ async fn ten_thousand_streamed_events_reach_the_mock_cluster_in_order_postgres()
     round_trip(url, &kafka.bootstrap, &topic, 4, AppendMode::Stream).await;
 }
 
-fn immediate(producer: &str, transaction_id: &str) -> Option<proto::TransactionToken> {
-    Some(proto::TransactionToken {
-        producer: producer.into(),
-        transaction_id: transaction_id.into(),
-        mode: proto::TokenMode::Immediate as i32,
-        ..Default::default()
-    })
-}
-
 async fn retries_store_nothing_twice(store_url: String) {
     let kafka = MockKafka::start(1);
     let topic = support::unique("payments");
     kafka.create_topic(&topic, 2).await;
     let gateway = Gateway::start(support::test_config(&store_url, &kafka.bootstrap)).await;
     let mut client = gateway.client().await;
-    let request = proto::AppendRequest {
-        token: immediate("billing", "invoice-7"),
-        sequence: 0,
-        events: (0..3).map(|i| event(&topic, i, 0)).collect(),
-        correlation: 0,
-    };
+    let request = AppendBuilder::new("billing", "invoice-7")
+        .events((0..3).map(|i| account_event(&topic, i, 0)))
+        .build();
     let first = client.append(request.clone()).await.unwrap().into_inner();
     assert!(!first.duplicate);
     assert_eq!(first.event_ids.len(), 3);
@@ -448,12 +421,11 @@ async fn a_late_watcher_learns_every_final_state() {
     let mut ids = Vec::new();
     for transaction in 0..4 {
         let response = client
-            .append(proto::AppendRequest {
-                token: immediate("shipping", &format!("tx-{transaction}")),
-                sequence: 0,
-                events: (0..5).map(|i| event(&topic, i, transaction)).collect(),
-                correlation: 0,
-            })
+            .append(
+                AppendBuilder::new("shipping", &format!("tx-{transaction}"))
+                    .events((0..5).map(|i| account_event(&topic, i, transaction)))
+                    .build(),
+            )
             .await
             .unwrap()
             .into_inner();
@@ -544,112 +516,69 @@ async fn bad_input_is_rejected(store_url: String) {
     config.limits.max_batch_events = 10;
     let gateway = Gateway::start(config).await;
     let mut client = gateway.client().await;
-    let good = || proto::AppendRequest {
-        token: immediate("bad-input", "tx-1"),
-        sequence: 0,
-        events: vec![event("valid-topic", 0, 0)],
-        correlation: 0,
-    };
+    let valid = || account_event("valid-topic", 0, 0);
+    let good =
+        |transaction_id: &str| AppendBuilder::new("bad-input", transaction_id).event(valid());
+    // Each case breaks one thing of a good request.
+    let with_event = |event: EventBuilder| AppendBuilder::new("bad-input", "tx-1").event(event);
     let cases: Vec<(&str, proto::AppendRequest, &str)> = vec![
         (
             "empty batch",
-            proto::AppendRequest {
-                events: vec![],
-                ..good()
-            },
+            AppendBuilder::new("bad-input", "tx-1").build(),
             "events",
         ),
         (
             "missing producer",
-            proto::AppendRequest {
-                token: immediate("", "tx-1"),
-                ..good()
-            },
+            AppendBuilder::new("", "tx-1").event(valid()).build(),
             "token.producer",
         ),
         (
             "missing transaction id",
-            proto::AppendRequest {
-                token: immediate("bad-input", ""),
-                ..good()
-            },
+            AppendBuilder::new("bad-input", "").event(valid()).build(),
             "token.transaction_id",
         ),
         (
             "missing token",
-            proto::AppendRequest {
-                token: None,
-                ..good()
-            },
+            AppendBuilder::with_token(None).event(valid()).build(),
             "token.producer",
         ),
         (
             "illegal topic character",
-            {
-                let mut r = good();
-                r.events[0].topic = "orders/eu".into();
-                r
-            },
+            with_event(account_event("orders/eu", 0, 0)).build(),
             "events[0].topic",
         ),
         (
             "topic too long",
-            {
-                let mut r = good();
-                r.events.push(event(&"t".repeat(250), 1, 0));
-                r
-            },
+            good("tx-1")
+                .event(account_event(&"t".repeat(250), 1, 0))
+                .build(),
             "events[1].topic",
         ),
         (
             "oversize payload",
-            {
-                let mut r = good();
-                r.events[0].payload = vec![7u8; 1_001].into();
-                r
-            },
+            with_event(valid().payload(vec![7u8; 1_001])).build(),
             "events[0].payload",
         ),
         (
             "oversize headers",
-            {
-                let mut r = good();
-                r.events[0].headers.push(proto::Header {
-                    key: "big".into(),
-                    value: vec![1u8; 101].into(),
-                });
-                r
-            },
+            with_event(valid().header("big", vec![1u8; 101])).build(),
             "events[0].headers",
         ),
         (
             "oversize batch",
-            {
-                let mut r = good();
-                r.events = (0..11).map(|i| event("valid-topic", i, 0)).collect();
-                r
-            },
+            AppendBuilder::new("bad-input", "tx-1")
+                .events((0..11).map(|i| account_event("valid-topic", i, 0)))
+                .build(),
             "events",
         ),
         (
             "event id not a uuid",
-            {
-                let mut r = good();
-                r.events[0].event_id = "order-1".into();
-                r
-            },
+            with_event(valid().id("order-1")).build(),
             "events[0].event_id",
         ),
         (
             "reserved header",
-            {
-                let mut r = good();
-                r.events[0].headers.push(proto::Header {
-                    key: "outbox-event-id".into(),
-                    value: vec![].into(),
-                });
-                r
-            },
+            with_event(valid().header("outbox-event-id", b"")).build(),
             "events[0].headers[2].key",
         ),
     ];
@@ -684,22 +613,11 @@ async fn bad_input_is_rejected(store_url: String) {
 
     // An in-stream failure fails only its own request.
     let requests = vec![
-        proto::AppendRequest {
-            correlation: 1,
-            token: immediate("bad-input", "s-1"),
-            ..good()
-        },
-        proto::AppendRequest {
-            correlation: 2,
-            events: vec![],
-            token: immediate("bad-input", "s-2"),
-            ..good()
-        },
-        proto::AppendRequest {
-            correlation: 3,
-            token: immediate("bad-input", "s-3"),
-            ..good()
-        },
+        good("s-1").correlation(1).build(),
+        AppendBuilder::new("bad-input", "s-2")
+            .correlation(2)
+            .build(),
+        good("s-3").correlation(3).build(),
     ];
     let responses: Vec<proto::AppendResponse> = client
         .append_stream(futures::stream::iter(requests))
@@ -750,11 +668,10 @@ async fn an_unreachable_store_answers_unavailable() {
     kafka.create_topic(&topic, 1).await;
     let gateway = Gateway::start(support::test_config(&url, &kafka.bootstrap)).await;
     let mut client = gateway.client().await;
-    let append = |transaction: &str| proto::AppendRequest {
-        token: immediate("ledger", transaction),
-        sequence: 0,
-        events: vec![event(&topic, 0, 0)],
-        correlation: 0,
+    let append = |transaction: &str| {
+        AppendBuilder::new("ledger", transaction)
+            .event(account_event(&topic, 0, 0))
+            .build()
     };
     let before = client.append(append("before")).await.unwrap().into_inner();
 

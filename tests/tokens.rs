@@ -12,38 +12,12 @@ use outboxd::proto;
 use outboxd::proto::outbox_admin_client::OutboxAdminClient;
 use outboxd::proto::outbox_client::OutboxClient;
 use sqlx::{Connection, PgConnection};
-use support::{CallerTransaction, Gateway, Tansu, consume_until, first_sightings_by_key};
+use support::{
+    AppendBuilder, CallerTransaction, Gateway, Tansu, consume_until, first_sightings_by_key,
+    immediate_token, keyed_event, postgres_xid_token, two_phase_token,
+};
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn event(topic: &str, key: &str, label: &str) -> proto::Event {
-    proto::Event {
-        topic: topic.into(),
-        key: Some(key.as_bytes().to_vec().into()),
-        payload: label.as_bytes().to_vec().into(),
-        aggregate_type: "order".into(),
-        aggregate_id: key.into(),
-        event_type: label.into(),
-        ..Default::default()
-    }
-}
-
-fn two_phase(
-    producer: &str,
-    transaction_id: &str,
-    timeout: Duration,
-) -> Option<proto::TransactionToken> {
-    Some(proto::TransactionToken {
-        producer: producer.into(),
-        transaction_id: transaction_id.into(),
-        mode: proto::TokenMode::TwoPhase as i32,
-        timeout: Some(prost_types::Duration {
-            seconds: timeout.as_secs() as i64,
-            nanos: timeout.subsec_nanos() as i32,
-        }),
-        ..Default::default()
-    })
-}
 
 async fn append(
     client: &mut OutboxClient<Channel>,
@@ -52,12 +26,12 @@ async fn append(
     events: Vec<proto::Event>,
 ) -> Result<proto::AppendResponse, tonic::Status> {
     client
-        .append(proto::AppendRequest {
-            token,
-            sequence,
-            events,
-            correlation: 0,
-        })
+        .append(
+            AppendBuilder::with_token(token)
+                .sequence(sequence)
+                .events(events)
+                .build(),
+        )
         .await
         .map(|r| r.into_inner())
 }
@@ -130,9 +104,12 @@ async fn two_phase_lifecycle(store_url: String) {
     // Commit: PENDING until committed, then published.
     let committed = ids(append(
         &mut client,
-        two_phase(p, "commit", long),
+        two_phase_token(p, "commit", long),
         0,
-        vec![event(&topic, "o1", "a"), event(&topic, "o2", "b")],
+        vec![
+            keyed_event(&topic, "o1", "a"),
+            keyed_event(&topic, "o2", "b"),
+        ],
     )
     .await
     .unwrap());
@@ -178,9 +155,12 @@ async fn two_phase_lifecycle(store_url: String) {
     // A retry of the committed append is still a duplicate, not an error…
     let retry = append(
         &mut client,
-        two_phase(p, "commit", long),
+        two_phase_token(p, "commit", long),
         0,
-        vec![event(&topic, "o1", "a"), event(&topic, "o2", "b")],
+        vec![
+            keyed_event(&topic, "o1", "a"),
+            keyed_event(&topic, "o2", "b"),
+        ],
     )
     .await
     .unwrap();
@@ -189,9 +169,9 @@ async fn two_phase_lifecycle(store_url: String) {
     // …but a new append to the resolved transaction is refused.
     let late = append(
         &mut client,
-        two_phase(p, "commit", long),
+        two_phase_token(p, "commit", long),
         1,
-        vec![event(&topic, "o1", "late")],
+        vec![keyed_event(&topic, "o1", "late")],
     )
     .await
     .unwrap_err();
@@ -200,9 +180,9 @@ async fn two_phase_lifecycle(store_url: String) {
     // Abort: discarded, idempotent; commit after abort refused.
     let aborted = ids(append(
         &mut client,
-        two_phase(p, "abort", long),
+        two_phase_token(p, "abort", long),
         0,
-        vec![event(&topic, "o3", "c")],
+        vec![keyed_event(&topic, "o3", "c")],
     )
     .await
     .unwrap());
@@ -239,9 +219,9 @@ async fn two_phase_lifecycle(store_url: String) {
     // Expiry: discarded by the timeout; a late commit is refused.
     let expired = ids(append(
         &mut client,
-        two_phase(p, "expire", Duration::from_millis(300)),
+        two_phase_token(p, "expire", Duration::from_millis(300)),
         0,
-        vec![event(&topic, "o4", "d")],
+        vec![keyed_event(&topic, "o4", "d")],
     )
     .await
     .unwrap());
@@ -260,9 +240,9 @@ async fn two_phase_lifecycle(store_url: String) {
     for sequence in 0..3u64 {
         multi.extend(ids(append(
             &mut client,
-            two_phase(p, "multi", long),
+            two_phase_token(p, "multi", long),
             sequence,
-            vec![event(&topic, "o5", &format!("m{sequence}"))],
+            vec![keyed_event(&topic, "o5", format!("m{sequence}"))],
         )
         .await
         .unwrap()));
@@ -280,17 +260,17 @@ async fn two_phase_lifecycle(store_url: String) {
     // A pending event holds back later events of its key.
     let first = ids(append(
         &mut client,
-        two_phase(p, "held-first", long),
+        two_phase_token(p, "held-first", long),
         0,
-        vec![event(&topic, "o6", "first")],
+        vec![keyed_event(&topic, "o6", "first")],
     )
     .await
     .unwrap());
     let second = ids(append(
         &mut client,
-        two_phase(p, "held-second", long),
+        two_phase_token(p, "held-second", long),
         0,
-        vec![event(&topic, "o6", "second")],
+        vec![keyed_event(&topic, "o6", "second")],
     )
     .await
     .unwrap());
@@ -302,17 +282,17 @@ async fn two_phase_lifecycle(store_url: String) {
     // ListPrepared: exactly the open transactions, for recovery after a crash.
     ids(append(
         &mut client,
-        two_phase(p, "open-a", long),
+        two_phase_token(p, "open-a", long),
         0,
-        vec![event(&topic, "o7", "x")],
+        vec![keyed_event(&topic, "o7", "x")],
     )
     .await
     .unwrap());
     ids(append(
         &mut client,
-        two_phase(p, "open-b", long),
+        two_phase_token(p, "open-b", long),
         0,
-        vec![event(&topic, "o8", "y")],
+        vec![keyed_event(&topic, "o8", "y")],
     )
     .await
     .unwrap());
@@ -346,17 +326,15 @@ async fn two_phase_lifecycle(store_url: String) {
         client.commit(commit("nope")).await.unwrap_err().code(),
         Code::NotFound
     );
-    let immediate = Some(proto::TransactionToken {
-        producer: p.into(),
-        transaction_id: "imm".into(),
-        mode: proto::TokenMode::Immediate as i32,
-        ..Default::default()
-    });
-    let immediate_ids = ids(
-        append(&mut client, immediate, 0, vec![event(&topic, "o9", "i")])
-            .await
-            .unwrap(),
-    );
+    let immediate = immediate_token(p, "imm");
+    let immediate_ids = ids(append(
+        &mut client,
+        immediate,
+        0,
+        vec![keyed_event(&topic, "o9", "i")],
+    )
+    .await
+    .unwrap());
     assert_eq!(
         client.commit(commit("imm")).await.unwrap_err().code(),
         Code::FailedPrecondition
@@ -419,8 +397,8 @@ async fn postgres_xid_tokens_follow_the_callers_transactions() {
         let mut client = client.clone();
         let token = caller.token(p, name);
         let events = vec![
-            event(&topic, key, name),
-            event(&topic, key, &format!("{name}-2")),
+            keyed_event(&topic, key, name),
+            keyed_event(&topic, key, format!("{name}-2")),
         ];
         async move {
             append(&mut client, token, 0, events)
@@ -482,7 +460,7 @@ async fn a_later_transaction_of_a_key_waits_for_an_earlier_one() {
         &mut client,
         earlier.token("stock", "earlier"),
         0,
-        vec![event(&topic, "sku-1", "first")],
+        vec![keyed_event(&topic, "sku-1", "first")],
     )
     .await
     .unwrap()
@@ -492,7 +470,7 @@ async fn a_later_transaction_of_a_key_waits_for_an_earlier_one() {
         &mut client,
         later.token("stock", "later"),
         0,
-        vec![event(&topic, "sku-1", "second")],
+        vec![keyed_event(&topic, "sku-1", "second")],
     )
     .await
     .unwrap()
@@ -530,10 +508,15 @@ async fn a_foreign_or_unknowable_xid_never_publishes() {
     let caller = CallerTransaction::begin(&caller_url).await;
     let mut token = caller.token("audit", "foreign");
     token.as_mut().unwrap().postgres_system_id = caller.system_id.wrapping_add(1);
-    let foreign = append(&mut client, token, 0, vec![event(&topic, "a", "foreign")])
-        .await
-        .unwrap()
-        .event_ids;
+    let foreign = append(
+        &mut client,
+        token,
+        0,
+        vec![keyed_event(&topic, "a", "foreign")],
+    )
+    .await
+    .unwrap()
+    .event_ids;
     caller.commit().await;
     support::eventually(
         "the mismatch to show in the status",
@@ -552,31 +535,25 @@ async fn a_foreign_or_unknowable_xid_never_publishes() {
     .await;
 
     // An xid too old to resolve (the frozen xid 3): dead-lettered, with why.
-    let frozen = Some(proto::TransactionToken {
-        producer: "audit".into(),
-        transaction_id: "ancient".into(),
-        mode: proto::TokenMode::PostgresXid as i32,
-        postgres_xid: 3,
-        postgres_system_id: caller_system_id(&caller_url).await,
-        ..Default::default()
-    });
-    let ancient = append(&mut client, frozen, 0, vec![event(&topic, "b", "ancient")])
-        .await
-        .unwrap()
-        .event_ids;
+    let frozen = postgres_xid_token("audit", "ancient", 3, caller_system_id(&caller_url).await);
+    let ancient = append(
+        &mut client,
+        frozen,
+        0,
+        vec![keyed_event(&topic, "b", "ancient")],
+    )
+    .await
+    .unwrap()
+    .event_ids;
     wait_for_state(&client, &ancient, proto::EventState::DeadLettered).await;
     assert!(states(&mut client, &ancient).await[0].1.contains("too old"));
 
     // A control event proves the relay ran past both.
     let control = append(
         &mut client,
-        Some(proto::TransactionToken {
-            producer: "audit".into(),
-            transaction_id: "control".into(),
-            ..Default::default()
-        }),
+        immediate_token("audit", "control"),
         0,
-        vec![event(&topic, "c", "control")],
+        vec![keyed_event(&topic, "c", "control")],
     )
     .await
     .unwrap()
@@ -607,15 +584,8 @@ async fn postgres_xid_needs_a_cluster_to_resolve_against() {
     ))
     .await;
     let mut client = gateway.client().await;
-    let token = Some(proto::TransactionToken {
-        producer: "nowhere".into(),
-        transaction_id: "t".into(),
-        mode: proto::TokenMode::PostgresXid as i32,
-        postgres_xid: 1000,
-        postgres_system_id: 42,
-        ..Default::default()
-    });
-    let status = append(&mut client, token, 0, vec![event("t", "k", "x")])
+    let token = postgres_xid_token("nowhere", "t", 1000, 42);
+    let status = append(&mut client, token, 0, vec![keyed_event("t", "k", "x")])
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
@@ -647,7 +617,7 @@ async fn postgres_xid_resolves_against_the_cluster_configured_for_the_producer()
         &mut client,
         committing.token("billing", "paid"),
         0,
-        vec![event(&topic, "inv-1", "paid")],
+        vec![keyed_event(&topic, "inv-1", "paid")],
     )
     .await
     .unwrap()
@@ -657,7 +627,7 @@ async fn postgres_xid_resolves_against_the_cluster_configured_for_the_producer()
         &mut client,
         rolling_back.token("billing", "void"),
         0,
-        vec![event(&topic, "inv-2", "void")],
+        vec![keyed_event(&topic, "inv-2", "void")],
     )
     .await
     .unwrap()
@@ -674,7 +644,7 @@ async fn postgres_xid_resolves_against_the_cluster_configured_for_the_producer()
         &mut client,
         stranger.token("shipping", "t"),
         0,
-        vec![event(&topic, "x", "x")],
+        vec![keyed_event(&topic, "x", "x")],
     )
     .await
     .unwrap_err();
