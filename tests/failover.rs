@@ -11,7 +11,7 @@ use std::time::Duration;
 use outboxd::proto;
 use outboxd::proto::outbox_admin_client::OutboxAdminClient;
 use outboxd::proto::outbox_client::OutboxClient;
-use support::{ServeProcess, Tansu, consume_until, first_sightings_by_key};
+use support::{Load, ServeProcess, Tansu, consume_until, first_sightings_by_key};
 
 fn failover_config(store: &str, brokers: &str) -> outboxd::config::Config {
     let mut config = support::test_config(store, brokers);
@@ -30,8 +30,15 @@ fn appender(
     acked_requests: Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<HashMap<String, Vec<String>>> {
     tokio::spawn(async move {
+        let load = Load {
+            producer: "failover",
+            topic: &topic,
+            events: 5,
+            key_prefix: "k",
+            keys,
+        };
         let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
-        let mut transaction = 0u64;
+        let mut transaction = 0;
         let mut client: Option<OutboxClient<tonic::transport::Channel>> = None;
         while !stop.load(Ordering::Relaxed) {
             let endpoint = endpoints.lock().unwrap().clone();
@@ -42,33 +49,12 @@ fn appender(
                     continue;
                 }
             }
-            let events: Vec<(String, proto::Event)> = (0..5)
-                .map(|i| {
-                    let key = format!("k{}", (transaction as usize + i) % keys);
-                    let event = proto::Event {
-                        topic: topic.clone(),
-                        key: Some(key.clone().into_bytes().into()),
-                        payload: format!("{transaction}/{i}").into_bytes().into(),
-                        ..Default::default()
-                    };
-                    (key, event)
-                })
-                .collect();
-            let request = proto::AppendRequest {
-                token: Some(proto::TransactionToken {
-                    producer: "failover".into(),
-                    transaction_id: format!("tx-{transaction}"),
-                    ..Default::default()
-                }),
-                sequence: 0,
-                events: events.iter().map(|(_, e)| e.clone()).collect(),
-                correlation: 0,
-            };
-            match support::append_with_deadline(client.as_mut().unwrap(), request).await {
+            let (request, event_keys) = load.append(transaction);
+            match support::append_with_deadline(client.as_mut().unwrap(), request.build()).await {
                 Ok(response) => {
                     transaction += 1;
                     acked_requests.fetch_add(1, Ordering::Relaxed);
-                    for ((key, _), id) in events.into_iter().zip(response.event_ids) {
+                    for (key, id) in event_keys.into_iter().zip(response.event_ids) {
                         by_key.entry(key).or_default().push(id);
                     }
                 }
@@ -283,7 +269,7 @@ async fn two_instances_split_the_shards_and_survive_each_other() {
 /// zombie's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_zombie_is_fenced_off_after_its_leases_expire() {
-    use outboxd::domain::{AppendBatch, NewEvent, TokenMode, TraceContext, TransactionToken};
+    use support::{AppendBuilder, keyed_event};
     const SHARDS: u32 = 8;
     let tansu = Tansu::shared();
     let topic = support::unique("zombie");
@@ -377,29 +363,9 @@ async fn a_zombie_is_fenced_off_after_its_leases_expire() {
     // Meanwhile one event per shard is appended (through the store: the
     // paused instance answers no request). Only the zombie will relay them.
     let stranded: Vec<String> = store
-        .append(&[AppendBatch {
-            token: TransactionToken {
-                producer: "zombie".into(),
-                transaction_id: "stranded".into(),
-                mode: TokenMode::Immediate,
-            },
-            sequence: 0,
-            events: keys
-                .iter()
-                .map(|key| NewEvent {
-                    event_id: None,
-                    topic: topic.clone(),
-                    key: Some(key.as_bytes().to_vec()),
-                    payload: b"stranded".to_vec(),
-                    headers: vec![],
-                    aggregate_type: "order".into(),
-                    aggregate_id: key.clone(),
-                    event_type: "created".into(),
-                    occurred_at: None,
-                })
-                .collect(),
-            trace: TraceContext::default(),
-        }])
+        .append(&[AppendBuilder::new("zombie", "stranded")
+            .events(keys.iter().map(|key| keyed_event(&topic, key, "stranded")))
+            .batch()])
         .await
         .unwrap()
         .remove(0)
@@ -588,14 +554,7 @@ async fn wake_ups_reach_the_owner_on_another_instance() {
     published_soon(appended).await;
 
     // Commit of a two_phase transaction.
-    let mut token = support::immediate_token("wake", "committed");
-    if let Some(token) = token.as_mut() {
-        token.mode = proto::TokenMode::TwoPhase as i32;
-        token.timeout = Some(prost_types::Duration {
-            seconds: 300,
-            nanos: 0,
-        });
-    }
+    let token = support::two_phase_token("wake", "committed", Duration::from_secs(300));
     let committed = client
         .append(support::append_request(token, events("committed")))
         .await

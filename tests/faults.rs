@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use outboxd::proto;
 use outboxd::proto::outbox_client::OutboxClient;
-use support::{Gateway, MockKafka, consume_until, first_sightings_by_key, status_of};
+use support::{
+    AppendBuilder, EventBuilder, Gateway, Load, MockKafka, consume_until, first_sightings_by_key,
+    status_of,
+};
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -77,39 +80,25 @@ fn keep_appending(
     let appended = Arc::new(Mutex::new(Appended::default()));
     let shared = appended.clone();
     let task = tokio::spawn(async move {
+        let load = Load {
+            producer: "ledger",
+            topic: &topic,
+            events: 10,
+            key_prefix: "account-",
+            keys,
+        };
         let mut transaction = 0;
         while !stop.load(Ordering::Relaxed) {
-            let events: Vec<(String, proto::Event)> = (0..10)
-                .map(|i| {
-                    let key = format!("account-{}", (transaction + i) % keys);
-                    let event = proto::Event {
-                        topic: topic.clone(),
-                        key: Some(key.clone().into_bytes().into()),
-                        payload: format!("{transaction}-{i}").into_bytes().into(),
-                        ..Default::default()
-                    };
-                    (key, event)
-                })
-                .collect();
-            let request = proto::AppendRequest {
-                token: Some(proto::TransactionToken {
-                    producer: "ledger".into(),
-                    transaction_id: format!("tx-{transaction}"),
-                    ..Default::default()
-                }),
-                sequence: 0,
-                events: events.iter().map(|(_, e)| e.clone()).collect(),
-                correlation: 0,
-            };
+            let (request, event_keys) = load.append(transaction);
             transaction += 1;
             let sent = Instant::now();
-            let result = support::append_with_deadline(&mut client, request).await;
+            let result = support::append_with_deadline(&mut client, request.build()).await;
             let acked = Instant::now();
             {
                 let mut appended = shared.lock().unwrap();
                 match result {
                     Ok(response) => {
-                        for ((key, _), id) in events.into_iter().zip(&response.event_ids) {
+                        for (key, id) in event_keys.into_iter().zip(&response.event_ids) {
                             appended.by_key.entry(key).or_default().push(id.clone());
                         }
                         appended.acks.push(Ack {
@@ -323,31 +312,18 @@ async fn a_poison_record_dead_letters_at_once_and_redrives() {
         .insert("message.max.bytes".into(), "10000".into());
     let gateway = Gateway::start(config).await;
     let mut client = gateway.client().await;
-    let event = |key: &str, size: usize| proto::Event {
-        topic: topic.clone(),
-        key: Some(key.as_bytes().to_vec().into()),
-        payload: vec![b'p'; size].into(),
-        ..Default::default()
-    };
-    let append = |transaction: &str, events: Vec<proto::Event>| proto::AppendRequest {
-        token: Some(proto::TransactionToken {
-            producer: "media".into(),
-            transaction_id: transaction.into(),
-            ..Default::default()
-        }),
-        sequence: 0,
-        events,
-        correlation: 0,
-    };
+    let event =
+        |key: &str, size: usize| EventBuilder::new(&topic).key(key).payload(vec![b'p'; size]);
     let ids = client
-        .append(append(
-            "t1",
-            vec![
-                event("poison", 50_000),
-                event("healthy", 100),
-                event("poison", 10),
-            ],
-        ))
+        .append(
+            AppendBuilder::new("media", "t1")
+                .events([
+                    event("poison", 50_000),
+                    event("healthy", 100),
+                    event("poison", 10),
+                ])
+                .build(),
+        )
         .await
         .unwrap()
         .into_inner()
@@ -429,27 +405,18 @@ async fn a_dead_letter_can_hold_its_key_until_redriven() {
         .insert("message.max.bytes".into(), "10000".into());
     let gateway = Gateway::start(config.clone()).await;
     let mut client = gateway.client().await;
-    let event = |key: &str, size: usize| proto::Event {
-        topic: topic.clone(),
-        key: Some(key.as_bytes().to_vec().into()),
-        payload: vec![b'h'; size].into(),
-        ..Default::default()
-    };
+    let event =
+        |key: &str, size: usize| EventBuilder::new(&topic).key(key).payload(vec![b'h'; size]);
     let ids = client
-        .append(proto::AppendRequest {
-            token: Some(proto::TransactionToken {
-                producer: "held".into(),
-                transaction_id: "t".into(),
-                ..Default::default()
-            }),
-            sequence: 0,
-            events: vec![
-                event("strict", 50_000),
-                event("strict", 10),
-                event("other", 10),
-            ],
-            correlation: 0,
-        })
+        .append(
+            AppendBuilder::new("held", "t")
+                .events([
+                    event("strict", 50_000),
+                    event("strict", 10),
+                    event("other", 10),
+                ])
+                .build(),
+        )
         .await
         .unwrap()
         .into_inner()
@@ -516,21 +483,11 @@ async fn dead_letters_are_copied_to_the_dead_letter_topic() {
         rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD,
     ]);
     let id = client
-        .append(proto::AppendRequest {
-            token: Some(proto::TransactionToken {
-                producer: "audit".into(),
-                transaction_id: "t".into(),
-                ..Default::default()
-            }),
-            sequence: 0,
-            events: vec![proto::Event {
-                topic: topic.clone(),
-                key: Some(b"k".to_vec().into()),
-                payload: b"refused".to_vec().into(),
-                ..Default::default()
-            }],
-            correlation: 0,
-        })
+        .append(
+            AppendBuilder::new("audit", "t")
+                .event(EventBuilder::new(&topic).key("k").payload(b"refused"))
+                .build(),
+        )
         .await
         .unwrap()
         .into_inner()
@@ -588,23 +545,15 @@ async fn pausing_holds_publishing_and_shows_the_backlog() {
     let channel = gateway.channel().await;
     let mut admin = pause_relay(&channel).await;
     let ids = client
-        .append(proto::AppendRequest {
-            token: Some(proto::TransactionToken {
-                producer: "paused".into(),
-                transaction_id: "t".into(),
-                ..Default::default()
-            }),
-            sequence: 0,
-            events: (0..5)
-                .map(|i| proto::Event {
-                    topic: topic.clone(),
-                    key: Some(format!("k{}", i % 3).into_bytes().into()),
-                    payload: vec![b'p'; 8].into(),
-                    ..Default::default()
-                })
-                .collect(),
-            correlation: 0,
-        })
+        .append(
+            AppendBuilder::new("paused", "t")
+                .events((0..5).map(|i| {
+                    EventBuilder::new(&topic)
+                        .key(format!("k{}", i % 3))
+                        .payload(vec![b'p'; 8])
+                }))
+                .build(),
+        )
         .await
         .expect("appends go on while the relay is paused")
         .into_inner()
@@ -675,24 +624,14 @@ async fn strict_mode_keeps_a_refused_record_ahead_of_its_key() {
         rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD,
     ]);
     let ids = client
-        .append(proto::AppendRequest {
-            token: Some(proto::TransactionToken {
-                producer: "strict".into(),
-                transaction_id: "t".into(),
-                ..Default::default()
-            }),
-            sequence: 0,
-            events: ["first", "second"]
-                .iter()
-                .map(|p| proto::Event {
-                    topic: topic.clone(),
-                    key: Some(b"account-1".to_vec().into()),
-                    payload: p.as_bytes().to_vec().into(),
-                    ..Default::default()
-                })
-                .collect(),
-            correlation: 0,
-        })
+        .append(
+            AppendBuilder::new("strict", "t")
+                .events(
+                    ["first", "second"]
+                        .map(|p| EventBuilder::new(&topic).key("account-1").payload(p)),
+                )
+                .build(),
+        )
         .await
         .unwrap()
         .into_inner()

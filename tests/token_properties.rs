@@ -14,7 +14,10 @@ use outboxd::proto::outbox_client::OutboxClient;
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use support::{CallerTransaction, Gateway, Tansu, consume_until, first_sightings_by_key};
+use support::{
+    AppendBuilder, CallerTransaction, EventBuilder, Gateway, Tansu, consume_until,
+    first_sightings_by_key,
+};
 use tonic::transport::Channel;
 
 #[derive(Debug, Clone, Copy)]
@@ -119,16 +122,11 @@ async fn run_case(plan: Vec<PlannedTransaction>, seed: u64) {
                 let planned = &plan[t];
                 let transaction_id = format!("t{t}");
                 let token = match planned.mode {
-                    Mode::TwoPhase => Some(proto::TransactionToken {
-                        producer: producer.clone(),
-                        transaction_id,
-                        mode: proto::TokenMode::TwoPhase as i32,
-                        timeout: Some(prost_types::Duration {
-                            seconds: 600,
-                            nanos: 0,
-                        }),
-                        ..Default::default()
-                    }),
+                    Mode::TwoPhase => support::two_phase_token(
+                        &producer,
+                        &transaction_id,
+                        Duration::from_secs(600),
+                    ),
                     Mode::PostgresXid => {
                         let caller = CallerTransaction::begin(&env.caller_url).await;
                         let token = caller.token(&producer, &transaction_id);
@@ -136,24 +134,13 @@ async fn run_case(plan: Vec<PlannedTransaction>, seed: u64) {
                         token
                     }
                 };
-                let events = planned
-                    .keys
-                    .iter()
-                    .enumerate()
-                    .map(|(i, k)| proto::Event {
-                        topic: env.topic.clone(),
-                        key: Some(key(*k).into_bytes().into()),
-                        payload: format!("t{t}-e{i}").into_bytes().into(),
-                        ..Default::default()
-                    })
-                    .collect();
+                let events = planned.keys.iter().enumerate().map(|(i, k)| {
+                    EventBuilder::new(&env.topic)
+                        .key(key(*k))
+                        .payload(format!("t{t}-e{i}"))
+                });
                 let response = client
-                    .append(proto::AppendRequest {
-                        token,
-                        sequence: 0,
-                        events,
-                        correlation: 0,
-                    })
+                    .append(AppendBuilder::with_token(token).events(events).build())
                     .await
                     .unwrap()
                     .into_inner();
