@@ -7,11 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use outboxd::domain::{
-    AppendBatch, EventId, EventState, NewEvent, TokenMode, TraceContext, TransactionRef,
-    TransactionToken,
-};
+use outboxd::domain::{EventId, EventState, TransactionRef};
 use outboxd::store::{AppendRejection, Delivered, DeliveryFailed, RelayRow, Store, StoreError};
+use support::{AppendBuilder, EventBuilder, keyed_event};
 
 const SHARDS: u32 = 4;
 
@@ -29,33 +27,6 @@ async fn sqlite_store() -> Arc<dyn Store> {
         .unwrap();
     store.migrate().await.unwrap();
     store
-}
-
-fn event(key: &str, payload: &str) -> NewEvent {
-    NewEvent {
-        event_id: None,
-        topic: "accounts".into(),
-        key: Some(key.as_bytes().to_vec()),
-        payload: payload.as_bytes().to_vec(),
-        headers: vec![],
-        aggregate_type: "account".into(),
-        aggregate_id: key.into(),
-        event_type: "changed".into(),
-        occurred_at: None,
-    }
-}
-
-fn batch(transaction_id: &str, sequence: u64, events: Vec<NewEvent>) -> AppendBatch {
-    AppendBatch {
-        token: TransactionToken {
-            producer: "ledger".into(),
-            transaction_id: transaction_id.into(),
-            mode: TokenMode::Immediate,
-        },
-        sequence,
-        events,
-        trace: TraceContext::default(),
-    }
 }
 
 /// Every not-final row of every shard, as the relay would read them, once
@@ -85,11 +56,13 @@ async fn relay_rows(store: &Arc<dyn Store>, expected: usize) -> Vec<RelayRow> {
 }
 
 async fn append_is_atomic_and_idempotent(store: Arc<dyn Store>) {
-    let first = batch(
-        "t1",
-        0,
-        vec![event("a", "1"), event("b", "2"), event("a", "3")],
-    );
+    let first = AppendBuilder::new("ledger", "t1")
+        .events([
+            keyed_event("accounts", "a", "1"),
+            keyed_event("accounts", "b", "2"),
+            keyed_event("accounts", "a", "3"),
+        ])
+        .batch();
     let outcome = store
         .append(std::slice::from_ref(&first))
         .await
@@ -128,23 +101,35 @@ async fn append_is_atomic_and_idempotent(store: Arc<dyn Store>) {
 
 async fn one_bad_append_fails_only_itself(store: Arc<dyn Store>) {
     let taken = EventId::generate();
-    let mut with_id = event("k", "original");
-    with_id.event_id = Some(taken);
+    let with_id = EventBuilder::keyed("accounts", "k")
+        .payload("original")
+        .id(taken)
+        .build();
     store
-        .append(&[batch("t0", 0, vec![with_id])])
+        .append(&[AppendBuilder::new("ledger", "t0").event(with_id).batch()])
         .await
         .unwrap()[0]
         .as_ref()
         .unwrap();
 
-    let mut reuses_id = event("k", "other");
-    reuses_id.event_id = Some(taken);
+    let reuses_id = EventBuilder::keyed("accounts", "k")
+        .payload("other")
+        .id(taken)
+        .build();
     let results = store
         .append(&[
-            batch("t1", 0, vec![event("a", "1")]),
-            batch("t0", 0, vec![event("k", "changed body")]),
-            batch("t2", 0, vec![event("b", "2"), reuses_id]),
-            batch("t3", 0, vec![event("c", "3")]),
+            AppendBuilder::new("ledger", "t1")
+                .event(keyed_event("accounts", "a", "1"))
+                .batch(),
+            AppendBuilder::new("ledger", "t0")
+                .event(keyed_event("accounts", "k", "changed body"))
+                .batch(),
+            AppendBuilder::new("ledger", "t2")
+                .events([keyed_event("accounts", "b", "2"), reuses_id])
+                .batch(),
+            AppendBuilder::new("ledger", "t3")
+                .event(keyed_event("accounts", "c", "3"))
+                .batch(),
         ])
         .await
         .unwrap();
@@ -177,7 +162,12 @@ async fn one_bad_append_fails_only_itself(store: Arc<dyn Store>) {
 }
 
 async fn a_retry_within_one_coalesced_batch_is_a_duplicate(store: Arc<dyn Store>) {
-    let first = batch("t1", 0, vec![event("a", "1"), event("b", "2")]);
+    let first = AppendBuilder::new("ledger", "t1")
+        .events([
+            keyed_event("accounts", "a", "1"),
+            keyed_event("accounts", "b", "2"),
+        ])
+        .batch();
     let mut changed = first.clone();
     changed.events[1].payload = b"other".to_vec();
     let results = store
@@ -202,11 +192,12 @@ async fn a_retry_within_one_coalesced_batch_is_a_duplicate(store: Arc<dyn Store>
 /// transactions (one wins, the other is told which field is at fault).
 async fn racing_writers_store_once(store: Arc<dyn Store>) {
     for round in 0..30 {
-        let same = batch(
-            &format!("race-{round}"),
-            0,
-            vec![event("a", "1"), event("b", "2")],
-        );
+        let same = AppendBuilder::new("ledger", &format!("race-{round}"))
+            .events([
+                keyed_event("accounts", "a", "1"),
+                keyed_event("accounts", "b", "2"),
+            ])
+            .batch();
         let (first, second) = tokio::join!(
             store.append(std::slice::from_ref(&same)),
             store.append(std::slice::from_ref(&same))
@@ -220,14 +211,16 @@ async fn racing_writers_store_once(store: Arc<dyn Store>) {
         );
 
         let id = EventId::generate();
-        let mut mine = event("c", "3");
-        mine.event_id = Some(id);
-        let left = batch(
-            &format!("left-{round}"),
-            0,
-            vec![event("d", "4"), mine.clone()],
-        );
-        let right = batch(&format!("right-{round}"), 0, vec![mine]);
+        let mine = EventBuilder::keyed("accounts", "c")
+            .payload("3")
+            .id(id)
+            .build();
+        let left = AppendBuilder::new("ledger", &format!("left-{round}"))
+            .events([keyed_event("accounts", "d", "4"), mine.clone()])
+            .batch();
+        let right = AppendBuilder::new("ledger", &format!("right-{round}"))
+            .event(mine)
+            .batch();
         let (left, right) = tokio::join!(
             store.append(std::slice::from_ref(&left)),
             store.append(std::slice::from_ref(&right))
@@ -250,15 +243,18 @@ async fn racing_writers_store_once(store: Arc<dyn Store>) {
 
 async fn a_transaction_keeps_its_mode(store: Arc<dyn Store>) {
     store
-        .append(&[batch("t1", 0, vec![event("a", "1")])])
+        .append(&[AppendBuilder::new("ledger", "t1")
+            .event(keyed_event("accounts", "a", "1"))
+            .batch()])
         .await
         .unwrap()[0]
         .as_ref()
         .unwrap();
-    let mut two_phase = batch("t1", 1, vec![event("a", "2")]);
-    two_phase.token.mode = TokenMode::TwoPhase {
-        timeout: Duration::from_secs(30),
-    };
+    let two_phase = AppendBuilder::new("ledger", "t1")
+        .sequence(1)
+        .two_phase(Duration::from_secs(30))
+        .event(keyed_event("accounts", "a", "2"))
+        .batch();
     let result = store.append(&[two_phase]).await.unwrap().remove(0);
     assert!(
         matches!(result, Err(AppendRejection::ModeMismatch { .. })),
@@ -269,11 +265,11 @@ async fn a_transaction_keeps_its_mode(store: Arc<dyn Store>) {
 async fn relay_reads_each_shard_in_append_order(store: Arc<dyn Store>) {
     let mut appended = Vec::new();
     for n in 0..20 {
-        let events = (0..5)
-            .map(|k| event(&format!("key-{k}"), &n.to_string()))
-            .collect();
+        let events = (0..5).map(|k| keyed_event("accounts", &format!("key-{k}"), n.to_string()));
         let outcome = store
-            .append(&[batch(&format!("t{n}"), 0, events)])
+            .append(&[AppendBuilder::new("ledger", &format!("t{n}"))
+                .events(events)
+                .batch()])
             .await
             .unwrap()
             .remove(0)
@@ -317,7 +313,9 @@ async fn relay_reads_each_shard_in_append_order(store: Arc<dyn Store>) {
 
 async fn relay_writes_are_fenced_by_the_lease_epoch(store: Arc<dyn Store>) {
     let outcome = store
-        .append(&[batch("t1", 0, vec![event("a", "1")])])
+        .append(&[AppendBuilder::new("ledger", "t1")
+            .event(keyed_event("accounts", "a", "1"))
+            .batch()])
         .await
         .unwrap()
         .remove(0)
@@ -441,7 +439,9 @@ async fn relay_writes_are_fenced_by_the_lease_epoch(store: Arc<dyn Store>) {
 
 async fn failed_deliveries_retry_then_dead_letter(store: Arc<dyn Store>) {
     let outcome = store
-        .append(&[batch("t1", 0, vec![event("a", "1")])])
+        .append(&[AppendBuilder::new("ledger", "t1")
+            .event(keyed_event("accounts", "a", "1"))
+            .batch()])
         .await
         .unwrap()
         .remove(0)
@@ -503,11 +503,13 @@ async fn failed_deliveries_retry_then_dead_letter(store: Arc<dyn Store>) {
 
 async fn retention_removes_finished_events_but_keeps_dead_letters(store: Arc<dyn Store>) {
     let ids = store
-        .append(&[batch(
-            "t1",
-            0,
-            vec![event("a", "1"), event("b", "2"), event("c", "3")],
-        )])
+        .append(&[AppendBuilder::new("ledger", "t1")
+            .events([
+                keyed_event("accounts", "a", "1"),
+                keyed_event("accounts", "b", "2"),
+                keyed_event("accounts", "c", "3"),
+            ])
+            .batch()])
         .await
         .unwrap()
         .remove(0)
@@ -581,11 +583,12 @@ async fn the_change_feed_resumes_after_a_cursor(store: Arc<dyn Store>) {
     let mut ids = Vec::new();
     for n in 0..3 {
         let outcome = store
-            .append(&[batch(
-                &format!("t{n}"),
-                0,
-                vec![event("a", "x"), event("b", "y")],
-            )])
+            .append(&[AppendBuilder::new("ledger", &format!("t{n}"))
+                .events([
+                    keyed_event("accounts", "a", "x"),
+                    keyed_event("accounts", "b", "y"),
+                ])
+                .batch()])
             .await
             .unwrap()
             .remove(0)
@@ -616,10 +619,14 @@ async fn the_change_feed_resumes_after_a_cursor(store: Arc<dyn Store>) {
 
 async fn a_published_event_keeps_its_status_and_its_id(store: Arc<dyn Store>) {
     let id = EventId(uuid::Uuid::now_v7());
-    let mut chosen = event("a", "1");
-    chosen.event_id = Some(id);
+    let chosen = EventBuilder::keyed("accounts", "a")
+        .payload("1")
+        .id(id)
+        .build();
     store
-        .append(&[batch("t1", 0, vec![chosen.clone()])])
+        .append(&[AppendBuilder::new("ledger", "t1")
+            .event(chosen.clone())
+            .batch()])
         .await
         .unwrap()
         .remove(0)
@@ -662,8 +669,12 @@ async fn a_published_event_keeps_its_status_and_its_id(store: Arc<dyn Store>) {
     // The id stays taken: alone, and next to a good append in one batch.
     let results = store
         .append(&[
-            batch("t2", 0, vec![event("b", "2")]),
-            batch("t3", 0, vec![chosen.clone()]),
+            AppendBuilder::new("ledger", "t2")
+                .event(keyed_event("accounts", "b", "2"))
+                .batch(),
+            AppendBuilder::new("ledger", "t3")
+                .event(chosen.clone())
+                .batch(),
         ])
         .await
         .unwrap();
@@ -675,7 +686,7 @@ async fn a_published_event_keeps_its_status_and_its_id(store: Arc<dyn Store>) {
         other => panic!("expected EventIdTaken, got {other:?}"),
     }
     match store
-        .append(&[batch("t4", 0, vec![chosen])])
+        .append(&[AppendBuilder::new("ledger", "t4").event(chosen).batch()])
         .await
         .unwrap()
         .remove(0)
@@ -690,7 +701,12 @@ async fn a_published_event_keeps_its_status_and_its_id(store: Arc<dyn Store>) {
 /// is unpublished or dead-lettered, a retry of that append is still a
 /// duplicate with the same ids, and status by transaction still finds them.
 async fn retention_keeps_what_a_retry_needs(store: Arc<dyn Store>) {
-    let waiting = batch("outage", 0, vec![event("a", "1"), event("b", "2")]);
+    let waiting = AppendBuilder::new("ledger", "outage")
+        .events([
+            keyed_event("accounts", "a", "1"),
+            keyed_event("accounts", "b", "2"),
+        ])
+        .batch();
     let ids = store
         .append(std::slice::from_ref(&waiting))
         .await
@@ -767,14 +783,18 @@ async fn postgres_a_failed_slot_release_does_not_freeze_the_gate() {
     // The append itself fails (its statement removes the slot too); what
     // matters is what its slot does to every later append.
     let _ = store
-        .append(&[batch("refused", 0, vec![event("a", "1")])])
+        .append(&[AppendBuilder::new("ledger", "refused")
+            .event(keyed_event("accounts", "a", "1"))
+            .batch()])
         .await;
     sqlx::raw_sql("DROP TRIGGER refuse_slot_release ON outbox_writer_slots")
         .execute(&mut admin)
         .await
         .unwrap();
     let ids = store
-        .append(&[batch("after", 0, vec![event("b", "2")])])
+        .append(&[AppendBuilder::new("ledger", "after")
+            .event(keyed_event("accounts", "b", "2"))
+            .batch()])
         .await
         .unwrap()
         .remove(0)
@@ -813,10 +833,14 @@ async fn postgres_an_event_id_being_published_cannot_be_taken_again() {
     let store = outboxd::store::connect(&url, 4, SHARDS).await.unwrap();
     store.migrate().await.unwrap();
     let id = EventId::generate();
-    let mut chosen = event("a", "first");
-    chosen.event_id = Some(id);
+    let chosen = EventBuilder::keyed("accounts", "a")
+        .payload("first")
+        .id(id)
+        .build();
     store
-        .append(&[batch("first", 0, vec![chosen.clone()])])
+        .append(&[AppendBuilder::new("ledger", "first")
+            .event(chosen.clone())
+            .batch()])
         .await
         .unwrap()
         .remove(0)
@@ -838,9 +862,15 @@ async fn postgres_an_event_id_being_published_cannot_be_taken_again() {
     .unwrap();
     let again = tokio::spawn({
         let store = store.clone();
-        let mut reused = event("b", "second");
-        reused.event_id = Some(id);
-        async move { store.append(&[batch("second", 0, vec![reused])]).await }
+        let reused = EventBuilder::keyed("accounts", "b")
+            .payload("second")
+            .id(id)
+            .build();
+        async move {
+            store
+                .append(&[AppendBuilder::new("ledger", "second").event(reused).batch()])
+                .await
+        }
     });
     // Commit the move once the append waits for it (or has finished).
     let watcher = sqlx::PgPool::connect(&url).await.unwrap();
