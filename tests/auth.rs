@@ -15,7 +15,10 @@ use outboxd::proto;
 use outboxd::proto::outbox_admin_client::OutboxAdminClient;
 use outboxd::proto::outbox_client::OutboxClient;
 use sha2::{Digest, Sha256};
-use support::{Gateway, MockKafka, append_request, consume_until, immediate_token, keyed_event};
+use support::{
+    Gateway, MockKafka, append_request, consume_until, immediate_token, keyed_event,
+    two_phase_token,
+};
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -115,14 +118,7 @@ async fn every_rpc_keeps_each_identity_to_its_producers_and_topics() {
         .unwrap()
         .into_inner()
         .event_ids;
-    let mut two_phase = immediate_token("billing", "inv-1");
-    if let Some(token) = two_phase.as_mut() {
-        token.mode = proto::TokenMode::TwoPhase as i32;
-        token.timeout = Some(prost_types::Duration {
-            seconds: 300,
-            nanos: 0,
-        });
-    }
+    let two_phase = two_phase_token("billing", "inv-1", Duration::from_secs(300));
     let theirs = billing
         .append(append_request(
             two_phase,

@@ -41,7 +41,7 @@ use outboxd::domain::{AppendBatch, Limits, TokenMode, TraceContext};
 use outboxd::proto;
 use outboxd::proto::outbox_admin_client::OutboxAdminClient;
 use outboxd::proto::outbox_client::OutboxClient;
-use support::{Gateway, MockKafka};
+use support::{AppendBuilder, EventBuilder, Gateway, MockKafka};
 
 fn env_number(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
@@ -519,7 +519,7 @@ fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
     prop::collection::vec(any::<u8>(), 0..=max)
 }
 
-fn event(limits: &Limits) -> impl Strategy<Value = proto::Event> + use<> {
+fn any_event(limits: &Limits) -> impl Strategy<Value = proto::Event> + use<> {
     let header = ("x-[a-z0-9]{0,6}", bytes(8)).prop_map(|(key, value)| proto::Header {
         key,
         value: value.into(),
@@ -544,17 +544,15 @@ fn event(limits: &Limits) -> impl Strategy<Value = proto::Event> + use<> {
                 {
                     headers.pop();
                 }
-                proto::Event {
-                    topic,
-                    key: key.map(Into::into),
-                    payload: payload.into(),
-                    headers,
-                    aggregate_type: texts.0,
-                    aggregate_id: texts.1,
-                    event_type: texts.2,
-                    event_id,
-                    occurred_at,
-                }
+                EventBuilder::new(topic)
+                    .maybe_key(key)
+                    .payload(payload)
+                    .headers(headers)
+                    .aggregate(texts.0, texts.1)
+                    .event_type(texts.2)
+                    .id(event_id)
+                    .occurred_at(occurred_at)
+                    .build()
             },
         )
 }
@@ -573,6 +571,8 @@ fn token(limits: &Limits) -> impl Strategy<Value = proto::TransactionToken> + us
         .prop_map(
             move |(producer, transaction_id, mode, secs, nanos, xid, system)| {
                 let nanos = if secs == 0 && nanos == 0 { 1 } else { nanos };
+                // A literal: every field is drawn, the mode too (as a number,
+                // unspecified included).
                 proto::TransactionToken {
                     producer,
                     transaction_id,
@@ -995,7 +995,7 @@ fn plan(limits: Limits) -> impl Strategy<Value = Plan> {
     (
         token(&limits),
         prop_oneof![4 => Just(0u64), 1 => any::<u64>()],
-        prop::collection::vec(event(&limits), 1..=max_events.min(4)),
+        prop::collection::vec(any_event(&limits), 1..=max_events.min(4)),
         any::<u64>(),
         prop_oneof![
             4 => Just(Vec::new()),
@@ -1013,12 +1013,11 @@ fn plan(limits: Limits) -> impl Strategy<Value = Plan> {
                     event.event_id.clear();
                 }
             }
-            let request = proto::AppendRequest {
-                token: Some(token),
-                sequence,
-                events,
-                correlation,
-            };
+            let request = AppendBuilder::with_token(Some(token))
+                .sequence(sequence)
+                .correlation(correlation)
+                .events(events)
+                .build();
             apply(request, &breaks, &limits)
         })
 }

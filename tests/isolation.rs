@@ -113,17 +113,15 @@ async fn unresolvable_tokens_hold_back_no_other_token() {
         let mut client = proto::outbox_client::OutboxClient::new(channel.clone());
         let topic = topic.clone();
         async move {
-            let token = proto::TransactionToken {
-                producer: "misconfigured".into(),
-                transaction_id: format!("foreign-{n}"),
-                mode: proto::TokenMode::PostgresXid as i32,
-                postgres_xid: xid,
-                postgres_system_id: foreign_system_id,
-                ..Default::default()
-            };
+            let token = support::postgres_xid_token(
+                "misconfigured",
+                &format!("foreign-{n}"),
+                xid,
+                foreign_system_id,
+            );
             client
                 .append(append_request(
-                    Some(token),
+                    token,
                     vec![keyed_event(&topic, &format!("m{n}"), b"never")],
                 ))
                 .await

@@ -558,16 +558,7 @@ async fn a_two_phase_commit_is_an_event_of_the_commit_span() {
     config.telemetry.otlp_endpoint = Some(sink.endpoint());
     let process = ServeProcess::start(&config).await;
     let mut client = client_of(&process).await;
-    let token = Some(proto::TransactionToken {
-        producer: "orders".into(),
-        transaction_id: "t-2pc".into(),
-        mode: proto::TokenMode::TwoPhase as i32,
-        timeout: Some(prost_types::Duration {
-            seconds: 60,
-            nanos: 0,
-        }),
-        ..Default::default()
-    });
+    let token = support::two_phase_token("orders", "t-2pc", Duration::from_secs(60));
     let appender = CallerSpan::new();
     let event_id = client
         .append(appender.request(append_request(
