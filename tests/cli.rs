@@ -8,20 +8,23 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use outboxd::proto;
-use support::{Gateway, Load, MockKafka, Tansu, consume_until};
+use support::{AppendBuilder, EventBuilder, Gateway, MockKafka, Tansu, consume_until};
 
 const OUTBOXD: &str = env!("CARGO_BIN_EXE_outboxd");
 
 fn append(topic: &str, producer: &str, transaction: usize) -> proto::AppendRequest {
-    let load = Load {
-        producer,
-        topic,
-        events: 5,
-        key_prefix: "cart-",
-        keys: CART_KEYS,
-    };
-    let (request, _) = load.append(transaction);
-    request.correlation(transaction as u64).build()
+    let payload = format!("{{\"n\":{transaction}}}");
+    AppendBuilder::new(producer, &format!("tx-{transaction}"))
+        .correlation(transaction as u64)
+        .events((0..5).map(|i| {
+            let key = format!("cart-{}", (transaction + i) % CART_KEYS);
+            EventBuilder::new(topic)
+                .key(&key)
+                .payload(payload.clone())
+                .aggregate("cart", key)
+                .event_type("item-added")
+        }))
+        .build()
 }
 
 /// Ordering keys of the SIGTERM test's events: more than the records the
