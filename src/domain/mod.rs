@@ -411,21 +411,51 @@ pub struct AppendOutcome {
     pub shards: Vec<u32>,
 }
 
+/// An event of the `orders` topic for unit tests: the `order` aggregate
+/// `o-1`, type `created`, no headers, id or time of its own.
+#[cfg(test)]
+pub(crate) fn test_event(key: Option<&[u8]>, payload: &[u8]) -> NewEvent {
+    NewEvent {
+        event_id: None,
+        topic: "orders".into(),
+        key: key.map(<[u8]>::to_vec),
+        payload: payload.to_vec(),
+        headers: vec![],
+        aggregate_type: "order".into(),
+        aggregate_id: "o-1".into(),
+        event_type: "created".into(),
+        occurred_at: None,
+    }
+}
+
+/// An append of `shop`'s transaction `transaction_id`, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_append(
+    transaction_id: &str,
+    sequence: u64,
+    mode: TokenMode,
+    events: Vec<NewEvent>,
+) -> AppendBatch {
+    AppendBatch {
+        token: TransactionToken {
+            producer: "shop".into(),
+            transaction_id: transaction_id.into(),
+            mode,
+        },
+        sequence,
+        events,
+        trace: TraceContext::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn event(key: Option<&[u8]>, aggregate_id: &str) -> NewEvent {
         NewEvent {
-            event_id: None,
-            topic: "orders".into(),
-            key: key.map(<[u8]>::to_vec),
-            payload: b"{}".to_vec(),
-            headers: vec![],
-            aggregate_type: "order".into(),
             aggregate_id: aggregate_id.into(),
-            event_type: "created".into(),
-            occurred_at: None,
+            ..test_event(key, b"{}")
         }
     }
 

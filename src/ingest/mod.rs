@@ -22,9 +22,6 @@ pub use operations::Operations;
 pub use stream::{MAX_PIPELINED_APPENDS, StreamedAck, StreamedAppend};
 pub use transactions::{ResolveError, Transactions};
 
-use futures::Stream;
-use tokio_util::sync::CancellationToken;
-
 use crate::domain::{AppendBatch, AppendOutcome, TokenMode};
 use crate::relay::{RelayWaker, XidSources};
 use crate::status::StatusBus;
@@ -197,24 +194,6 @@ impl Ingest {
     /// the queued-bytes budget is spent.
     pub async fn append(&self, batch: AppendBatch) -> Result<AppendOutcome, IngestError> {
         self.lane().try_submit(batch).await?.await
-    }
-
-    /// The acknowledgements of one stream of appends, in request order:
-    /// its appends go through one lane, so they commit in stream order, and
-    /// up to [`MAX_PIPELINED_APPENDS`] are in flight at once. Reading stops
-    /// when `requests` ends or at `shutdown`; the stream ends once every
-    /// request read is acknowledged. Queuing waits for the queued-bytes
-    /// budget instead of refusing (the stream's backpressure).
-    pub fn append_stream<S, E>(
-        &self,
-        requests: S,
-        shutdown: CancellationToken,
-    ) -> impl Stream<Item = StreamedAck<E>> + Send + 'static
-    where
-        S: Stream<Item = StreamedAppend<E>> + Send + Unpin + 'static,
-        E: From<IngestError> + Send + 'static,
-    {
-        stream::acknowledge(self.lane(), requests, shutdown)
     }
 }
 

@@ -8,7 +8,7 @@ use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use super::{IngestError, WriterLane};
+use super::{Ingest, IngestError, WriterLane};
 use crate::domain::{AppendBatch, AppendOutcome};
 
 /// Appends one stream may have in flight before it stops reading.
@@ -32,33 +32,37 @@ struct Pipeline<S, E> {
     shutdown: CancellationToken,
 }
 
-/// Acknowledgements of `requests`, in request order.
-///
-/// Up to [`MAX_PIPELINED_APPENDS`] appends are in flight at once; past that,
-/// no further request is read until the oldest is acknowledged. Reading
-/// stops when `requests` ends or at `shutdown`; the stream then ends once
-/// every request read has been acknowledged. Dropping the stream stops the
-/// reading, while the appends already queued still commit.
-pub(super) fn acknowledge<S, E>(
-    lane: WriterLane,
-    requests: S,
-    shutdown: CancellationToken,
-) -> impl Stream<Item = StreamedAck<E>> + Send + 'static
-where
-    S: Stream<Item = StreamedAppend<E>> + Send + Unpin + 'static,
-    E: From<IngestError> + Send + 'static,
-{
-    let pipeline = Pipeline {
-        requests,
-        lane,
-        acks: FuturesOrdered::new(),
-        reading: true,
-        shutdown,
-    };
-    futures::stream::unfold(pipeline, |mut pipeline| async move {
-        let ack = pipeline.next_ack().await?;
-        Some((ack, pipeline))
-    })
+impl Ingest {
+    /// The acknowledgements of one stream of appends, in request order:
+    /// its appends go through one lane, so they commit in stream order, and
+    /// up to [`MAX_PIPELINED_APPENDS`] are in flight at once; past that, no
+    /// further request is read until the oldest is acknowledged. Reading
+    /// stops when `requests` ends or at `shutdown`; the stream ends once
+    /// every request read is acknowledged. Queuing waits for the
+    /// queued-bytes budget instead of refusing (the stream's backpressure).
+    /// Dropping the stream stops the reading, while the appends already
+    /// queued still commit.
+    pub fn append_stream<S, E>(
+        &self,
+        requests: S,
+        shutdown: CancellationToken,
+    ) -> impl Stream<Item = StreamedAck<E>> + Send + 'static
+    where
+        S: Stream<Item = StreamedAppend<E>> + Send + Unpin + 'static,
+        E: From<IngestError> + Send + 'static,
+    {
+        let pipeline = Pipeline {
+            requests,
+            lane: self.lane(),
+            acks: FuturesOrdered::new(),
+            reading: true,
+            shutdown,
+        };
+        futures::stream::unfold(pipeline, |mut pipeline| async move {
+            let ack = pipeline.next_ack().await?;
+            Some((ack, pipeline))
+        })
+    }
 }
 
 impl<S, E> Pipeline<S, E>
@@ -121,7 +125,7 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::domain::{NewEvent, TokenMode, TraceContext, TransactionToken};
+    use crate::domain::{TokenMode, test_append, test_event};
     use crate::ingest::{Ingest, IngestConfig};
     use crate::relay::{RelayWaker, XidSources};
     use crate::status::StatusBus;
@@ -141,26 +145,12 @@ mod tests {
     }
 
     fn append(transaction: &str, mode: TokenMode) -> AppendBatch {
-        AppendBatch {
-            token: TransactionToken {
-                producer: "shop".into(),
-                transaction_id: transaction.into(),
-                mode,
-            },
-            sequence: 0,
-            events: vec![NewEvent {
-                event_id: None,
-                topic: "orders".into(),
-                key: Some(b"k".to_vec()),
-                payload: transaction.as_bytes().to_vec(),
-                headers: vec![],
-                aggregate_type: "order".into(),
-                aggregate_id: "o-1".into(),
-                event_type: "created".into(),
-                occurred_at: None,
-            }],
-            trace: TraceContext::default(),
-        }
+        test_append(
+            transaction,
+            0,
+            mode,
+            vec![test_event(Some(b"k"), transaction.as_bytes())],
+        )
     }
 
     async fn ingest(directory: &std::path::Path) -> (Ingest, Arc<dyn Store>, JoinSet<()>) {

@@ -361,18 +361,11 @@ mod tests {
 
     fn event(key: &str, payload: &[u8]) -> NewEvent {
         NewEvent {
-            event_id: None,
-            topic: "orders".into(),
-            key: Some(key.as_bytes().to_vec()),
-            payload: payload.to_vec(),
             headers: vec![Header {
                 key: "source".into(),
                 value: b"shop".to_vec(),
             }],
-            aggregate_type: "order".into(),
-            aggregate_id: "o-1".into(),
-            event_type: "created".into(),
-            occurred_at: None,
+            ..crate::domain::test_event(Some(key.as_bytes()), payload)
         }
     }
 

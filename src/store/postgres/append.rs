@@ -526,30 +526,16 @@ impl<'a> EventRows<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{NewEvent, TokenMode, TraceContext, TransactionToken};
+    use crate::domain::{TokenMode, test_append, test_event};
     use crate::store::codes::{TRANSACTION_ABORTED, TRANSACTION_COMMITTED, TRANSACTION_OPEN};
 
     fn append(transaction: &str, sequence: u64, mode: TokenMode, payload: &[u8]) -> AppendBatch {
-        AppendBatch {
-            token: TransactionToken {
-                producer: "shop".into(),
-                transaction_id: transaction.into(),
-                mode,
-            },
+        test_append(
+            transaction,
             sequence,
-            events: vec![NewEvent {
-                event_id: None,
-                topic: "orders".into(),
-                key: Some(b"k".to_vec()),
-                payload: payload.to_vec(),
-                headers: vec![],
-                aggregate_type: "order".into(),
-                aggregate_id: "o-1".into(),
-                event_type: "created".into(),
-                occurred_at: None,
-            }],
-            trace: TraceContext::default(),
-        }
+            mode,
+            vec![test_event(Some(b"k"), payload)],
+        )
     }
 
     fn two_phase() -> TokenMode {

@@ -53,6 +53,19 @@ LEFT JOIN LATERAL (
     };
 }
 
+/// The row `e` of the event `u.seq`, while it is not final and the lease
+/// holds (the statement's `fence`). "+ 0": each row is found by its primary
+/// key, never by scanning the relay index, whatever plan is cached.
+macro_rules! fenced_row {
+    () => {
+        concat!(
+            "e.seq = u.seq AND e.state + 0 < ",
+            stored!(event first_final),
+            " AND EXISTS (SELECT 1 FROM fence)"
+        )
+    };
+}
+
 /// Not-final rows of a shard.
 pub(super) const READ_RELAY_ROWS: &str =
     read_relay_rows!(concat!("state < ", stored!(event first_final)));
@@ -70,8 +83,7 @@ pub(super) const READ_RELAY_ROWS_WITH_DEAD_LETTERS: &str = read_relay_rows!(conc
 /// Marks a batch published, fenced by the shard's lease epoch: the rows
 /// move from outbox_events to outbox_published (see migration 0007).
 /// FOR KEY SHARE makes a concurrent takeover wait for this statement, or
-/// this statement see it. "+ 0": each row is found by its primary key,
-/// never by scanning the relay index, whatever plan is cached.
+/// this statement see it.
 pub(super) const RECORD_DELIVERED: &str = concat!(
     r"
 WITH fence AS (
@@ -80,11 +92,9 @@ WITH fence AS (
 gone AS (
     DELETE FROM outbox_events AS e
     USING UNNEST($3::bigint[], $4::integer[], $5::bigint[]) AS u(seq, kafka_partition, kafka_offset)
-    WHERE e.seq = u.seq
-      AND e.state + 0 < ",
-    stored!(event first_final),
+    WHERE ",
+    fenced_row!(),
     r"
-      AND EXISTS (SELECT 1 FROM fence)
     RETURNING e.event_id, e.seq, e.producer, e.transaction_id, e.append_sequence, e.topic,
               u.kafka_partition, u.kafka_offset, e.attempts
 )
@@ -121,11 +131,9 @@ SET state = CASE WHEN u.retry_at IS NULL THEN ",
     change_xid = pg_current_xact_id(),
     updated_at = now()
 FROM UNNEST($3::bigint[], $4::text[], $5::timestamptz[]) AS u(seq, error, retry_at)
-WHERE e.seq = u.seq
-  AND e.state + 0 < ",
-    stored!(event first_final),
+WHERE ",
+    fenced_row!(),
     r"
-  AND EXISTS (SELECT 1 FROM fence)
 RETURNING e.event_id, e.producer, e.transaction_id, e.append_sequence, e.topic, e.state,
           e.kafka_partition, e.kafka_offset, e.attempts, e.last_error, e.updated_at, e.change_seq
 "
