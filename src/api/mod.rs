@@ -301,6 +301,18 @@ pub struct AdminApi {
     pub auth: Authenticator,
 }
 
+impl AdminApi {
+    /// PauseRelay and ResumeRelay: for admins only.
+    async fn set_relay_paused<T>(&self, request: &Request<T>, paused: bool) -> Result<(), Status> {
+        self.auth.access(request)?.check_admin()?;
+        self.operations
+            .set_relay_paused(paused)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(())
+    }
+}
+
 #[tonic::async_trait]
 impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
     async fn list_dead_letters(
@@ -374,11 +386,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         &self,
         request: Request<proto::PauseRelayRequest>,
     ) -> Result<Response<proto::PauseRelayResponse>, Status> {
-        self.auth.access(&request)?.check_admin()?;
-        self.operations
-            .set_relay_paused(true)
-            .await
-            .map_err(ApiError::from)?;
+        self.set_relay_paused(&request, true).await?;
         Ok(Response::new(proto::PauseRelayResponse {}))
     }
 
@@ -386,11 +394,7 @@ impl proto::outbox_admin_server::OutboxAdmin for AdminApi {
         &self,
         request: Request<proto::ResumeRelayRequest>,
     ) -> Result<Response<proto::ResumeRelayResponse>, Status> {
-        self.auth.access(&request)?.check_admin()?;
-        self.operations
-            .set_relay_paused(false)
-            .await
-            .map_err(ApiError::from)?;
+        self.set_relay_paused(&request, false).await?;
         Ok(Response::new(proto::ResumeRelayResponse {}))
     }
 
