@@ -37,7 +37,11 @@ fn follow(
                 .expect("a producer watch")
                 .into_inner();
             while let Some(update) = stream.next().await {
-                let status = update.expect("a watch update").status.expect("a status");
+                let status = match update {
+                    Ok(update) => update.status.expect("a status"),
+                    // Ends the watch; the test says so if it misses events.
+                    Err(status) => panic!("the watch failed: {status}"),
+                };
                 seen.lock().unwrap().push(status);
             }
         }
@@ -124,8 +128,16 @@ async fn a_watch_resumed_from_any_cursor_misses_no_final_state() {
                     format!("{states:?}")
                 })
                 .unwrap_or_else(|status| format!("GetStatus failed: {status}"));
+            let ended = if first_task.is_finished() {
+                match first_task.await {
+                    Err(error) if error.is_panic() => format!("it ended: {error}"),
+                    _ => "it ended".to_owned(),
+                }
+            } else {
+                "it is still open".to_owned()
+            };
             panic!(
-                "after 60s the first watch had not seen {} of {} events final ({} updates); \
+                "after 60s the first watch had not seen {} of {} events final ({} updates; {ended}); \
                  their states in the store (EventState number: count): {stored}",
                 missing.len(),
                 all.len(),
