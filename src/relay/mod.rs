@@ -48,8 +48,9 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// Rows read per store query.
     pub read_batch: u32,
-    /// After a wake-up, wait this long before reading, so that several
-    /// commits are read with one query.
+    /// After a wake-up of a busy shard (records in flight), wait this long
+    /// before reading, so that several commits are read with one query. An
+    /// idle shard reads at once.
     #[serde(with = "humantime_serde")]
     pub read_linger: Duration,
     /// Records handed to the producer and not yet recorded, per shard.

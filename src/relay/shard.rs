@@ -177,9 +177,12 @@ impl<P: Publish> ShardWorker<P> {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = signal.notify.notified() => {
-                    // Linger a moment so that the commits of the next few
-                    // appends are read together, not one query each.
-                    if !self.config.read_linger.is_zero() {
+                    // A busy shard (records in flight) lingers a moment so
+                    // that the commits of the next few appends are read
+                    // together, not one query each. An idle one reads at
+                    // once: at low rates a lone event's lag, not the number
+                    // of queries, is what counts.
+                    if !self.config.read_linger.is_zero() && !self.in_flight.is_empty() {
                         tokio::time::sleep(self.config.read_linger).await;
                         let _ = signal.notify.notified().now_or_never();
                     }

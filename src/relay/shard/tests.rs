@@ -138,6 +138,34 @@ fn config() -> RelayConfig {
     }
 }
 
+/// `events` (name, ordering key) as one append of transaction
+/// `transaction_id`; each event's payload is its name.
+fn batch(transaction_id: &str, events: &[(&str, Option<&str>)]) -> AppendBatch {
+    AppendBatch {
+        token: TransactionToken {
+            producer: "ledger".into(),
+            transaction_id: transaction_id.into(),
+            mode: TokenMode::Immediate,
+        },
+        sequence: 0,
+        events: events
+            .iter()
+            .map(|(name, key)| NewEvent {
+                event_id: None,
+                topic: "accounts".into(),
+                key: key.map(|key| key.as_bytes().to_vec()),
+                payload: name.as_bytes().to_vec(),
+                headers: vec![],
+                aggregate_type: "account".into(),
+                aggregate_id: String::new(),
+                event_type: "changed".into(),
+                occurred_at: None,
+            })
+            .collect(),
+        trace: TraceContext::default(),
+    }
+}
+
 /// A worker relaying shard 0 of a fresh SQLite store to a fake publisher.
 struct Harness {
     store: Arc<dyn Store>,
@@ -169,29 +197,7 @@ impl Harness {
         let url = format!("sqlite://{}/outboxd.db", dir.path().display());
         let store: Arc<dyn Store> = Arc::new(SqliteStore::connect(&url, 4, 1).await.unwrap());
         store.migrate().await.unwrap();
-        let batch = AppendBatch {
-            token: TransactionToken {
-                producer: "ledger".into(),
-                transaction_id: "t1".into(),
-                mode: TokenMode::Immediate,
-            },
-            sequence: 0,
-            events: events
-                .iter()
-                .map(|(name, key)| NewEvent {
-                    event_id: None,
-                    topic: "accounts".into(),
-                    key: key.map(|key| key.as_bytes().to_vec()),
-                    payload: name.as_bytes().to_vec(),
-                    headers: vec![],
-                    aggregate_type: "account".into(),
-                    aggregate_id: String::new(),
-                    event_type: "changed".into(),
-                    occurred_at: None,
-                })
-                .collect(),
-            trace: TraceContext::default(),
-        };
+        let batch = batch("t1", events);
         let outcome = store.append(&[batch]).await.unwrap().remove(0).unwrap();
         let ids = events
             .iter()
@@ -244,6 +250,22 @@ impl Harness {
             worker,
             _dir: dir,
         }
+    }
+
+    /// Appends `events` as transaction `transaction_id` while the worker
+    /// runs, and wakes it as the writers do.
+    async fn append(&mut self, transaction_id: &str, events: &[(&str, Option<&str>)]) {
+        let outcome = self
+            .store
+            .append(&[batch(transaction_id, events)])
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        for ((name, _), id) in events.iter().zip(outcome.event_ids) {
+            self.ids.insert(name.to_string(), id);
+        }
+        self.waker.wake_shards(outcome.shards);
     }
 
     /// The next record the worker sends.
@@ -616,5 +638,26 @@ async fn records_without_a_key_are_neither_gated_nor_held_back() {
         assert_eq!((status.offset, status.attempts), (Some(offset), attempts));
     }
     assert_eq!(relay.names_sent(), ["n1", "n2", "n3", "n1"]);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_shard_reads_a_new_commit_at_once_without_lingering() {
+    // A linger and a poll far longer than the test's patience: only a
+    // read at the wake-up can send the second event in time.
+    let mut relay = Harness::start(
+        RelayConfig {
+            read_linger: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(60),
+            ..config()
+        },
+        &[("a1", Some("a"))],
+    )
+    .await;
+    relay.expect_sent("a1", 0).await.deliver(0, 0);
+    relay.eventually("a1", EventState::Published).await;
+    relay.append("t2", &[("b1", Some("b"))]).await;
+    relay.expect_sent("b1", 0).await.deliver(0, 1);
+    relay.eventually("b1", EventState::Published).await;
     relay.stop().await;
 }
