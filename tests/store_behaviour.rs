@@ -902,6 +902,92 @@ async fn postgres_an_event_id_being_published_cannot_be_taken_again() {
     }
 }
 
+/// The change feed never passes a change while an older outboxd
+/// transaction that may still add one before it is running, also while a
+/// newer outboxd transaction runs whose xid no completed transaction has
+/// passed yet (at or above the snapshot's xmax). (PostgreSQL only: SQLite
+/// commits one writer at a time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_the_change_feed_waits_for_an_older_running_writer_behind_a_newer_one() {
+    use sqlx::ConnectOptions;
+    let url = support::fresh_database().await;
+    let store = outboxd::store::connect(&url, 4, SHARDS).await.unwrap();
+    store.migrate().await.unwrap();
+    let append = |transaction: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .append(&[AppendBuilder::new("ledger", transaction)
+                    .event(keyed_event("accounts", "a", transaction))
+                    .batch()])
+                .await
+                .unwrap()
+                .remove(0)
+                .unwrap()
+                .event_ids[0]
+        }
+    };
+    let first = append("first").await;
+    let outboxd_connection = || async {
+        url.parse::<sqlx::postgres::PgConnectOptions>()
+            .unwrap()
+            .application_name("outboxd")
+            .connect()
+            .await
+            .unwrap()
+    };
+    // An older writer changes the first event and is still running.
+    let mut older = outboxd_connection().await;
+    sqlx::raw_sql("BEGIN").execute(&mut older).await.unwrap();
+    sqlx::query(
+        "UPDATE outbox_events SET last_error = 'moving', \
+             change_seq = nextval('outbox_change_seq'), change_xid = pg_current_xact_id() \
+         WHERE event_id = $1",
+    )
+    .bind(first.0)
+    .execute(&mut older)
+    .await
+    .unwrap();
+    // A later change commits.
+    let second = append("second").await;
+    // Two newer writers take xids and are still running: the newest is
+    // above the snapshot's xmax, one past the latest completed xid.
+    let mut newer = outboxd_connection().await;
+    let mut newest = outboxd_connection().await;
+    for writer in [&mut newer, &mut newest] {
+        sqlx::raw_sql("BEGIN; SELECT pg_current_xact_id()")
+            .execute(writer)
+            .await
+            .unwrap();
+    }
+
+    let changes = store.status_changes("ledger", 0, 100).await.unwrap();
+    assert!(
+        changes.iter().all(|change| change.event_id != second),
+        "the feed passed the second append's change while an older writer ran: {changes:?}"
+    );
+    let cursor = changes
+        .iter()
+        .map(|change| change.cursor)
+        .max()
+        .unwrap_or(0);
+    sqlx::raw_sql("COMMIT").execute(&mut older).await.unwrap();
+    sqlx::raw_sql("COMMIT").execute(&mut newer).await.unwrap();
+    sqlx::raw_sql("COMMIT").execute(&mut newest).await.unwrap();
+    // Resumed from where it stood, the feed has both changes.
+    let later: Vec<EventId> = store
+        .status_changes("ledger", cursor, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|change| change.event_id)
+        .collect();
+    assert!(
+        later.contains(&first) && later.contains(&second),
+        "resumed after {cursor}: {later:?}"
+    );
+}
+
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         mod postgres {

@@ -446,9 +446,10 @@ const STATUS_COLUMNS: &str = include_str!("../sql/postgres/status_columns.sql");
 
 /// Where the change feed may be read up to (exclusive): the oldest xid of a
 /// transaction still running on an outboxd connection to this database, or
-/// the next xid to be assigned (pg_stat_activity shows 32-bit xids; each is
-/// widened to the xid8 at or below the snapshot's xmax with the same low
-/// bits). Other transactions on the cluster (callers' own) hold nothing back.
+/// the snapshot's xmax (one past the latest completed xid), whichever is
+/// lower. pg_stat_activity shows 32-bit xids; each is widened to the xid8
+/// nearest xmax with the same low bits (a running xid may be above xmax).
+/// Other transactions on the cluster (callers' own) hold nothing back.
 const CHANGE_FEED_GATE: &str = include_str!("../sql/postgres/change_feed_gate.sql");
 
 /// Cursors of a producer's changes, in feed order: a change's cursor is
