@@ -311,6 +311,90 @@ async fn relay_reads_each_shard_in_append_order(store: Arc<dyn Store>) {
     assert_eq!(paged, all.iter().map(|r| r.event_id).collect::<Vec<_>>());
 }
 
+/// Deliveries of every shard recorded at the same moment (as a relay
+/// instance's shards do) each keep their own fence: a shard whose lease
+/// moved on is refused and keeps its rows, the others are published.
+async fn deliveries_of_many_shards_recorded_at_once_keep_their_own_fences(store: Arc<dyn Store>) {
+    let events: Vec<_> = (0..40)
+        .map(|n| keyed_event("accounts", &format!("key-{n}"), format!("{n}")))
+        .collect();
+    store
+        .append(&[AppendBuilder::new("ledger", "t1").events(events).batch()])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let rows = relay_rows(&store, 40).await;
+    let shard_of =
+        |row: &RelayRow| outboxd::domain::shard_of(row.kafka_key.as_deref(), row.event_id, SHARDS);
+    let ttl = Duration::from_secs(60);
+    let leases = store
+        .acquire_leases("instance-a", ttl, SHARDS)
+        .await
+        .unwrap();
+    assert_eq!(leases.len(), SHARDS as usize);
+    // Shard 0 goes to instance-b.
+    let others: Vec<u32> = (1..SHARDS).collect();
+    store
+        .release_leases_except("instance-a", &others)
+        .await
+        .unwrap();
+    let taken = store.acquire_leases("instance-b", ttl, 1).await.unwrap();
+    assert_eq!(taken.iter().map(|l| l.shard).collect::<Vec<_>>(), [0]);
+
+    let records = leases.iter().map(|lease| {
+        let store = store.clone();
+        let delivered: Vec<Delivered> = rows
+            .iter()
+            .filter(|row| shard_of(row) == lease.shard)
+            .enumerate()
+            .map(|(offset, row)| Delivered {
+                seq: row.seq,
+                partition: 0,
+                offset: offset as i64,
+            })
+            .collect();
+        let lease = lease.clone();
+        async move {
+            let outcome = store.record_delivered(&lease, &delivered).await;
+            (lease.shard, delivered.len(), outcome)
+        }
+    });
+    for (shard, count, outcome) in futures::future::join_all(records).await {
+        match (shard, outcome) {
+            (0, Err(StoreError::LeaseLost { shard: lost, .. })) => assert_eq!(lost, 0),
+            (0, other) => panic!("shard 0's old owner recorded deliveries: {other:?}"),
+            (_, Ok(statuses)) => {
+                assert_eq!(statuses.len(), count, "shard {shard}");
+                assert!(
+                    statuses.iter().all(|s| s.state == EventState::Published),
+                    "shard {shard}: {statuses:?}"
+                );
+            }
+            (_, Err(error)) => panic!("shard {shard} was refused: {error}"),
+        }
+    }
+    let left = store
+        .read_relay_rows(0, Default::default(), 1_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        left.len(),
+        rows.iter().filter(|row| shard_of(row) == 0).count(),
+        "shard 0 keeps its rows for its new owner"
+    );
+    for shard in 1..SHARDS {
+        assert!(
+            store
+                .read_relay_rows(shard, Default::default(), 1_000)
+                .await
+                .unwrap()
+                .is_empty(),
+            "shard {shard} has nothing left"
+        );
+    }
+}
+
 async fn relay_writes_are_fenced_by_the_lease_epoch(store: Arc<dyn Store>) {
     let outcome = store
         .append(&[AppendBuilder::new("ledger", "t1")
@@ -1017,6 +1101,7 @@ store_suite!(
     a_transaction_keeps_its_mode,
     relay_reads_each_shard_in_append_order,
     relay_writes_are_fenced_by_the_lease_epoch,
+    deliveries_of_many_shards_recorded_at_once_keep_their_own_fences,
     failed_deliveries_retry_then_dead_letter,
     retention_removes_finished_events_but_keeps_dead_letters,
     the_change_feed_resumes_after_a_cursor,

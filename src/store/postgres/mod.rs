@@ -27,11 +27,11 @@ use crate::domain::{
 
 mod append;
 mod queries;
+mod recorder;
 mod wake_ups;
 
 use queries::{
-    READ_RELAY_ROWS, READ_RELAY_ROWS_WITH_DEAD_LETTERS, RECORD_DELIVERED, RECORD_FAILED,
-    TRANSITION_PENDING_EVENTS,
+    READ_RELAY_ROWS, READ_RELAY_ROWS_WITH_DEAD_LETTERS, RECORD_FAILED, TRANSITION_PENDING_EVENTS,
 };
 const ACQUIRE_LEASES: &str = include_str!("../sql/postgres/acquire_leases.sql");
 
@@ -62,6 +62,8 @@ impl Drop for SlotHolder {
 /// PostgreSQL-backed [`Store`].
 pub struct PostgresStore {
     pool: PgPool,
+    /// Records the deliveries of all the shards relayed through this store.
+    recorder: recorder::Recorder,
     /// The shard count asked for by configuration; the stored one wins once
     /// the schema exists (see [`Store::migrate`]).
     shard_count: std::sync::atomic::AtomicU32,
@@ -83,6 +85,7 @@ impl PostgresStore {
             .connect_with(options)
             .await?;
         Ok(PostgresStore {
+            recorder: recorder::Recorder::start(pool.clone()),
             pool,
             shard_count: std::sync::atomic::AtomicU32::new(shard_count),
         })
@@ -370,33 +373,6 @@ impl PostgresStore {
             events: events as u64,
             changed: resolved.changed,
             shards: resolved.shards,
-        })
-    }
-
-    /// The statuses a fenced relay write returned; none at all may mean the
-    /// fence stopped it: then `LeaseLost` when the epoch moved on.
-    async fn fenced_statuses(
-        &self,
-        lease: &Lease,
-        rows: &[PgRow],
-    ) -> Result<Vec<EventStatus>, StoreError> {
-        if rows.is_empty() && !self.lease_is_current(lease).await? {
-            return Err(StoreError::LeaseLost {
-                shard: lease.shard,
-                epoch: lease.epoch,
-            });
-        }
-        rows.iter().map(status_from_row).collect()
-    }
-
-    async fn lease_is_current(&self, lease: &Lease) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT epoch FROM outbox_leases WHERE shard = $1")
-            .bind(lease.shard as i32)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(match row {
-            Some(row) => row.try_get::<i64, _>("epoch")? == lease.epoch,
-            None => false,
         })
     }
 }
@@ -703,18 +679,7 @@ impl Store for PostgresStore {
         if delivered.is_empty() {
             return Ok(Vec::new());
         }
-        let seqs: Vec<i64> = delivered.iter().map(|d| d.seq).collect();
-        let partitions: Vec<i32> = delivered.iter().map(|d| d.partition).collect();
-        let offsets: Vec<i64> = delivered.iter().map(|d| d.offset).collect();
-        let rows = sqlx::query(RECORD_DELIVERED)
-            .bind(lease.shard as i32)
-            .bind(lease.epoch)
-            .bind(&seqs)
-            .bind(&partitions)
-            .bind(&offsets)
-            .fetch_all(&self.pool)
-            .await?;
-        self.fenced_statuses(lease, &rows).await
+        self.recorder.record(&self.pool, lease, delivered).await
     }
 
     async fn record_failed(
@@ -736,7 +701,7 @@ impl Store for PostgresStore {
             .bind(&retry_at)
             .fetch_all(&self.pool)
             .await?;
-        self.fenced_statuses(lease, &rows).await
+        recorder::fenced_statuses(&self.pool, lease, &rows.iter().collect::<Vec<_>>()).await
     }
 
     async fn commit_transaction(

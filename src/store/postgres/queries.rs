@@ -53,19 +53,6 @@ LEFT JOIN LATERAL (
     };
 }
 
-/// The row `e` of the event `u.seq`, while it is not final and the lease
-/// holds (the statement's `fence`). "+ 0": each row is found by its primary
-/// key, never by scanning the relay index, whatever plan is cached.
-macro_rules! fenced_row {
-    () => {
-        concat!(
-            "e.seq = u.seq AND e.state + 0 < ",
-            stored!(event first_final),
-            " AND EXISTS (SELECT 1 FROM fence)"
-        )
-    };
-}
-
 /// Not-final rows of a shard.
 pub(super) const READ_RELAY_ROWS: &str =
     read_relay_rows!(concat!("state < ", stored!(event first_final)));
@@ -80,21 +67,33 @@ pub(super) const READ_RELAY_ROWS_WITH_DEAD_LETTERS: &str = read_relay_rows!(conc
     ")"
 ));
 
-/// Marks a batch published, fenced by the shard's lease epoch: the rows
-/// move from outbox_events to outbox_published (see migration 0007).
-/// FOR KEY SHARE makes a concurrent takeover wait for this statement, or
-/// this statement see it.
+/// Marks deliveries of several shards published in one statement, each
+/// fenced by its shard's lease epoch: the rows move from outbox_events to
+/// outbox_published (see migration 0007). $1/$2 are the shards and the
+/// epochs their writers hold; $3..$6 the deliveries (seq, partition,
+/// offset, shard). FOR KEY SHARE makes a concurrent takeover wait for this
+/// statement, or this statement see it (and skip that shard's rows). "+ 0":
+/// each row is found by its primary key, never by scanning the relay
+/// index, whatever plan is cached.
 pub(super) const RECORD_DELIVERED: &str = concat!(
     r"
 WITH fence AS (
-    SELECT 1 FROM outbox_leases WHERE shard = $1 AND epoch = $2 FOR KEY SHARE
+    SELECT l.shard
+    FROM outbox_leases AS l
+    JOIN UNNEST($1::integer[], $2::bigint[]) AS w(shard, epoch)
+      ON l.shard = w.shard AND l.epoch = w.epoch
+    FOR KEY SHARE OF l
 ),
 gone AS (
     DELETE FROM outbox_events AS e
-    USING UNNEST($3::bigint[], $4::integer[], $5::bigint[]) AS u(seq, kafka_partition, kafka_offset)
-    WHERE ",
-    fenced_row!(),
+    USING UNNEST($3::bigint[], $4::integer[], $5::bigint[], $6::integer[])
+          AS u(seq, kafka_partition, kafka_offset, shard)
+    WHERE e.seq = u.seq
+      AND e.shard = u.shard
+      AND e.state + 0 < ",
+    stored!(event first_final),
     r"
+      AND u.shard IN (SELECT shard FROM fence)
     RETURNING e.event_id, e.seq, e.producer, e.transaction_id, e.append_sequence, e.topic,
               u.kafka_partition, u.kafka_offset, e.attempts
 )
@@ -103,7 +102,7 @@ INSERT INTO outbox_published (event_id, seq, producer, transaction_id, append_se
 SELECT event_id, seq, producer, transaction_id, append_sequence, topic,
        kafka_partition, kafka_offset, attempts, now(), nextval('outbox_change_seq')
 FROM gone
-RETURNING event_id, producer, transaction_id, append_sequence, topic, ",
+RETURNING seq, event_id, producer, transaction_id, append_sequence, topic, ",
     stored!(event published),
     r"::smallint AS state,
           kafka_partition, kafka_offset, attempts, NULL::text AS last_error,
@@ -112,7 +111,8 @@ RETURNING event_id, producer, transaction_id, append_sequence, topic, ",
 );
 
 /// Records failed deliveries: a retry time keeps the event RETRYING, none
-/// dead-letters it. Fenced like [`RECORD_DELIVERED`].
+/// dead-letters it. Fenced by the shard's lease epoch like
+/// [`RECORD_DELIVERED`].
 pub(super) const RECORD_FAILED: &str = concat!(
     r"
 WITH fence AS (
@@ -131,9 +131,11 @@ SET state = CASE WHEN u.retry_at IS NULL THEN ",
     change_xid = pg_current_xact_id(),
     updated_at = now()
 FROM UNNEST($3::bigint[], $4::text[], $5::timestamptz[]) AS u(seq, error, retry_at)
-WHERE ",
-    fenced_row!(),
+WHERE e.seq = u.seq
+  AND e.state + 0 < ",
+    stored!(event first_final),
     r"
+  AND EXISTS (SELECT 1 FROM fence)
 RETURNING e.event_id, e.producer, e.transaction_id, e.append_sequence, e.topic, e.state,
           e.kafka_partition, e.kafka_offset, e.attempts, e.last_error, e.updated_at, e.change_seq
 "
