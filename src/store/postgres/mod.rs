@@ -679,7 +679,7 @@ impl Store for PostgresStore {
         if delivered.is_empty() {
             return Ok(Vec::new());
         }
-        self.recorder.record(&self.pool, lease, delivered).await
+        self.recorder.record(lease, delivered).await
     }
 
     async fn record_failed(
@@ -701,7 +701,7 @@ impl Store for PostgresStore {
             .bind(&retry_at)
             .fetch_all(&self.pool)
             .await?;
-        recorder::fenced_statuses(&self.pool, lease, &rows.iter().collect::<Vec<_>>()).await
+        recorder::fenced_statuses(&self.pool, lease, &rows).await
     }
 
     async fn commit_transaction(

@@ -37,6 +37,8 @@ struct Batch {
 /// gone.
 pub(super) struct Recorder {
     queue: mpsc::Sender<Batch>,
+    /// For a batch the tasks can no longer take (the runtime is stopping).
+    pool: PgPool,
 }
 
 impl Recorder {
@@ -47,14 +49,13 @@ impl Recorder {
         for _ in 0..RECORDERS {
             tokio::spawn(record(pool.clone(), batches.clone()));
         }
-        Recorder { queue }
+        Recorder { queue, pool }
     }
 
     /// Marks `delivered` published, fenced by `lease`, in a statement
     /// shared with the batches of other shards that are waiting too.
     pub(super) async fn record(
         &self,
-        pool: &PgPool,
         lease: &Lease,
         delivered: &[Delivered],
     ) -> Result<Vec<EventStatus>, StoreError> {
@@ -68,9 +69,9 @@ impl Recorder {
             Ok(()) => match outcome.await {
                 Ok(result) => result,
                 // The task is gone (the runtime is stopping): write it here.
-                Err(_) => record_alone(pool, lease, delivered).await,
+                Err(_) => record_alone(&self.pool, lease, delivered).await,
             },
-            Err(_) => record_alone(pool, lease, delivered).await,
+            Err(_) => record_alone(&self.pool, lease, delivered).await,
         }
     }
 }
@@ -116,7 +117,7 @@ async fn record(pool: PgPool, batches: Arc<Mutex<mpsc::Receiver<Batch>>>) {
 }
 
 /// Records one batch in a statement of its own.
-pub(super) async fn record_alone(
+async fn record_alone(
     pool: &PgPool,
     lease: &Lease,
     delivered: &[Delivered],
@@ -155,8 +156,8 @@ async fn record_together(
         .bind(&row_shards)
         .fetch_all(pool)
         .await?;
-    let mut written: Vec<Vec<&PgRow>> = vec![Vec::new(); leases.len()];
-    for row in &rows {
+    let mut written: Vec<Vec<PgRow>> = leases.iter().map(|_| Vec::new()).collect();
+    for row in rows {
         let seq: i64 = row.try_get("seq")?;
         if let Some(&index) = batch_of.get(&seq) {
             written[index].push(row);
@@ -175,7 +176,7 @@ async fn record_together(
 pub(super) async fn fenced_statuses(
     pool: &PgPool,
     lease: &Lease,
-    rows: &[&PgRow],
+    rows: &[PgRow],
 ) -> Result<Vec<EventStatus>, StoreError> {
     if rows.is_empty() && !lease_is_current(pool, lease).await? {
         return Err(StoreError::LeaseLost {
@@ -183,7 +184,7 @@ pub(super) async fn fenced_statuses(
             epoch: lease.epoch,
         });
     }
-    rows.iter().map(|row| status_from_row(row)).collect()
+    rows.iter().map(status_from_row).collect()
 }
 
 /// Whether `lease`'s epoch is still its shard's.
