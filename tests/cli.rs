@@ -118,7 +118,6 @@ async fn serve_drains_appends_and_publishes_on_sigterm() {
             appends
         }));
     }
-    let mut store = sqlx::PgConnection::connect(&database).await.unwrap();
     // A backlog: events stored and not yet published.
     support::eventually(
         "a backlog of unpublished events",
@@ -126,15 +125,13 @@ async fn serve_drains_appends_and_publishes_on_sigterm() {
         || {
             let store = database.clone();
             async move {
-                let mut db = sqlx::PgConnection::connect(&store).await.ok()?;
-                let unpublished: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM outbox_event_statuses WHERE state <> $1",
-                )
-                .bind(outboxd::domain::EventState::Published as i16)
-                .fetch_one(&mut db)
-                .await
-                .ok()?;
-                (unpublished > 4 * CART_KEYS as i64).then_some(())
+                let unpublished = support::stored_events(&store)
+                    .await
+                    .ok()?
+                    .into_iter()
+                    .filter(|(_, state)| *state != outboxd::domain::EventState::Published as i16)
+                    .count();
+                (unpublished > 4 * CART_KEYS).then_some(())
             }
         },
     )
@@ -165,12 +162,13 @@ async fn serve_drains_appends_and_publishes_on_sigterm() {
         },
     )
     .await;
-    let backlog: Vec<uuid::Uuid> =
-        sqlx::query_scalar("SELECT event_id FROM outbox_event_statuses WHERE state <> $1")
-            .bind(outboxd::domain::EventState::Published as i16)
-            .fetch_all(&mut store)
-            .await
-            .unwrap();
+    let backlog: Vec<uuid::Uuid> = support::stored_events(&database)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(_, state)| *state != outboxd::domain::EventState::Published as i16)
+        .map(|(id, _)| id)
+        .collect();
     assert!(
         backlog.len() > CART_KEYS,
         "a backlog of {} events, more than the relay can have in flight",
@@ -251,15 +249,15 @@ async fn serve_drains_appends_and_publishes_on_sigterm() {
         "every acknowledged event was published before exit"
     );
     // And recorded as published: the next start has nothing to send again.
-    let ids: Vec<uuid::Uuid> = expected.iter().map(|id| id.parse().unwrap()).collect();
-    let unrecorded: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM outbox_event_statuses WHERE event_id = ANY($1) AND state <> $2",
-    )
-    .bind(&ids)
-    .bind(outboxd::domain::EventState::Published as i16)
-    .fetch_one(&mut store)
-    .await
-    .unwrap();
+    let ids: HashSet<uuid::Uuid> = expected.iter().map(|id| id.parse().unwrap()).collect();
+    let unrecorded = support::stored_events(&database)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(id, state)| {
+            ids.contains(id) && *state != outboxd::domain::EventState::Published as i16
+        })
+        .count();
     assert_eq!(unrecorded, 0, "every delivery was recorded before exit");
     println!(
         "SIGTERM: a backlog of {} events and {} events in flight at the signal; {} acknowledged in all",

@@ -813,10 +813,10 @@ async fn a_fatal_producer_error_replaces_the_producer() {
     gateway.stop().await;
 }
 
-/// A delivery that cannot be recorded (its event id turned up in the
-/// published table, as a reused id could before that was closed) does not
-/// wedge its shard: that event is dead-lettered with the reason, and every
-/// other outcome of the batch is recorded.
+/// A delivery that cannot be recorded (the store refuses the statement
+/// that publishes that one event) does not wedge its shard: that event is
+/// dead-lettered with the reason, and every other outcome of the batch is
+/// recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_that_cannot_be_recorded_dead_letters_only_its_event() {
     use sqlx::Connection;
@@ -836,12 +836,12 @@ async fn a_delivery_that_cannot_be_recorded_dead_letters_only_its_event() {
         .await
         .unwrap();
     wait_for_relay_health(&channel, ServingStatus::NotServing).await;
-    let reused = uuid::Uuid::now_v7().to_string();
+    let chosen = uuid::Uuid::now_v7().to_string();
     let mut events: Vec<proto::Event> = ["k1", "k2", "k1"]
         .iter()
         .map(|key| support::keyed_event(&topic, key, key.as_bytes()))
         .collect();
-    events[0].event_id = reused.clone();
+    events[0].event_id = chosen.clone();
     let ids = client
         .append(support::append_request(
             support::immediate_token("unrecordable", "t"),
@@ -851,13 +851,20 @@ async fn a_delivery_that_cannot_be_recorded_dead_letters_only_its_event() {
         .unwrap()
         .into_inner()
         .event_ids;
+    // The store refuses any write that publishes the first event (the
+    // first of its segment: one shard, one append).
     let mut store = sqlx::PgConnection::connect(&store_url).await.unwrap();
-    sqlx::query(
-        "INSERT INTO outbox_published (event_id, seq, producer, transaction_id, append_sequence, \
-             topic, kafka_partition, kafka_offset, attempts, published_at, change_seq) \
-         VALUES ($1::uuid, 0, 'elsewhere', 'x', 0, 'elsewhere', 0, 0, 0, now(), 0)",
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_first_publication() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+             IF get_byte(NEW.states, 0) = 4 AND get_byte(OLD.states, 0) <> 4 THEN \
+                 RAISE EXCEPTION 'the first event cannot be published here'; \
+             END IF; \
+             RETURN NEW; \
+         END $$; \
+         CREATE TRIGGER refuse_first_publication BEFORE UPDATE ON outbox_segments \
+             FOR EACH ROW EXECUTE FUNCTION refuse_first_publication();",
     )
-    .bind(&reused)
     .execute(&mut store)
     .await
     .unwrap();
@@ -880,7 +887,7 @@ async fn a_delivery_that_cannot_be_recorded_dead_letters_only_its_event() {
         )
         .await;
     }
-    // By transaction: the id also names the stranger's published row.
+    // By transaction.
     let status = client
         .get_status(proto::GetStatusRequest {
             transactions: vec![proto::TransactionRef {

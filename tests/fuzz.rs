@@ -1966,13 +1966,8 @@ async fn stored_in(store_url: &str) -> Stored {
                 .fetch_all(&pool)
                 .await
                 .unwrap();
-        let events: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT event_id FROM outbox_events UNION ALL SELECT event_id FROM outbox_published",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap();
         pool.close().await;
+        let events: Vec<Uuid> = support::stored_event_ids(store_url).await;
         let count = events.len();
         let events: HashSet<Uuid> = events.into_iter().collect();
         assert_eq!(events.len(), count, "an event id is stored twice");

@@ -908,8 +908,8 @@ async fn postgres_a_failed_slot_release_does_not_freeze_the_gate() {
 }
 
 /// A caller-chosen event id cannot be stored twice, not even while its
-/// first event is being moved to the published table by a concurrent
-/// delivery record. (PostgreSQL only: SQLite has one writer at a time.)
+/// first event is being published by a concurrent delivery record that
+/// holds its segment. (PostgreSQL only: SQLite has one writer at a time.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_an_event_id_being_published_cannot_be_taken_again() {
     use sqlx::Connection;
@@ -929,16 +929,12 @@ async fn postgres_an_event_id_being_published_cannot_be_taken_again() {
         .unwrap()
         .remove(0)
         .unwrap();
-    // A delivery record moving it, not yet committed.
+    // A delivery record publishing it, not yet committed.
     let mut mover = sqlx::PgConnection::connect(&url).await.unwrap();
     sqlx::raw_sql("BEGIN").execute(&mut mover).await.unwrap();
     sqlx::query(
-        "WITH gone AS (DELETE FROM outbox_events WHERE event_id = $1 \
-             RETURNING event_id, seq, producer, transaction_id, append_sequence, topic, attempts) \
-         INSERT INTO outbox_published (event_id, seq, producer, transaction_id, append_sequence, \
-             topic, kafka_partition, kafka_offset, attempts, published_at, change_seq) \
-         SELECT event_id, seq, producer, transaction_id, append_sequence, topic, 0, 0, attempts, \
-             now(), nextval('outbox_change_seq') FROM gone",
+        "UPDATE outbox_segments SET states = '\\x04', final = true, updated_at = now() \
+         WHERE number = (SELECT segment FROM outbox_caller_ids WHERE event_id = $1)",
     )
     .bind(id.0)
     .execute(&mut mover)
@@ -1024,11 +1020,10 @@ async fn postgres_the_change_feed_waits_for_an_older_running_writer_behind_a_new
     let mut older = outboxd_connection().await;
     sqlx::raw_sql("BEGIN").execute(&mut older).await.unwrap();
     sqlx::query(
-        "UPDATE outbox_events SET last_error = 'moving', \
-             change_seq = nextval('outbox_change_seq'), change_xid = pg_current_xact_id() \
-         WHERE event_id = $1",
+        "INSERT INTO outbox_changes (producer, segment) \
+         SELECT producer, segment FROM outbox_changes WHERE producer = 'ledger' \
+         ORDER BY change_seq LIMIT 1",
     )
-    .bind(first.0)
     .execute(&mut older)
     .await
     .unwrap();

@@ -122,16 +122,12 @@ async fn acknowledged_events_survive_an_immediate_store_shutdown() {
 
     // Every acknowledged event is in the store, published or waiting.
     {
-        use sqlx::Connection;
-        let mut connection = sqlx::PgConnection::connect(&store_url).await.unwrap();
         let ids: Vec<uuid::Uuid> = expected.iter().map(|id| id.parse().unwrap()).collect();
-        let stored: Vec<uuid::Uuid> = sqlx::query_scalar(
-            "SELECT event_id FROM outbox_event_statuses WHERE event_id = ANY($1)",
-        )
-        .bind(&ids)
-        .fetch_all(&mut connection)
-        .await
-        .unwrap();
+        let stored: Vec<uuid::Uuid> = support::stored_event_ids(&store_url)
+            .await
+            .into_iter()
+            .filter(|id| ids.contains(id))
+            .collect();
         let stored: HashSet<String> = stored.into_iter().map(|id| id.to_string()).collect();
         let lost: Vec<&String> = expected.difference(&stored).collect();
         assert!(

@@ -91,6 +91,10 @@ pub struct SegmentTransaction {
     /// The append's number within its transaction.
     #[prost(uint64, tag = "3")]
     pub append_sequence: u64,
+    /// The append's place among the appends of the commit that stored it:
+    /// with [`SegmentEvent::index`], the order the events were appended in.
+    #[prost(uint32, tag = "4")]
+    pub batch: u32,
 }
 
 /// A header of a packed event.
@@ -144,6 +148,9 @@ pub struct SegmentEvent {
     /// W3C tracestate of the append.
     #[prost(string, optional, tag = "12")]
     pub tracestate: Option<String>,
+    /// The event's index in its append.
+    #[prost(uint32, tag = "13")]
+    pub index: u32,
 }
 
 /// A segment's packed events: what its `body` column holds.
@@ -178,6 +185,25 @@ pub enum SegmentError {
     BadCallerId(usize),
 }
 
+/// Which append an event of [`SegmentBuilder::push`] comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct AppendPlace<'a> {
+    /// The producer the caller acts for.
+    pub producer: &'a str,
+    /// The caller's transaction id.
+    pub transaction_id: &'a str,
+    /// The append's number within its transaction.
+    pub sequence: u64,
+    /// The append's place among the appends of its commit.
+    pub batch: u32,
+    /// The event's index in its append.
+    pub index: u32,
+    /// W3C traceparent of the append, when traced.
+    pub traceparent: Option<&'a str>,
+    /// W3C tracestate of the append.
+    pub tracestate: Option<&'a str>,
+}
+
 /// Builds one segment's body, event by event, in append order.
 #[derive(Debug, Default)]
 pub struct SegmentBuilder {
@@ -185,18 +211,18 @@ pub struct SegmentBuilder {
 }
 
 impl SegmentBuilder {
-    /// Adds `event` of the append `sequence` of `producer`'s transaction
-    /// `transaction_id`, with the append's trace context; returns its
-    /// position. The caller keeps a segment within [`MAX_SEGMENT_EVENTS`].
-    pub fn push(
-        &mut self,
-        producer: &str,
-        transaction_id: &str,
-        sequence: u64,
-        event: &NewEvent,
-        traceparent: Option<&str>,
-        tracestate: Option<&str>,
-    ) -> u16 {
+    /// Adds `event` of the append `append` names; returns its position.
+    /// The caller keeps a segment within [`MAX_SEGMENT_EVENTS`].
+    pub fn push(&mut self, append: AppendPlace<'_>, event: &NewEvent) -> u16 {
+        let AppendPlace {
+            producer,
+            transaction_id,
+            sequence,
+            batch,
+            index,
+            traceparent,
+            tracestate,
+        } = append;
         let position = self.body.events.len();
         debug_assert!(position < MAX_SEGMENT_EVENTS);
         // Appends of one transaction come together, so the last one is
@@ -205,7 +231,8 @@ impl SegmentBuilder {
             Some(last)
                 if last.producer == producer
                     && last.transaction_id == transaction_id
-                    && last.append_sequence == sequence =>
+                    && last.append_sequence == sequence
+                    && last.batch == batch =>
             {
                 self.body.transactions.len() - 1
             }
@@ -214,6 +241,7 @@ impl SegmentBuilder {
                     producer: producer.to_owned(),
                     transaction_id: transaction_id.to_owned(),
                     append_sequence: sequence,
+                    batch,
                 });
                 self.body.transactions.len() - 1
             }
@@ -238,6 +266,7 @@ impl SegmentBuilder {
             occurred_at_micros: event.occurred_at.map(|at| at.timestamp_micros()),
             traceparent: traceparent.map(str::to_owned),
             tracestate: tracestate.map(str::to_owned),
+            index,
         });
         position as u16
     }
@@ -255,6 +284,20 @@ impl SegmentBuilder {
     /// The body's bytes, as stored.
     pub fn encode(&self) -> Vec<u8> {
         self.body.encode_to_vec()
+    }
+
+    /// The body's bytes, and the segment they make as segment `number` of
+    /// `millis`.
+    pub fn finish(self, number: u64, millis: u64) -> (Vec<u8>, Segment) {
+        let bytes = self.encode();
+        (
+            bytes,
+            Segment {
+                number,
+                millis,
+                body: self.body,
+            },
+        )
     }
 }
 
@@ -422,22 +465,42 @@ mod tests {
         assert_eq!(EventLocation::of(EventId(Uuid::max())), None);
     }
 
+    fn place<'a>(
+        producer: &'a str,
+        transaction_id: &'a str,
+        sequence: u64,
+        index: u32,
+        traceparent: Option<&'a str>,
+    ) -> AppendPlace<'a> {
+        AppendPlace {
+            producer,
+            transaction_id,
+            sequence,
+            batch: 0,
+            index,
+            traceparent,
+            tracestate: None,
+        }
+    }
+
     #[test]
     fn a_segment_gives_back_what_was_packed() {
         let caller_id = EventId(Uuid::new_v4());
         let mut builder = SegmentBuilder::default();
         assert_eq!(
-            builder.push("shop", "t-1", 0, &event("a", b"one"), None, None),
+            builder.push(place("shop", "t-1", 0, 0, None), &event("a", b"one")),
             0
         );
         assert_eq!(
             builder.push(
-                "shop",
-                "t-1",
-                0,
-                &event("b", b"two"),
-                Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
-                None
+                place(
+                    "shop",
+                    "t-1",
+                    0,
+                    1,
+                    Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+                ),
+                &event("b", b"two")
             ),
             1
         );
@@ -449,7 +512,7 @@ mod tests {
             ),
             ..event("c", b"three")
         };
-        assert_eq!(builder.push("bank", "t-9", 2, &chosen, None, None), 2);
+        assert_eq!(builder.push(place("bank", "t-9", 2, 0, None), &chosen), 2);
         assert_eq!(builder.len(), 3);
 
         let segment = Segment::decode(42, 1_796_000_000_000, &builder.encode()).expect("decodes");

@@ -227,6 +227,57 @@ pub async fn fresh_database_on(admin_url: &str) -> String {
     format!("{base}/{name}")
 }
 
+/// Every event id a PostgreSQL store holds, read from its tables alone: the
+/// ids callers chose, and for every other position of every segment the
+/// id that names it. One entry per stored event (a duplicate shows twice).
+pub async fn stored_event_ids(store_url: &str) -> Vec<uuid::Uuid> {
+    stored_events(store_url)
+        .await
+        .expect("reading the store's events")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// [`stored_event_ids`], each with its stored state (`EventState` as
+/// stored); an error while the store cannot be read (not migrated yet).
+pub async fn stored_events(store_url: &str) -> Result<Vec<(uuid::Uuid, i16)>, sqlx::Error> {
+    use outboxd::store::segment::EventLocation;
+    use sqlx::Connection;
+    let mut connection = sqlx::PgConnection::connect(store_url).await?;
+    let segments: Vec<(i64, i64, Vec<u8>)> =
+        sqlx::query_as("SELECT number, millis, states FROM outbox_segments")
+            .fetch_all(&mut connection)
+            .await?;
+    let chosen: HashMap<(i64, i32), uuid::Uuid> = sqlx::query_as::<_, (uuid::Uuid, i64, i32)>(
+        "SELECT event_id, segment, position FROM outbox_caller_ids",
+    )
+    .fetch_all(&mut connection)
+    .await?
+    .into_iter()
+    .map(|(id, segment, position)| ((segment, position), id))
+    .collect();
+    let mut ids = Vec::new();
+    for (number, millis, states) in segments {
+        for (position, state) in states.iter().enumerate() {
+            let position = position as i32;
+            let id = match chosen.get(&(number, position)) {
+                Some(id) => *id,
+                None => {
+                    EventLocation {
+                        segment: number as u64,
+                        position: position as u16,
+                    }
+                    .id(millis as u64)
+                    .0
+                }
+            };
+            ids.push((id, i16::from(*state)));
+        }
+    }
+    Ok(ids)
+}
+
 /// A caller's open PostgreSQL transaction and its postgres_xid token.
 pub struct CallerTransaction {
     connection: sqlx::PgConnection,

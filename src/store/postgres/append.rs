@@ -1,30 +1,37 @@
-//! The fast append paths. [`append_new`]: appends of new transactions in
-//! one statement, the writer's slot released in the same commit.
-//! [`append`]: any appends in five statements, whatever their number, as
-//! [`plan`] decides from what the store holds.
+//! The append paths. [`append_new`]: appends of new transactions in one
+//! statement, the writer's slot released in the same commit. [`append`]:
+//! any appends in a few statements, whatever their number, as [`plan`]
+//! decides from what the store holds. Both pack the new events into
+//! segments with [`pack`]: one per shard the commit writes to.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgArguments, Postgres};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::taken_event_ids;
-use crate::domain::{AppendBatch, AppendOutcome, EventId, EventStatus, encode_headers, shard_of};
+use super::segments::{self, SegmentCache};
+use crate::domain::{AppendBatch, AppendOutcome, EventId, EventStatus, shard_of};
 use crate::store::AppendRejection;
 use crate::store::codes::{
     NewTransaction, event_id_taken, initial_event_state, mode_code, pack_ids, unpack_ids,
 };
+use crate::store::segment::{AppendPlace, MAX_SEGMENT_EVENTS, Segment, SegmentBuilder};
 use crate::store::tokens::ExistingTransaction;
+use crate::store::{StoreError, segment::EventLocation};
 
 const UPSERT_TRANSACTIONS: &str = include_str!("../sql/postgres/upsert_transactions.sql");
 const INSERT_APPENDS: &str = include_str!("../sql/postgres/insert_appends.sql");
-const INSERT_EVENTS: &str = include_str!("../sql/postgres/insert_events_batched.sql");
 const FAST_APPEND: &str = include_str!("../sql/postgres/fast_append.sql");
 
 /// Raised by `outbox_fast_append_check` (migration 0008).
 const NOT_A_FAST_APPEND: &str = "OBX01";
+
+/// Segment numbers taken from the sequence at once (its increment,
+/// migration 0012).
+const NUMBER_BLOCK: i64 = 1024;
 
 type Key<'a> = (&'a str, &'a str, i64);
 
@@ -32,6 +39,9 @@ type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 
 /// A stored append: its content hash and packed event ids, by key.
 type StoredAppends = HashMap<(String, String, i64), (Vec<u8>, Vec<u8>)>;
+
+/// Results of a coalesced batch, in request order.
+pub(super) type Results = Vec<Result<AppendOutcome, AppendRejection>>;
 
 fn key(batch: &AppendBatch) -> Key<'_> {
     (
@@ -41,23 +51,232 @@ fn key(batch: &AppendBatch) -> Key<'_> {
     )
 }
 
+/// Segment numbers, reserved from the sequence a block at a time, so that
+/// a writer knows its events' ids before it writes them.
+#[derive(Default)]
+pub(super) struct SegmentNumbers {
+    /// The next number and the end of the block it is in.
+    block: Mutex<(i64, i64)>,
+}
+
+impl SegmentNumbers {
+    /// `count` unused segment numbers, ascending.
+    pub(super) async fn take(
+        &self,
+        connection: &mut PgConnection,
+        count: usize,
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        let mut numbers = Vec::with_capacity(count);
+        loop {
+            {
+                let mut block = self.block.lock().expect("segment numbers lock");
+                while numbers.len() < count && block.0 < block.1 {
+                    numbers.push(block.0);
+                    block.0 += 1;
+                }
+            }
+            if numbers.len() == count {
+                return Ok(numbers);
+            }
+            let start: i64 = sqlx::query_scalar("SELECT nextval('outbox_segment_numbers')")
+                .fetch_one(&mut *connection)
+                .await?;
+            let mut block = self.block.lock().expect("segment numbers lock");
+            // The rest of the block in hand (if another writer took one
+            // meanwhile) is given up: numbers need not be dense.
+            *block = (start, start + NUMBER_BLOCK);
+        }
+    }
+}
+
+/// The new events of a commit, packed into segments.
+#[derive(Debug, Default)]
+pub(super) struct Packed {
+    /// The segments, in number order.
+    pub segments: Vec<NewSegment>,
+    /// Ids and shards of each packed append's events, in request order.
+    pub appends: Vec<(Vec<EventId>, Vec<u32>)>,
+    /// Caller-chosen ids: id, segment, position.
+    pub caller_ids: (Vec<Uuid>, Vec<i64>, Vec<i32>),
+    /// The change-feed rows: each producer of each segment.
+    pub changes: (Vec<String>, Vec<i64>),
+}
+
+/// A segment to insert.
+#[derive(Debug)]
+pub(super) struct NewSegment {
+    pub shard: i32,
+    pub body: Vec<u8>,
+    pub states: Vec<u8>,
+    pub segment: Arc<Segment>,
+}
+
+/// The shard of each event of each append: its ordering key's, or any
+/// shard for an event without one (no order promise).
+pub(super) fn shards_of(batches: &[&AppendBatch], shard_count: u32) -> Vec<Vec<u32>> {
+    batches
+        .iter()
+        .map(|batch| {
+            batch
+                .events
+                .iter()
+                .map(|event| match event.ordering_key() {
+                    Some(key) => shard_of(Some(key), EventId(Uuid::nil()), shard_count),
+                    None => shard_of(None, EventId(Uuid::new_v4()), shard_count),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The segments `shards` fill: one per shard, more when a shard has more
+/// events than a segment holds.
+pub(super) fn segments_needed(shards: &[Vec<u32>]) -> usize {
+    let mut per_shard: BTreeMap<u32, usize> = BTreeMap::new();
+    for shard in shards.iter().flatten() {
+        *per_shard.entry(*shard).or_default() += 1;
+    }
+    per_shard
+        .values()
+        .map(|events| events.div_ceil(MAX_SEGMENT_EVENTS))
+        .sum()
+}
+
+/// Packs the events of `batches` (their shards as [`shards_of`] gave them)
+/// into segments numbered from `numbers` (at least [`segments_needed`]),
+/// stamped `millis`: a shard's events in request order, one segment per
+/// shard in shard order. No I/O.
+pub(super) fn pack(
+    batches: &[&AppendBatch],
+    shards: &[Vec<u32>],
+    numbers: &[i64],
+    millis: i64,
+) -> Packed {
+    let mut by_shard: BTreeMap<u32, Vec<(usize, usize)>> = BTreeMap::new();
+    for (append, event_shards) in shards.iter().enumerate() {
+        for (event, shard) in event_shards.iter().enumerate() {
+            by_shard.entry(*shard).or_default().push((append, event));
+        }
+    }
+    let mut packed = Packed::default();
+    let mut ids: Vec<Vec<EventId>> = batches
+        .iter()
+        .map(|batch| vec![EventId(Uuid::nil()); batch.events.len()])
+        .collect();
+    let mut numbers = numbers.iter().copied();
+    for (shard, events) in by_shard {
+        for chunk in events.chunks(MAX_SEGMENT_EVENTS) {
+            let number = numbers.next().expect("enough segment numbers");
+            let mut builder = SegmentBuilder::default();
+            let mut states = Vec::with_capacity(chunk.len());
+            let mut producers: Vec<&str> = Vec::new();
+            for &(append, event) in chunk {
+                let batch = batches[append];
+                let new = &batch.events[event];
+                let producer = batch.token.producer.as_str();
+                let position = builder.push(
+                    AppendPlace {
+                        producer,
+                        transaction_id: &batch.token.transaction_id,
+                        sequence: batch.sequence,
+                        batch: append as u32,
+                        index: event as u32,
+                        traceparent: batch.trace.traceparent.as_deref(),
+                        tracestate: batch.trace.tracestate.as_deref(),
+                    },
+                    new,
+                );
+                states.push(initial_event_state(batch) as i16 as u8);
+                ids[append][event] = match new.event_id {
+                    Some(id) => {
+                        packed.caller_ids.0.push(id.0);
+                        packed.caller_ids.1.push(number);
+                        packed.caller_ids.2.push(i32::from(position));
+                        id
+                    }
+                    None => EventLocation {
+                        segment: number as u64,
+                        position,
+                    }
+                    .id(millis as u64),
+                };
+                if !producers.contains(&producer) {
+                    producers.push(producer);
+                }
+            }
+            for producer in producers {
+                packed.changes.0.push(producer.to_owned());
+                packed.changes.1.push(number);
+            }
+            let (body, segment) = builder.finish(number as u64, millis as u64);
+            packed.segments.push(NewSegment {
+                shard: shard as i32,
+                body,
+                states,
+                segment: Arc::new(segment),
+            });
+        }
+    }
+    packed.appends = ids.into_iter().zip(shards.iter().cloned()).collect();
+    packed
+}
+
+impl Packed {
+    /// Binds the segments, caller ids and change rows as the next ten
+    /// parameters.
+    fn bind<'q>(&'q self, query: PgQuery<'q>) -> PgQuery<'q> {
+        let numbers: Vec<i64> = self
+            .segments
+            .iter()
+            .map(|s| s.segment.number as i64)
+            .collect();
+        let shards: Vec<i32> = self.segments.iter().map(|s| s.shard).collect();
+        let millis: Vec<i64> = self
+            .segments
+            .iter()
+            .map(|s| s.segment.millis as i64)
+            .collect();
+        let bodies: Vec<&[u8]> = self.segments.iter().map(|s| &s.body[..]).collect();
+        let states: Vec<&[u8]> = self.segments.iter().map(|s| &s.states[..]).collect();
+        query
+            .bind(numbers)
+            .bind(shards)
+            .bind(millis)
+            .bind(bodies)
+            .bind(states)
+            .bind(&self.caller_ids.0)
+            .bind(&self.caller_ids.1)
+            .bind(&self.caller_ids.2)
+            .bind(&self.changes.0)
+            .bind(&self.changes.1)
+    }
+
+    /// Keeps the written segments' bodies.
+    pub(super) fn cache(&self, cache: &SegmentCache) {
+        for segment in &self.segments {
+            cache.put(segment.segment.clone(), segment.body.len());
+        }
+    }
+}
+
 /// What becomes of one append of the batch.
 #[derive(Debug)]
 enum Plan {
     Decided(Result<AppendOutcome, AppendRejection>),
     /// A retry of an append earlier in this same batch.
     SameAs(usize),
-    /// New: stored with these ids.
-    New(Vec<EventId>),
+    /// New: stored, its events packed.
+    New,
 }
 
-/// Stores `batches`; `Ok(None)` when a concurrent writer got in the way and
-/// the caller must roll back and take the slow path.
+/// Stores `batches` in the open transaction; `Ok(None)` when a concurrent
+/// writer got in the way and the caller must roll back and try again.
 pub(super) async fn append(
     tx: &mut PgConnection,
+    numbers: &SegmentNumbers,
     batches: &[AppendBatch],
     shard_count: u32,
-) -> Result<Option<Vec<Result<AppendOutcome, AppendRejection>>>, sqlx::Error> {
+) -> Result<Option<(Results, Packed)>, StoreError> {
     // Appends already stored: retries (same content) or conflicts.
     let (mut key_producers, mut key_ids, mut key_sequences) = (vec![], vec![], vec![]);
     for batch in batches {
@@ -133,24 +352,31 @@ pub(super) async fn append(
         .map(Some)
         .collect();
 
-    // The new appends and all their events.
-    let new: Vec<(usize, &Vec<EventId>)> = plans
+    // The new appends, their events packed.
+    let new: Vec<usize> = plans
         .iter()
         .enumerate()
-        .filter_map(|(i, p)| match p {
-            Some(Plan::New(ids)) => Some((i, ids)),
-            _ => None,
-        })
+        .filter_map(|(i, p)| matches!(p, Some(Plan::New)).then_some(i))
         .collect();
-    let mut changes: HashMap<Uuid, (i64, DateTime<Utc>)> = HashMap::new();
+    let new_batches: Vec<&AppendBatch> = new.iter().map(|&i| &batches[i]).collect();
+    let shards = shards_of(&new_batches, shard_count);
+    let segment_numbers = numbers.take(tx, segments_needed(&shards)).await?;
+    let now = Utc::now();
+    let packed = pack(
+        &new_batches,
+        &shards,
+        &segment_numbers,
+        now.timestamp_millis(),
+    );
+    let mut changes = HashMap::new();
     if !new.is_empty() {
         let mut a = (vec![], vec![], vec![], vec![], vec![]);
-        for (i, event_ids) in &new {
-            let batch = &batches[*i];
+        for (&i, (event_ids, _)) in new.iter().zip(&packed.appends) {
+            let batch = &batches[i];
             a.0.push(batch.token.producer.as_str());
             a.1.push(batch.token.transaction_id.as_str());
             a.2.push(batch.sequence as i64);
-            a.3.push(hashes[*i].to_vec());
+            a.3.push(hashes[i].to_vec());
             a.4.push(pack_ids(event_ids));
         }
         let inserted = sqlx::query(INSERT_APPENDS)
@@ -165,18 +391,32 @@ pub(super) async fn append(
             // Another writer stored one of these appends meanwhile.
             return Ok(None);
         }
-
-        let now = Utc::now();
-        let mut rows = EventRows::default();
-        for (i, event_ids) in &new {
-            rows.push_batch(&batches[*i], event_ids, shard_count, now);
-        }
-        changes = rows.insert(tx).await?;
+        let written = packed
+            .bind(sqlx::query(
+                "WITH segments AS ( \
+                     INSERT INTO outbox_segments (number, shard, millis, body, states) \
+                     SELECT * FROM UNNEST($1::bigint[], $2::integer[], $3::bigint[], $4::bytea[], $5::bytea[])), \
+                 callers AS ( \
+                     INSERT INTO outbox_caller_ids (event_id, segment, position) \
+                     SELECT * FROM UNNEST($6::uuid[], $7::bigint[], $8::integer[])) \
+                 INSERT INTO outbox_changes (producer, segment) \
+                 SELECT * FROM UNNEST($9::text[], $10::bigint[]) \
+                 RETURNING producer, segment, change_seq",
+            ))
+            .fetch_all(&mut *tx)
+            .await;
+        let written = match written {
+            Ok(written) => written,
+            // A caller-chosen id another writer took meanwhile.
+            Err(error) if crate::store::error::is_unique_violation(&error) => return Ok(None),
+            Err(error) => return Err(error.into()),
+        };
+        changes = change_seqs(&written)?;
     }
 
     // Outcomes, in request order.
-    let mut results: Vec<Result<AppendOutcome, AppendRejection>> =
-        Vec::with_capacity(batches.len());
+    let mut outcomes = packed.appends.iter().zip(&new_batches);
+    let mut results: Results = Vec::with_capacity(batches.len());
     for (index, batch) in batches.iter().enumerate() {
         let result = match plans[index].take().expect("every append was planned") {
             Plan::Decided(result) => result,
@@ -189,11 +429,27 @@ pub(super) async fn append(
                 }),
                 Err(rejection) => Err(rejection.clone()),
             },
-            Plan::New(event_ids) => Ok(new_outcome(batch, event_ids, &changes, shard_count)),
+            Plan::New => {
+                let ((ids, shards), _) = outcomes.next().expect("one packing per new append");
+                Ok(new_outcome(batch, ids, shards, &changes, now))
+            }
         };
         results.push(result);
     }
-    Ok(Some(results))
+    Ok(Some((results, packed)))
+}
+
+/// Change cursors of the rows an insert into outbox_changes returned, by
+/// (producer, segment).
+fn change_seqs(rows: &[sqlx::postgres::PgRow]) -> Result<HashMap<(String, i64), i64>, sqlx::Error> {
+    rows.iter()
+        .map(|row| {
+            Ok((
+                (row.try_get("producer")?, row.try_get("segment")?),
+                row.try_get("change_seq")?,
+            ))
+        })
+        .collect()
 }
 
 /// New transactions' columns, as arrays for one statement.
@@ -245,6 +501,40 @@ fn uses_taken_id(batch: &AppendBatch, taken: &[Uuid], stored: &StoredAppends) ->
             .events
             .iter()
             .any(|e| e.event_id.is_some_and(|id| taken.contains(&id.0)))
+}
+
+/// The caller-chosen event ids of `batches` that are stored already: as a
+/// caller's id, or as the id outboxd gave an event it packed.
+pub(super) async fn taken_event_ids(
+    connection: &mut PgConnection,
+    batches: &[AppendBatch],
+) -> Result<Vec<Uuid>, StoreError> {
+    let ids: Vec<EventId> = batches
+        .iter()
+        .flat_map(|b| b.events.iter().filter_map(|e| e.event_id))
+        .collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let located = segments::locate(connection, &ids).await?;
+    let numbers: Vec<i64> = located.iter().map(|(_, l)| l.segment).collect();
+    let rows = segments::rows(connection, &numbers, false).await?;
+    let rows: HashMap<i64, &segments::SegmentRow> = rows.iter().map(|r| (r.number, r)).collect();
+    Ok(located
+        .into_iter()
+        .filter(
+            |(_, located)| match (located.millis, rows.get(&located.segment)) {
+                // A caller's id in its table.
+                (None, _) => true,
+                // An id naming one of outboxd's events.
+                (Some(millis), Some(row)) => {
+                    row.millis == millis && (located.position as usize) < row.len()
+                }
+                (Some(_), None) => false,
+            },
+        )
+        .map(|(id, _)| id.0)
+        .collect())
 }
 
 /// What becomes of each append of a coalesced batch, from what the store
@@ -303,13 +593,7 @@ fn plan(
             Plan::Decided(Err(rejection))
         } else {
             new_in_batch.insert(key(batch), index);
-            Plan::New(
-                batch
-                    .events
-                    .iter()
-                    .map(|e| e.event_id.unwrap_or_else(EventId::generate))
-                    .collect(),
-            )
+            Plan::New
         };
         plans.push(plan);
     }
@@ -321,10 +605,11 @@ fn plan(
 /// transaction and append is new and every caller-chosen event id is free.
 pub(super) async fn append_new(
     connection: &mut PgConnection,
+    numbers: &SegmentNumbers,
     slot: i64,
     batches: &[AppendBatch],
     shard_count: u32,
-) -> Result<Option<Vec<Result<AppendOutcome, AppendRejection>>>, sqlx::Error> {
+) -> Result<Option<(Results, Packed)>, StoreError> {
     // One append per transaction, or the statement could not tell a retry
     // or a token conflict within the batch. A later append (sequence > 0)
     // finds its transaction stored: the statement would refuse it, with an
@@ -336,43 +621,34 @@ pub(super) async fn append_new(
     }) {
         return Ok(None);
     }
+    // An id that names one of outboxd's events is in no table's unique
+    // index: look for it first.
+    if batches
+        .iter()
+        .any(|b| b.events.iter().any(|e| e.event_id.is_some()))
+        && !taken_event_ids(connection, batches).await?.is_empty()
+    {
+        return Ok(None);
+    }
+    let all: Vec<&AppendBatch> = batches.iter().collect();
+    let shards = shards_of(&all, shard_count);
+    let segment_numbers = numbers.take(connection, segments_needed(&shards)).await?;
+    let now = Utc::now();
+    let packed = pack(&all, &shards, &segment_numbers, now.timestamp_millis());
     let mut new_transactions = TransactionColumns::default();
-    let (mut sequences, mut hashes, mut packed) = (vec![], vec![], vec![]);
-    let mut event_ids = Vec::with_capacity(batches.len());
-    let mut caller_ids = Vec::new();
-    for batch in batches {
+    let (mut sequences, mut hashes, mut packed_ids) = (vec![], vec![], vec![]);
+    for (batch, (ids, _)) in batches.iter().zip(&packed.appends) {
         new_transactions.push(batch);
         sequences.push(batch.sequence as i64);
         hashes.push(batch.content_hash().to_vec());
-        let these: Vec<EventId> = batch
-            .events
-            .iter()
-            .map(|e| e.event_id.unwrap_or_else(EventId::generate))
-            .collect();
-        packed.push(pack_ids(&these));
-        caller_ids.extend(
-            batch
-                .events
-                .iter()
-                .filter_map(|e| e.event_id.map(|id| id.0)),
-        );
-        event_ids.push(these);
-    }
-    let now = Utc::now();
-    let mut rows = EventRows::default();
-    for (batch, these) in batches.iter().zip(&event_ids) {
-        rows.push_batch(batch, these, shard_count, now);
+        packed_ids.push(pack_ids(ids));
     }
     let query = new_transactions
         .bind(sqlx::query(FAST_APPEND).bind(slot))
         .bind(&sequences)
         .bind(&hashes)
-        .bind(&packed);
-    let result = rows
-        .bind(query)
-        .bind(&caller_ids)
-        .fetch_all(connection)
-        .await;
+        .bind(&packed_ids);
+    let result = packed.bind(query).fetch_all(&mut *connection).await;
     let returned = match result {
         Ok(returned) => returned,
         Err(sqlx::Error::Database(error))
@@ -381,145 +657,45 @@ pub(super) async fn append_new(
         {
             return Ok(None);
         }
-        Err(error) => return Err(error),
+        Err(error) => return Err(error.into()),
     };
-    let mut changes = HashMap::with_capacity(returned.len());
-    for row in returned {
-        changes.insert(
-            row.try_get::<Uuid, _>("event_id")?,
-            (row.try_get("change_seq")?, row.try_get("updated_at")?),
-        );
-    }
-    Ok(Some(
-        batches
-            .iter()
-            .zip(event_ids)
-            .map(|(batch, these)| Ok(new_outcome(batch, these, &changes, shard_count)))
-            .collect(),
-    ))
+    let changes = change_seqs(&returned)?;
+    let results = batches
+        .iter()
+        .zip(&packed.appends)
+        .map(|(batch, (ids, shards))| Ok(new_outcome(batch, ids, shards, &changes, now)))
+        .collect();
+    Ok(Some((results, packed)))
 }
 
 /// The outcome of a newly stored append.
 fn new_outcome(
     batch: &AppendBatch,
-    event_ids: Vec<EventId>,
-    changes: &HashMap<Uuid, (i64, DateTime<Utc>)>,
-    shard_count: u32,
+    event_ids: &[EventId],
+    shards: &[u32],
+    changes: &HashMap<(String, i64), i64>,
+    now: DateTime<Utc>,
 ) -> AppendOutcome {
     let state = initial_event_state(batch);
+    // The change rows of the append's producer (one per segment it wrote
+    // to); its statuses carry the latest.
+    let cursor = changes
+        .iter()
+        .filter(|((producer, _), _)| *producer == batch.token.producer)
+        .map(|(_, seq)| *seq)
+        .max()
+        .unwrap_or(0);
     let statuses = batch
         .events
         .iter()
-        .zip(&event_ids)
-        .map(|(event, id)| {
-            let (cursor, updated_at) = changes.get(&id.0).copied().unwrap_or((0, Utc::now()));
-            EventStatus::appended(batch, event, *id, state, cursor as u64, updated_at)
-        })
-        .collect();
-    let shards = batch
-        .events
-        .iter()
-        .zip(&event_ids)
-        .map(|(event, id)| shard_of(event.ordering_key(), *id, shard_count))
+        .zip(event_ids)
+        .map(|(event, id)| EventStatus::appended(batch, event, *id, state, cursor as u64, now))
         .collect();
     AppendOutcome {
-        event_ids,
+        event_ids: event_ids.to_vec(),
         duplicate: false,
         statuses,
-        shards,
-    }
-}
-
-/// Event rows to insert with one `UNNEST` statement, column by column.
-#[derive(Default)]
-pub(super) struct EventRows<'a> {
-    ids: Vec<Uuid>,
-    shards: Vec<i32>,
-    producers: Vec<&'a str>,
-    transactions: Vec<&'a str>,
-    sequences: Vec<i64>,
-    indexes: Vec<i32>,
-    topics: Vec<&'a str>,
-    keys: Vec<Option<&'a [u8]>>,
-    payloads: Vec<&'a [u8]>,
-    headers: Vec<Vec<u8>>,
-    aggregate_types: Vec<&'a str>,
-    aggregate_ids: Vec<&'a str>,
-    event_types: Vec<&'a str>,
-    occurred: Vec<DateTime<Utc>>,
-    states: Vec<i16>,
-    traceparents: Vec<Option<&'a str>>,
-    tracestates: Vec<Option<&'a str>>,
-}
-
-impl<'a> EventRows<'a> {
-    /// Adds the events of `batch`, with these ids.
-    pub(super) fn push_batch(
-        &mut self,
-        batch: &'a AppendBatch,
-        event_ids: &[EventId],
-        shard_count: u32,
-        now: DateTime<Utc>,
-    ) {
-        let state = initial_event_state(batch) as i16;
-        for (index, (event, id)) in batch.events.iter().zip(event_ids).enumerate() {
-            let ordering_key = event.ordering_key();
-            self.ids.push(id.0);
-            self.shards
-                .push(shard_of(ordering_key, *id, shard_count) as i32);
-            self.producers.push(&batch.token.producer);
-            self.transactions.push(&batch.token.transaction_id);
-            self.sequences.push(batch.sequence as i64);
-            self.indexes.push(index as i32);
-            self.topics.push(&event.topic);
-            self.keys.push(ordering_key);
-            self.payloads.push(&event.payload);
-            self.headers.push(encode_headers(&event.headers));
-            self.aggregate_types.push(&event.aggregate_type);
-            self.aggregate_ids.push(&event.aggregate_id);
-            self.event_types.push(&event.event_type);
-            self.occurred.push(event.occurred_at.unwrap_or(now));
-            self.states.push(state);
-            self.traceparents.push(batch.trace.traceparent.as_deref());
-            self.tracestates.push(batch.trace.tracestate.as_deref());
-        }
-    }
-
-    /// Inserts them; returns each event's change cursor and time.
-    pub(super) async fn insert(
-        self,
-        tx: &mut PgConnection,
-    ) -> Result<HashMap<Uuid, (i64, DateTime<Utc>)>, sqlx::Error> {
-        let mut changes = HashMap::with_capacity(self.ids.len());
-        for row in self.bind(sqlx::query(INSERT_EVENTS)).fetch_all(tx).await? {
-            changes.insert(
-                row.try_get("event_id")?,
-                (row.try_get("change_seq")?, row.try_get("updated_at")?),
-            );
-        }
-        Ok(changes)
-    }
-
-    /// Binds the columns as the next 17 parameters of `query`.
-    fn bind(self, query: PgQuery<'a>) -> PgQuery<'a> {
-        query
-            .bind(self.ids)
-            .bind(self.shards)
-            .bind(self.producers)
-            .bind(self.transactions)
-            .bind(self.sequences)
-            .bind(self.indexes)
-            .bind(self.topics)
-            .bind(self.keys)
-            .bind(self.payloads)
-            .bind(self.headers)
-            .bind(self.aggregate_types)
-            .bind(self.aggregate_ids)
-            .bind(self.event_types)
-            .bind(self.occurred)
-            .bind(self.states)
-            .bind(self.traceparents)
-            .bind(self.tracestates)
+        shards: shards.to_vec(),
     }
 }
 
@@ -599,8 +775,8 @@ mod tests {
             ],
             &[],
         );
-        assert!(matches!(&result[0], Plan::New(ids) if ids.len() == 1));
-        assert!(matches!(&result[1], Plan::New(_)));
+        assert!(matches!(&result[0], Plan::New));
+        assert!(matches!(&result[1], Plan::New));
         assert!(matches!(result[2], Plan::SameAs(0)));
         assert!(matches!(
             result[3],
@@ -668,7 +844,7 @@ mod tests {
             &result[0],
             Plan::Decided(Err(AppendRejection::EventIdTaken(violation))) if violation.field == "events[0].event_id"
         ));
-        assert!(matches!(result[1], Plan::New(_)));
+        assert!(matches!(result[1], Plan::New));
     }
 
     #[test]

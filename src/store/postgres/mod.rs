@@ -1,38 +1,34 @@
 //! The production store: PostgreSQL through sqlx.
 
+use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
-use uuid::Uuid;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row};
 
-use super::codes::{
-    NewTransaction, event_id_taken, initial_event_state, mode_code, pack_ids, unpack_ids,
-};
-use super::error::is_unique_violation;
-use super::tokens::{EXPIRED, ExistingTransaction, two_phase_step, xid_step};
+use super::codes::unpack_ids;
+use super::tokens::{EXPIRED, two_phase_step, xid_step};
 use super::xid::XidSource;
 use super::{
     AppendRejection, DeadLetterFilter, Delivered, DeliveryFailed, Lease, PreparedTransaction,
-    RelayCursor, RelayPage, RelayRow, Resolution, Resolved, ShardBacklog, Store, StoreError,
-    Verdict, XidToken, XidVerdict,
+    RelayCursor, RelayPage, Resolution, Resolved, ShardBacklog, Store, StoreError, Verdict,
+    XidToken, XidVerdict,
 };
-use crate::domain::{
-    AppendBatch, AppendOutcome, EventId, EventState, EventStatus, TransactionRef, decode_headers,
-    shard_of,
-};
+use crate::domain::{AppendBatch, AppendOutcome, EventId, EventState, EventStatus, TransactionRef};
 
 mod append;
+mod events;
+mod legacy;
 mod queries;
 mod recorder;
+mod segments;
 mod wake_ups;
 
-use queries::{
-    READ_RELAY_ROWS, READ_RELAY_ROWS_WITH_DEAD_LETTERS, RECORD_FAILED, TRANSITION_PENDING_EVENTS,
-};
+use events::Loaded;
 const ACQUIRE_LEASES: &str = include_str!("../sql/postgres/acquire_leases.sql");
 
 /// Registers a writer before its transaction takes an xid (migration 0002).
@@ -62,6 +58,10 @@ impl Drop for SlotHolder {
 /// PostgreSQL-backed [`Store`].
 pub struct PostgresStore {
     pool: PgPool,
+    /// Bodies of the segments written or read lately.
+    cache: Arc<segments::SegmentCache>,
+    /// Segment numbers reserved for this instance's writers.
+    numbers: append::SegmentNumbers,
     /// Records the deliveries of all the shards relayed through this store.
     recorder: recorder::Recorder,
     /// The shard count asked for by configuration; the stored one wins once
@@ -84,8 +84,11 @@ impl PostgresStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await?;
+        let cache = Arc::new(segments::SegmentCache::default());
         Ok(PostgresStore {
-            recorder: recorder::Recorder::start(pool.clone()),
+            recorder: recorder::Recorder::start(pool.clone(), cache.clone()),
+            cache,
+            numbers: append::SegmentNumbers::default(),
             pool,
             shard_count: std::sync::atomic::AtomicU32::new(shard_count),
         })
@@ -96,187 +99,44 @@ impl PostgresStore {
         &self.pool
     }
 
-    async fn append_one(
-        tx: &mut Transaction<'_, Postgres>,
-        batch: &AppendBatch,
-        shard_count: u32,
-    ) -> Result<Result<AppendOutcome, AppendRejection>, sqlx::Error> {
-        let token = &batch.token;
-        let new = NewTransaction::of(&token.mode);
-        let row = sqlx::query(
-            "INSERT INTO outbox_transactions \
-                 (producer, transaction_id, mode, state, caller_xid, caller_system_id, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7::double precision)) \
-             ON CONFLICT (producer, transaction_id) DO UPDATE SET producer = EXCLUDED.producer \
-             RETURNING mode, state, resolution, caller_xid, caller_system_id, \
-                       coalesce(expires_at < now(), false) AS expired",
-        )
-        .bind(&token.producer)
-        .bind(&token.transaction_id)
-        .bind(mode_code(&token.mode))
-        .bind(new.state)
-        .bind(new.caller_xid)
-        .bind(new.caller_system_id)
-        .bind(new.expires_in.map(|d| d.as_secs_f64()))
-        .fetch_one(&mut **tx)
-        .await?;
-        let existing = ExistingTransaction::from_row(&row)?;
-        if let Some(rejection) = existing.token_conflict(batch) {
-            return Ok(Err(rejection));
-        }
-
-        let content_hash = batch.content_hash();
-        let event_ids: Vec<EventId> = batch
-            .events
-            .iter()
-            .map(|e| e.event_id.unwrap_or_else(EventId::generate))
-            .collect();
-        let inserted = sqlx::query(
-            "INSERT INTO outbox_appends (producer, transaction_id, sequence, content_hash, event_ids) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        )
-        .bind(&token.producer)
-        .bind(&token.transaction_id)
-        .bind(batch.sequence as i64)
-        .bind(&content_hash[..])
-        .bind(pack_ids(&event_ids))
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            let stored = sqlx::query(
-                "SELECT content_hash, event_ids FROM outbox_appends \
-                 WHERE producer = $1 AND transaction_id = $2 AND sequence = $3",
-            )
-            .bind(&token.producer)
-            .bind(&token.transaction_id)
-            .bind(batch.sequence as i64)
-            .fetch_one(&mut **tx)
-            .await?;
-            let stored_hash: Vec<u8> = stored.try_get("content_hash")?;
-            if stored_hash != content_hash {
-                return Ok(Err(AppendRejection::ConflictingRetry {
-                    transaction_id: token.transaction_id.clone(),
-                    sequence: batch.sequence,
-                }));
-            }
-            let stored_ids: Vec<u8> = stored.try_get("event_ids")?;
-            return Ok(Ok(AppendOutcome {
-                event_ids: unpack_ids(&stored_ids),
-                duplicate: true,
-                statuses: Vec::new(),
-                shards: Vec::new(),
-            }));
-        }
-
-        if let Some(rejection) = existing.resolved(batch) {
-            return Ok(Err(rejection));
-        }
-        // Published events left outbox_events and its unique index.
-        let taken = taken_event_ids(tx, std::slice::from_ref(batch)).await?;
-        if !taken.is_empty() {
-            return Ok(Err(event_id_taken(batch, &taken)));
-        }
-        let state = initial_event_state(batch);
-        let now = Utc::now();
-        let mut rows = append::EventRows::default();
-        rows.push_batch(batch, &event_ids, shard_count, now);
-        let change_of = rows.insert(tx).await?;
-        let shards: Vec<u32> = batch
-            .events
-            .iter()
-            .zip(&event_ids)
-            .map(|(event, id)| shard_of(event.ordering_key(), *id, shard_count))
-            .collect();
-        let statuses = batch
-            .events
-            .iter()
-            .zip(&event_ids)
-            .map(|(event, id)| {
-                let (cursor, updated_at) = change_of.get(&id.0).copied().unwrap_or((0, now));
-                EventStatus::appended(batch, event, *id, state, cursor as u64, updated_at)
-            })
-            .collect();
-        Ok(Ok(AppendOutcome {
-            event_ids,
-            duplicate: false,
-            statuses,
-            shards,
-        }))
-    }
-
+    /// Appends that the one-statement path refused: planned from what the
+    /// store holds, in a transaction, tried again when a concurrent writer
+    /// got in the way.
     async fn append_in_transaction(
         &self,
         connection: &mut PgConnection,
         batches: &[AppendBatch],
     ) -> Result<Vec<Result<AppendOutcome, AppendRejection>>, StoreError> {
         let shard_count = self.shard_count();
-        // The fast path: a handful of statements for the whole batch. It
-        // gives up (and the slow path below takes over) only when a
-        // concurrent writer stored the same append or event id meanwhile.
-        let mut tx = connection.begin().await?;
-        match append::append(&mut tx, batches, shard_count).await {
-            Ok(Some(results)) => {
-                tx.commit().await?;
-                return Ok(results);
-            }
-            Ok(None) => {
-                tracing::debug!(
-                    "a concurrent writer stored one of these appends; taking the slow path"
-                );
-                tx.rollback().await?
-            }
-            Err(error) if is_unique_violation(&error) => {
-                tracing::debug!(
-                    "a concurrent writer took one of these event ids; taking the slow path"
-                );
-                tx.rollback().await?
-            }
-            Err(error) => return Err(error.into()),
-        }
-        self.append_one_by_one(connection, batches, shard_count)
-            .await
-    }
-
-    /// The slow path: a savepoint per append, a few statements each.
-    async fn append_one_by_one(
-        &self,
-        connection: &mut PgConnection,
-        batches: &[AppendBatch],
-        shard_count: u32,
-    ) -> Result<Vec<Result<AppendOutcome, AppendRejection>>, StoreError> {
-        let mut tx = connection.begin().await?;
-        let mut results = Vec::with_capacity(batches.len());
-        for batch in batches {
-            // A savepoint per append: one bad append fails only itself.
-            sqlx::query("SAVEPOINT append").execute(&mut *tx).await?;
-            let result = match Self::append_one(&mut tx, batch, shard_count).await {
-                Ok(result) => result,
-                Err(error) if is_unique_violation(&error) => {
-                    sqlx::query("ROLLBACK TO SAVEPOINT append")
-                        .execute(&mut *tx)
-                        .await?;
-                    let taken = taken_event_ids(&mut tx, std::slice::from_ref(batch)).await?;
-                    Err(event_id_taken(batch, &taken))
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut tx = connection.begin().await?;
+            match append::append(&mut tx, &self.numbers, batches, shard_count).await {
+                Ok(Some((results, packed))) => {
+                    tx.commit().await?;
+                    packed.cache(&self.cache);
+                    return Ok(results);
                 }
-                Err(error) => return Err(error.into()),
-            };
-            if result.is_err() {
-                sqlx::query("ROLLBACK TO SAVEPOINT append")
-                    .execute(&mut *tx)
-                    .await?;
+                // A concurrent writer stored one of these appends or ids
+                // meanwhile: its commit is visible to the next attempt.
+                Ok(None) if attempt < 5 => {
+                    tracing::debug!("a concurrent writer stored one of these appends; again");
+                    tx.rollback().await?
+                }
+                Ok(None) => {
+                    return Err(StoreError::Unavailable(sqlx::Error::Protocol(
+                        "appends kept meeting concurrent writers of the same keys".into(),
+                    )));
+                }
+                Err(error) => return Err(error),
             }
-            sqlx::query("RELEASE SAVEPOINT append")
-                .execute(&mut *tx)
-                .await?;
-            results.push(result);
         }
-        tx.commit().await?;
-        Ok(results)
     }
 
-    /// Sets the transaction's state and moves its PENDING events.
+    /// Sets the transaction's state and reason, and moves its PENDING events.
     async fn finish_transaction(
+        &self,
         tx: &mut PgConnection,
         transaction: &TransactionRef,
         transaction_state: i16,
@@ -285,37 +145,19 @@ impl PostgresStore {
         reason: Option<&str>,
     ) -> Result<Resolved, StoreError> {
         sqlx::query(
-            "UPDATE outbox_transactions SET state = $3, resolution = $4, resolved_at = now() \
+            "UPDATE outbox_transactions SET state = $3, resolution = $4, resolved_at = now(), \
+                 reason = $5 \
              WHERE producer = $1 AND transaction_id = $2",
         )
         .bind(&transaction.producer)
         .bind(&transaction.transaction_id)
         .bind(transaction_state)
         .bind(resolution)
+        .bind(reason)
         .execute(&mut *tx)
         .await?;
-        Self::transition_pending(tx, transaction, event_state, reason).await
-    }
-
-    async fn transition_pending(
-        tx: &mut PgConnection,
-        transaction: &TransactionRef,
-        event_state: EventState,
-        reason: Option<&str>,
-    ) -> Result<Resolved, StoreError> {
-        let rows = sqlx::query(TRANSITION_PENDING_EVENTS)
-            .bind(&transaction.producer)
-            .bind(&transaction.transaction_id)
-            .bind(event_state as i16)
-            .bind(reason)
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut resolved = Resolved::default();
-        for row in &rows {
-            resolved.changed.push(status_from_row(row)?);
-            resolved.shards.push(row.try_get::<i32, _>("shard")? as u32);
-        }
-        Ok(resolved)
+        self.transition_pending(tx, transaction, Some(event_state), reason)
+            .await
     }
 
     async fn resolve_two_phase(
@@ -355,7 +197,7 @@ impl PostgresStore {
         let step = two_phase_step(mode, state, resolution, expired, commit);
         let resolved = match &step.finish {
             Some((txn_state, name, event_state, reason)) => {
-                Self::finish_transaction(
+                self.finish_transaction(
                     &mut tx,
                     transaction,
                     *txn_state,
@@ -377,48 +219,15 @@ impl PostgresStore {
     }
 }
 
-/// The caller-chosen event ids of `batches` that are stored already,
-/// published or not.
-pub(super) async fn taken_event_ids(
-    connection: &mut PgConnection,
-    batches: &[AppendBatch],
-) -> Result<Vec<Uuid>, sqlx::Error> {
-    let ids: Vec<Uuid> = batches
-        .iter()
-        .flat_map(|b| b.events.iter().filter_map(|e| e.event_id.map(|id| id.0)))
-        .collect();
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    sqlx::query_scalar("SELECT event_id FROM outbox_event_statuses WHERE event_id = ANY($1)")
-        .bind(&ids)
-        .fetch_all(connection)
-        .await
+/// A row of the change feed: a producer's events of a segment that a
+/// transaction changed (`positions`; `None`: all of them).
+#[derive(sqlx::FromRow)]
+struct FeedChange {
+    segment: i64,
+    positions: Option<Vec<i32>>,
+    xid: i64,
+    change_seq: i64,
 }
-
-fn status_from_row(row: &PgRow) -> Result<EventStatus, StoreError> {
-    let state: i16 = row.try_get("state")?;
-    let attempts: i32 = row.try_get("attempts")?;
-    Ok(EventStatus {
-        event_id: EventId(row.try_get("event_id")?),
-        producer: row.try_get("producer")?,
-        transaction_id: row.try_get("transaction_id")?,
-        sequence: row.try_get::<i64, _>("append_sequence")? as u64,
-        topic: row.try_get("topic")?,
-        state: EventState::from_stored(state)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown event state {state}")))?,
-        partition: row.try_get("kafka_partition")?,
-        offset: row.try_get("kafka_offset")?,
-        attempts: attempts as u32,
-        reason: row
-            .try_get::<Option<String>, _>("last_error")?
-            .unwrap_or_default(),
-        updated_at: row.try_get("updated_at")?,
-        cursor: row.try_get::<i64, _>("change_seq")? as u64,
-    })
-}
-
-const STATUS_COLUMNS: &str = include_str!("../sql/postgres/status_columns.sql");
 
 /// Where the change feed may be read up to (exclusive): the oldest xid of a
 /// transaction still running on an outboxd connection to this database, or
@@ -479,7 +288,14 @@ impl Store for PostgresStore {
                 wanted
             }
         };
+        let packed = legacy::pack_old_rows(&mut tx, &self.numbers).await?;
         tx.commit().await?;
+        if packed > 0 {
+            tracing::info!(
+                events = packed,
+                "packed the events of the old layout into segments"
+            );
+        }
         if shard_count != wanted {
             tracing::warn!(
                 stored = shard_count,
@@ -513,20 +329,26 @@ impl Store for PostgresStore {
             .await?;
         // Appends to new transactions, the common case: one statement, which
         // releases the slot in its own commit.
-        let result =
-            match append::append_new(&mut writer.connection, slot, batches, self.shard_count())
-                .await
-            {
-                Ok(Some(results)) => {
-                    writer.released = true;
-                    return Ok(results);
-                }
-                Ok(None) => {
-                    self.append_in_transaction(&mut writer.connection, batches)
-                        .await
-                }
-                Err(error) => Err(error.into()),
-            };
+        let result = match append::append_new(
+            &mut writer.connection,
+            &self.numbers,
+            slot,
+            batches,
+            self.shard_count(),
+        )
+        .await
+        {
+            Ok(Some((results, packed))) => {
+                writer.released = true;
+                packed.cache(&self.cache);
+                return Ok(results);
+            }
+            Ok(None) => {
+                self.append_in_transaction(&mut writer.connection, batches)
+                    .await
+            }
+            Err(error) => Err(error),
+        };
         // Whatever happened, the slot goes.
         match sqlx::query("DELETE FROM outbox_writer_slots WHERE id = $1")
             .bind(slot)
@@ -618,57 +440,8 @@ impl Store for PostgresStore {
         limit: u32,
         with_dead_letters: bool,
     ) -> Result<RelayPage, StoreError> {
-        let sql = if with_dead_letters {
-            READ_RELAY_ROWS_WITH_DEAD_LETTERS
-        } else {
-            READ_RELAY_ROWS
-        };
-        let rows = sqlx::query(sql)
-            .bind(shard as i32)
-            .bind(after.writer_xid.to_string())
-            .bind(after.seq)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await?;
-        let held_back = match rows.first() {
-            Some(row) => row.try_get("held_back")?,
-            None => false,
-        };
-        let rows = rows
-            .iter()
-            .filter(|row| {
-                row.try_get::<Option<i64>, _>("seq")
-                    .is_ok_and(|seq| seq.is_some())
-            })
-            .map(|row| {
-                let state: i16 = row.try_get("state")?;
-                let headers: Vec<u8> = row.try_get("headers")?;
-                Ok(RelayRow {
-                    seq: row.try_get("seq")?,
-                    writer_xid: row.try_get("writer_xid")?,
-                    event_id: EventId(row.try_get("event_id")?),
-                    producer: row.try_get("producer")?,
-                    transaction_id: row.try_get("transaction_id")?,
-                    topic: row.try_get("topic")?,
-                    kafka_key: row.try_get("kafka_key")?,
-                    payload: row.try_get("payload")?,
-                    headers: decode_headers(&headers)
-                        .ok_or_else(|| StoreError::Corrupt("undecodable headers".into()))?,
-                    aggregate_type: row.try_get("aggregate_type")?,
-                    aggregate_id: row.try_get("aggregate_id")?,
-                    event_type: row.try_get("event_type")?,
-                    state: EventState::from_stored(state)
-                        .ok_or_else(|| StoreError::Corrupt(format!("unknown state {state}")))?,
-                    attempts: row.try_get::<i32, _>("attempts")? as u32,
-                    next_attempt_at: row.try_get("next_attempt_at")?,
-                    occurred_at: row.try_get("occurred_at")?,
-                    appended_at: row.try_get("appended_at")?,
-                    traceparent: row.try_get("traceparent")?,
-                    tracestate: row.try_get("tracestate")?,
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(RelayPage { rows, held_back })
+        self.read_segments(shard, after, limit, with_dead_letters)
+            .await
     }
 
     async fn record_delivered(
@@ -690,18 +463,7 @@ impl Store for PostgresStore {
         if failed.is_empty() {
             return Ok(Vec::new());
         }
-        let seqs: Vec<i64> = failed.iter().map(|f| f.seq).collect();
-        let errors: Vec<&str> = failed.iter().map(|f| f.error.as_str()).collect();
-        let retry_at: Vec<Option<DateTime<Utc>>> = failed.iter().map(|f| f.retry_at).collect();
-        let rows = sqlx::query(RECORD_FAILED)
-            .bind(lease.shard as i32)
-            .bind(lease.epoch)
-            .bind(&seqs)
-            .bind(&errors)
-            .bind(&retry_at)
-            .fetch_all(&self.pool)
-            .await?;
-        recorder::fenced_statuses(&self.pool, lease, &rows).await
+        self.record_failures(lease, failed).await
     }
 
     async fn commit_transaction(
@@ -740,7 +502,7 @@ impl Store for PostgresStore {
             };
             let (txn_state, name, event_state, reason) = EXPIRED;
             resolved.extend(
-                Self::finish_transaction(
+                self.finish_transaction(
                     &mut tx,
                     &transaction,
                     txn_state,
@@ -874,24 +636,29 @@ impl Store for PostgresStore {
             }
         }
         if !producers.is_empty() {
-            let rows = sqlx::query(
-                concat!("UPDATE outbox_events AS e SET last_error = u.reason, \
-                     change_seq = nextval('outbox_change_seq'), change_xid = pg_current_xact_id(), \
-                     updated_at = now() \
+            let annotated: Vec<(String, String)> = sqlx::query_as(concat!(
+                "UPDATE outbox_transactions AS t SET reason = u.reason \
                  FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(producer, transaction_id, reason) \
-                 WHERE e.producer = u.producer AND e.transaction_id = u.transaction_id \
-                   AND e.state = ", stored!(event pending), " AND e.last_error IS DISTINCT FROM u.reason \
-                 RETURNING e.event_id, e.producer, e.transaction_id, e.append_sequence, e.topic, \
-                     e.state, e.kafka_partition, e.kafka_offset, e.attempts, e.last_error, \
-                     e.updated_at, e.change_seq"),
-            )
+                 WHERE t.producer = u.producer AND t.transaction_id = u.transaction_id \
+                   AND t.state = ",
+                stored!(transaction open),
+                " AND t.reason IS DISTINCT FROM u.reason \
+                 RETURNING t.producer, t.transaction_id"
+            ))
             .bind(&producers)
             .bind(&transaction_ids)
             .bind(&reasons)
             .fetch_all(&mut *tx)
             .await?;
-            for row in &rows {
-                resolved.changed.push(status_from_row(row)?);
+            for (producer, transaction_id) in annotated {
+                let transaction = TransactionRef {
+                    producer,
+                    transaction_id,
+                };
+                resolved.extend(
+                    self.transition_pending(&mut tx, &transaction, None, None)
+                        .await?,
+                );
             }
         }
         for (transaction, verdict) in verdicts {
@@ -913,7 +680,7 @@ impl Store for PostgresStore {
                 continue;
             }
             resolved.extend(
-                Self::finish_transaction(
+                self.finish_transaction(
                     &mut tx,
                     transaction,
                     txn_state,
@@ -929,67 +696,7 @@ impl Store for PostgresStore {
     }
 
     async fn purge_finished(&self, older_than: Duration, limit: u32) -> Result<u64, StoreError> {
-        // Small batches in short transactions: no long locks, no long
-        // snapshots holding back vacuum.
-        let published = sqlx::query(
-            "DELETE FROM outbox_published WHERE event_id IN ( \
-                 SELECT event_id FROM outbox_published \
-                 WHERE published_at < now() - make_interval(secs => $1::double precision) \
-                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(older_than.as_secs_f64())
-        .bind(limit as i64)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        let discarded = sqlx::query(concat!(
-            "DELETE FROM outbox_events WHERE seq IN ( \
-                 SELECT seq FROM outbox_events \
-                 WHERE state IN (",
-            stored!(event published),
-            ", ",
-            stored!(event discarded),
-            ") AND updated_at < now() - make_interval(secs => $1::double precision) \
-                 ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)"
-        ))
-        .bind(older_than.as_secs_f64())
-        .bind(limit as i64)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        let events = published + discarded;
-        // An append's record goes only once none of its events waits or is
-        // dead-lettered (a redrive may bring it back): until then a retry
-        // must still find it, or it would store the events again.
-        sqlx::query(
-            "DELETE FROM outbox_appends WHERE ctid IN ( \
-                 SELECT a.ctid FROM outbox_appends a \
-                 WHERE a.created_at < now() - make_interval(secs => $1::double precision) \
-                   AND NOT EXISTS ( \
-                       SELECT 1 FROM generate_series(0, length(a.event_ids) / 16 - 1) AS i \
-                       JOIN outbox_events e ON e.event_id = \
-                           encode(substring(a.event_ids FROM i * 16 + 1 FOR 16), 'hex')::uuid \
-                       WHERE e.state <> $3) \
-                 LIMIT $2)",
-        )
-        .bind(older_than.as_secs_f64())
-        .bind(limit as i64)
-        .bind(EventState::Discarded as i16)
-        .execute(&self.pool)
-        .await?;
-        sqlx::query(
-            concat!("DELETE FROM outbox_transactions WHERE ctid IN ( \
-                 SELECT t.ctid FROM outbox_transactions t WHERE t.state <> ", stored!(transaction open), " \
-                   AND coalesce(t.resolved_at, t.created_at) < now() - make_interval(secs => $1::double precision) \
-                   AND NOT EXISTS (SELECT 1 FROM outbox_appends a \
-                       WHERE a.producer = t.producer AND a.transaction_id = t.transaction_id) \
-                 LIMIT $2)"),
-        )
-        .bind(older_than.as_secs_f64())
-        .bind(limit as i64)
-        .execute(&self.pool)
-        .await?;
-        Ok(events)
+        self.purge(older_than, limit).await
     }
 
     async fn list_dead_letters(
@@ -998,75 +705,19 @@ impl Store for PostgresStore {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<(i64, EventStatus)>, StoreError> {
-        let ids: Vec<Uuid> = filter.event_ids.iter().map(|id| id.0).collect();
-        let sql = format!(
-            "SELECT seq, {STATUS_COLUMNS} FROM outbox_events \
-             WHERE state = {dead_lettered} AND seq > $1 \
-               AND (cardinality($2::uuid[]) = 0 OR event_id = ANY($2)) \
-               AND ($3::text IS NULL OR producer = $3) \
-               AND ($4::text IS NULL OR topic = $4) \
-               AND ($5::timestamptz IS NULL OR updated_at >= $5) \
-             ORDER BY seq LIMIT $6",
-            dead_lettered = stored!(event dead_lettered),
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(after_seq)
-            .bind(&ids)
-            .bind(filter.producer.as_deref())
-            .bind(filter.topic.as_deref())
-            .bind(filter.since)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get::<i64, _>("seq")?, status_from_row(row)?)))
-            .collect()
+        let mut connection = self.pool.acquire().await?;
+        Ok(self
+            .dead_letters(&mut connection, filter, after_seq, limit)
+            .await?
+            .0)
     }
 
     async fn redrive(&self, filter: &DeadLetterFilter) -> Result<Resolved, StoreError> {
-        let ids: Vec<Uuid> = filter.event_ids.iter().map(|id| id.0).collect();
-        let rows = sqlx::query(
-            concat!("UPDATE outbox_events SET state = ", stored!(event ready), ", attempts = 0, last_error = NULL, \
-                 next_attempt_at = NULL, change_seq = nextval('outbox_change_seq'), change_xid = pg_current_xact_id(), updated_at = now() \
-             WHERE state = ", stored!(event dead_lettered), " \
-               AND (cardinality($1::uuid[]) = 0 OR event_id = ANY($1)) \
-               AND ($2::text IS NULL OR producer = $2) \
-               AND ($3::text IS NULL OR topic = $3) \
-               AND ($4::timestamptz IS NULL OR updated_at >= $4) \
-             RETURNING event_id, producer, transaction_id, append_sequence, topic, state, \
-                 kafka_partition, kafka_offset, attempts, last_error, updated_at, change_seq, shard"),
-        )
-        .bind(&ids)
-        .bind(filter.producer.as_deref())
-        .bind(filter.topic.as_deref())
-        .bind(filter.since)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut resolved = Resolved::default();
-        for row in &rows {
-            resolved.changed.push(status_from_row(row)?);
-            resolved.shards.push(row.try_get::<i32, _>("shard")? as u32);
-        }
-        Ok(resolved)
+        self.redrive_dead_letters(filter).await
     }
 
     async fn backlog(&self) -> Result<Vec<ShardBacklog>, StoreError> {
-        let rows: Vec<(i32, i64, Option<DateTime<Utc>>)> = sqlx::query_as(concat!(
-            "SELECT shard, count(*), min(appended_at) FROM outbox_events \
-             WHERE state < ",
-            stored!(event first_final),
-            " GROUP BY shard ORDER BY shard"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(shard, depth, oldest)| ShardBacklog {
-                shard: shard as u32,
-                depth: depth as u64,
-                oldest,
-            })
-            .collect())
+        self.shard_backlog().await
     }
 
     async fn leases(&self) -> Result<Vec<Lease>, StoreError> {
@@ -1111,15 +762,7 @@ impl Store for PostgresStore {
     }
 
     async fn status_by_ids(&self, ids: &[EventId]) -> Result<Vec<EventStatus>, StoreError> {
-        let uuids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
-        let sql = format!(
-            "SELECT {STATUS_COLUMNS} FROM outbox_event_statuses WHERE event_id = ANY($1) ORDER BY seq"
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(&uuids)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(status_from_row).collect()
+        self.statuses(ids).await
     }
 
     async fn status_by_transactions(
@@ -1160,60 +803,110 @@ impl Store for PostgresStore {
         after_cursor: u64,
         limit: u32,
     ) -> Result<Vec<EventStatus>, StoreError> {
+        let mut connection = self.pool.acquire().await?;
         // First the gate, then (in a later snapshot) the page below it:
         // every transaction under the gate had ended when it was read.
         let gate: i64 = sqlx::query_scalar(CHANGE_FEED_GATE)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *connection)
             .await?;
         let after_xid = (after_cursor / 2) as i64;
-        let sql = format!(
-            "SELECT {STATUS_COLUMNS}, (change_xid::text)::bigint AS change_xid_value \
-             FROM outbox_event_statuses \
+        let mut changes: Vec<FeedChange> = sqlx::query_as(
+            "SELECT segment, positions, (change_xid::text)::bigint AS xid, change_seq \
+             FROM outbox_changes \
              WHERE producer = $1 AND change_xid > ($2::bigint)::text::xid8 \
                AND change_xid < ($3::bigint)::text::xid8 \
-             ORDER BY change_xid, change_seq LIMIT $4"
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(producer)
-            .bind(after_xid)
-            .bind(gate)
-            .bind(limit.max(1) as i64)
-            .fetch_all(&self.pool)
-            .await?;
-        let mut changes = rows
-            .iter()
-            .map(|row| {
-                Ok((
-                    row.try_get::<i64, _>("change_xid_value")?,
-                    status_from_row(row)?,
-                ))
-            })
-            .collect::<Result<Vec<(i64, EventStatus)>, StoreError>>()?;
+             ORDER BY change_xid, change_seq LIMIT $4",
+        )
+        .bind(producer)
+        .bind(after_xid)
+        .bind(gate)
+        .bind(limit.max(1) as i64)
+        .fetch_all(&mut *connection)
+        .await?;
         // A page holds whole transactions: a position inside one would
         // otherwise skip the rest of it on resume.
         if changes.len() == limit.max(1) as usize
-            && let Some(&(last, _)) = changes.last()
+            && let Some(last) = changes.last().map(|c| c.xid)
         {
-            if changes.first().is_some_and(|(first, _)| *first == last) {
-                let sql = format!(
-                    "SELECT {STATUS_COLUMNS}, (change_xid::text)::bigint AS change_xid_value \
-                     FROM outbox_event_statuses \
+            if changes.first().is_some_and(|first| first.xid == last) {
+                changes = sqlx::query_as(
+                    "SELECT segment, positions, (change_xid::text)::bigint AS xid, change_seq \
+                     FROM outbox_changes \
                      WHERE producer = $1 AND change_xid = ($2::bigint)::text::xid8 \
-                     ORDER BY change_seq"
-                );
-                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(producer)
-                    .bind(last)
-                    .fetch_all(&self.pool)
-                    .await?;
-                changes = rows
-                    .iter()
-                    .map(|row| Ok((last, status_from_row(row)?)))
-                    .collect::<Result<_, StoreError>>()?;
+                     ORDER BY change_seq",
+                )
+                .bind(producer)
+                .bind(last)
+                .fetch_all(&mut *connection)
+                .await?;
             } else {
-                changes.retain(|(xid, _)| *xid != last);
+                changes.retain(|change| change.xid != last);
             }
         }
-        Ok(feed_positions(changes))
+        let numbers: Vec<i64> = changes.iter().map(|c| c.segment).collect();
+        let loaded = Loaded::load(&mut connection, &self.cache, &numbers, false).await?;
+        let facts = loaded.facts(&mut connection, &numbers).await?;
+        // Each event once, at its latest change read.
+        let mut latest: HashMap<(i64, u16), usize> = HashMap::new();
+        for (index, change) in changes.iter().enumerate() {
+            let Some(body) = loaded.bodies.get(&change.segment) else {
+                continue;
+            };
+            for event in body.events() {
+                let named = change
+                    .positions
+                    .as_ref()
+                    .is_none_or(|p| p.contains(&i32::from(event.position)));
+                if event.transaction.producer == producer && named {
+                    latest.insert((change.segment, event.position), index);
+                }
+            }
+        }
+        // Within a transaction's changes, the events in the order they
+        // were appended: by append (its first segment, then its place in
+        // its commit), then by index in the append.
+        let mut first_segment: HashMap<(i64, &str, u64), i64> = HashMap::new();
+        let mut found = Vec::with_capacity(latest.len());
+        for (&(segment, position), &index) in &latest {
+            if let Some((row, event)) = loaded.event(segment, position)
+                && !row.gone(position)
+            {
+                let xid = changes[index].xid;
+                let append = (
+                    xid,
+                    event.transaction.transaction_id.as_str(),
+                    event.transaction.append_sequence,
+                );
+                let first = first_segment.entry(append).or_insert(segment);
+                *first = (*first).min(segment);
+                found.push((segment, position, index));
+            }
+        }
+        let mut ordered = Vec::with_capacity(found.len());
+        for (segment, position, index) in found {
+            let Some((row, event)) = loaded.event(segment, position) else {
+                continue;
+            };
+            let change = &changes[index];
+            let append = (
+                change.xid,
+                event.transaction.transaction_id.as_str(),
+                event.transaction.append_sequence,
+            );
+            let key = (
+                change.xid,
+                first_segment[&append],
+                event.transaction.batch,
+                event.event.index,
+                segment,
+                position,
+            );
+            let status = facts.status(row, &event, change.change_seq as u64)?;
+            ordered.push((key, (change.xid, status)));
+        }
+        ordered.sort_by_key(|(key, _)| *key);
+        Ok(feed_positions(
+            ordered.into_iter().map(|(_, change)| change).collect(),
+        ))
     }
 }

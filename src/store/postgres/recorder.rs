@@ -10,15 +10,18 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use std::collections::BTreeMap;
+
 use sqlx::PgPool;
-use sqlx::Row;
-use sqlx::postgres::PgRow;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::queries::RECORD_DELIVERED;
-use super::status_from_row;
-use crate::domain::EventStatus;
+use super::events::{Loaded, mark};
+use super::segments::{SegmentCache, location_of};
+use crate::domain::{EventState, EventStatus};
 use crate::store::{Delivered, Lease, StoreError};
+
+/// What the recorder writes with: the pool and the store's segment cache.
+type Store = (PgPool, Arc<SegmentCache>);
 
 /// Statements in flight at once: one gathers while another is written.
 const RECORDERS: usize = 2;
@@ -38,21 +41,22 @@ struct Batch {
 pub(super) struct Recorder {
     queue: mpsc::Sender<Batch>,
     /// For a batch the tasks can no longer take (the runtime is stopping).
-    pool: PgPool,
+    store: Store,
 }
 
 impl Recorder {
     /// Starts the recorder tasks on `pool`.
-    pub(super) fn start(pool: PgPool) -> Recorder {
+    pub(super) fn start(pool: PgPool, cache: Arc<SegmentCache>) -> Recorder {
         let (queue, batches) = mpsc::channel(1_024);
         let batches = Arc::new(Mutex::new(batches));
+        let store = (pool, cache);
         for _ in 0..RECORDERS {
-            tokio::spawn(record(pool.clone(), batches.clone()));
+            tokio::spawn(record(store.clone(), batches.clone()));
         }
-        Recorder { queue, pool }
+        Recorder { queue, store }
     }
 
-    /// Marks `delivered` published, fenced by `lease`, in a statement
+    /// Marks `delivered` published, fenced by `lease`, in a transaction
     /// shared with the batches of other shards that are waiting too.
     pub(super) async fn record(
         &self,
@@ -69,16 +73,16 @@ impl Recorder {
             Ok(()) => match outcome.await {
                 Ok(result) => result,
                 // The task is gone (the runtime is stopping): write it here.
-                Err(_) => record_alone(&self.pool, lease, delivered).await,
+                Err(_) => record_alone(&self.store, lease, delivered).await,
             },
-            Err(_) => record_alone(&self.pool, lease, delivered).await,
+            Err(_) => record_alone(&self.store, lease, delivered).await,
         }
     }
 }
 
 /// One recorder task: takes what has gathered, records it, answers each
 /// batch.
-async fn record(pool: PgPool, batches: Arc<Mutex<mpsc::Receiver<Batch>>>) {
+async fn record(store: Store, batches: Arc<Mutex<mpsc::Receiver<Batch>>>) {
     loop {
         let gathered = {
             let mut batches = batches.lock().await;
@@ -102,7 +106,7 @@ async fn record(pool: PgPool, batches: Arc<Mutex<mpsc::Receiver<Batch>>>) {
             let leases: Vec<&Lease> = gathered.iter().map(|batch| &batch.lease).collect();
             let deliveries: Vec<&[Delivered]> =
                 gathered.iter().map(|batch| &batch.delivered[..]).collect();
-            if let Ok(outcomes) = record_together(&pool, &leases, &deliveries).await {
+            if let Ok(outcomes) = record_together(&store, &leases, &deliveries).await {
                 for (batch, outcome) in gathered.into_iter().zip(outcomes) {
                     let _ = batch.reply.send(outcome);
                 }
@@ -110,7 +114,7 @@ async fn record(pool: PgPool, batches: Arc<Mutex<mpsc::Receiver<Batch>>>) {
             }
         }
         for batch in gathered {
-            let outcome = record_alone(&pool, &batch.lease, &batch.delivered).await;
+            let outcome = record_alone(&store, &batch.lease, &batch.delivered).await;
             let _ = batch.reply.send(outcome);
         }
     }
@@ -118,83 +122,93 @@ async fn record(pool: PgPool, batches: Arc<Mutex<mpsc::Receiver<Batch>>>) {
 
 /// Records one batch in a statement of its own.
 async fn record_alone(
-    pool: &PgPool,
+    store: &Store,
     lease: &Lease,
     delivered: &[Delivered],
 ) -> Result<Vec<EventStatus>, StoreError> {
-    let mut outcomes = record_together(pool, &[lease], &[delivered]).await?;
+    let mut outcomes = record_together(store, &[lease], &[delivered]).await?;
     outcomes.pop().expect("one outcome per batch")
 }
 
-/// Records several shards' batches in one statement; an outcome per batch,
-/// in order. `Err` when the statement failed: nothing was written.
+/// Records several shards' batches in one store transaction; an outcome
+/// per batch, in order. `Err` when the transaction failed: nothing was
+/// written.
 async fn record_together(
-    pool: &PgPool,
+    store: &Store,
     leases: &[&Lease],
     deliveries: &[&[Delivered]],
 ) -> Result<Vec<Result<Vec<EventStatus>, StoreError>>, StoreError> {
+    let (pool, cache) = store;
+    let mut tx = pool.begin().await?;
+    // FOR KEY SHARE makes a concurrent takeover wait for this transaction,
+    // or this transaction see it (and leave that shard's batch alone).
     let shards: Vec<i32> = leases.iter().map(|lease| lease.shard as i32).collect();
     let epochs: Vec<i64> = leases.iter().map(|lease| lease.epoch).collect();
-    let mut batch_of = HashMap::new();
-    let (mut seqs, mut partitions, mut offsets, mut row_shards) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let held: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT l.shard, l.epoch FROM outbox_leases AS l \
+         JOIN UNNEST($1::integer[], $2::bigint[]) AS w(shard, epoch) \
+           ON l.shard = w.shard AND l.epoch = w.epoch \
+         ORDER BY l.shard \
+         FOR KEY SHARE OF l",
+    )
+    .bind(&shards)
+    .bind(&epochs)
+    .fetch_all(&mut *tx)
+    .await?;
+    let holds = |lease: &Lease| held.contains(&(lease.shard as i32, lease.epoch));
+    let numbers: Vec<i64> = leases
+        .iter()
+        .zip(deliveries)
+        .filter(|(lease, _)| holds(lease))
+        .flat_map(|(_, delivered)| delivered.iter().map(|d| location_of(d.seq).0))
+        .collect();
+    let mut loaded = Loaded::load(&mut tx, cache, &numbers, true).await?;
+    let mut changed = BTreeMap::new();
+    let mut batch_of: HashMap<crate::domain::EventId, usize> = HashMap::new();
     for (index, (lease, delivered)) in leases.iter().zip(deliveries).enumerate() {
+        if !holds(lease) {
+            continue;
+        }
         for delivery in delivered.iter() {
-            batch_of.insert(delivery.seq, index);
-            seqs.push(delivery.seq);
-            partitions.push(delivery.partition);
-            offsets.push(delivery.offset);
-            row_shards.push(lease.shard as i32);
+            let (number, position) = location_of(delivery.seq);
+            let Some(row) = loaded.rows.get_mut(&number) else {
+                continue;
+            };
+            if row.shard != lease.shard as i32
+                || position as usize >= row.len()
+                || row.state(position)?.is_none_or(|s| s.is_final())
+            {
+                continue;
+            }
+            row.set_state(position, EventState::Published);
+            row.set_placement(position, delivery.partition, delivery.offset);
+            if let Some((row, event)) = loaded.event(number, position) {
+                batch_of.insert(event.event_id, index);
+                mark(&mut changed, row, &event);
+            }
         }
     }
-    let rows: Vec<PgRow> = sqlx::query(RECORD_DELIVERED)
-        .bind(&shards)
-        .bind(&epochs)
-        .bind(&seqs)
-        .bind(&partitions)
-        .bind(&offsets)
-        .bind(&row_shards)
-        .fetch_all(pool)
-        .await?;
-    let mut written: Vec<Vec<PgRow>> = leases.iter().map(|_| Vec::new()).collect();
-    for row in rows {
-        let seq: i64 = row.try_get("seq")?;
-        if let Some(&index) = batch_of.get(&seq) {
-            written[index].push(row);
+    let resolved = loaded.write(&mut tx, &changed).await?;
+    tx.commit().await?;
+    let mut outcomes: Vec<Result<Vec<EventStatus>, StoreError>> = leases
+        .iter()
+        .map(|lease| {
+            if holds(lease) {
+                Ok(Vec::new())
+            } else {
+                Err(StoreError::LeaseLost {
+                    shard: lease.shard,
+                    epoch: lease.epoch,
+                })
+            }
+        })
+        .collect();
+    for status in resolved.changed {
+        if let Some(&batch) = batch_of.get(&status.event_id)
+            && let Some(Ok(statuses)) = outcomes.get_mut(batch)
+        {
+            statuses.push(status);
         }
-    }
-    let mut outcomes = Vec::with_capacity(leases.len());
-    for (lease, rows) in leases.iter().zip(written) {
-        outcomes.push(fenced_statuses(pool, lease, &rows).await);
     }
     Ok(outcomes)
-}
-
-/// The statuses of a batch's written rows; none written while its lease is
-/// no longer current means the lease was lost (the rows may also all have
-/// been recorded already, by an earlier attempt).
-pub(super) async fn fenced_statuses(
-    pool: &PgPool,
-    lease: &Lease,
-    rows: &[PgRow],
-) -> Result<Vec<EventStatus>, StoreError> {
-    if rows.is_empty() && !lease_is_current(pool, lease).await? {
-        return Err(StoreError::LeaseLost {
-            shard: lease.shard,
-            epoch: lease.epoch,
-        });
-    }
-    rows.iter().map(status_from_row).collect()
-}
-
-/// Whether `lease`'s epoch is still its shard's.
-async fn lease_is_current(pool: &PgPool, lease: &Lease) -> Result<bool, StoreError> {
-    let row = sqlx::query("SELECT epoch FROM outbox_leases WHERE shard = $1")
-        .bind(lease.shard as i32)
-        .fetch_optional(pool)
-        .await?;
-    Ok(match row {
-        Some(row) => row.try_get::<i64, _>("epoch")? == lease.epoch,
-        None => false,
-    })
 }

@@ -1,8 +1,8 @@
 -- A coalesced batch of appends to new transactions in one autocommit
 -- statement: the writer's slot (migration 0002) goes in the same commit as
--- its rows. Refused (outbox_fast_append_check raises, nothing is stored)
--- unless every transaction and append is new and no caller-chosen event id
--- is taken.
+-- its segments. Refused (outbox_fast_append_check raises, nothing is
+-- stored) unless every transaction and append is new; a caller-chosen id
+-- that is taken fails the statement on its unique index.
 WITH slot AS (
     DELETE FROM outbox_writer_slots WHERE id = $1
 ),
@@ -23,28 +23,25 @@ appends AS (
     ON CONFLICT DO NOTHING
     RETURNING 1
 ),
-events AS (
-    INSERT INTO outbox_events (
-        event_id, shard, producer, transaction_id, append_sequence, batch_index,
-        topic, kafka_key, payload, headers, aggregate_type, aggregate_id,
-        event_type, occurred_at, state, traceparent, tracestate
-    )
-    SELECT * FROM UNNEST(
-        $12::uuid[], $13::integer[], $14::text[], $15::text[], $16::bigint[], $17::integer[],
-        $18::text[], $19::bytea[], $20::bytea[], $21::bytea[], $22::text[], $23::text[],
-        $24::text[], $25::timestamptz[], $26::smallint[], $27::text[], $28::text[]
-    )
-    RETURNING event_id, change_seq, updated_at
+segments AS (
+    INSERT INTO outbox_segments (number, shard, millis, body, states)
+    SELECT * FROM UNNEST($12::bigint[], $13::integer[], $14::bigint[], $15::bytea[], $16::bytea[])
+),
+callers AS (
+    INSERT INTO outbox_caller_ids (event_id, segment, position)
+    SELECT * FROM UNNEST($17::uuid[], $18::bigint[], $19::integer[])
+),
+changes AS (
+    INSERT INTO outbox_changes (producer, segment)
+    SELECT * FROM UNNEST($20::text[], $21::bigint[])
+    RETURNING producer, segment, change_seq
+),
+checked AS (
+    -- Checked once, before any row is returned.
+    SELECT outbox_fast_append_check(
+               (SELECT count(*) FROM transactions) = cardinality($2::text[])
+               AND (SELECT count(*) FROM appends) = cardinality($2::text[])) AS ok
 )
-SELECT e.event_id, e.change_seq, e.updated_at
-FROM events AS e
--- An uncorrelated scalar subquery: checked once, before any row is returned.
-WHERE (SELECT outbox_fast_append_check(
-           (SELECT count(*) FROM transactions) = cardinality($2::text[])
-           AND (SELECT count(*) FROM appends) = cardinality($2::text[])
-           -- Both tables, under the statement's one snapshot: a concurrent
-           -- delivery record moving an id from one to the other cannot hide
-           -- it (the unique index alone would let the id in once the move
-           -- commits, and this snapshot would not see it published).
-           AND NOT EXISTS (SELECT 1 FROM outbox_events WHERE event_id = ANY ($29::uuid[]))
-           AND NOT EXISTS (SELECT 1 FROM outbox_published WHERE event_id = ANY ($29::uuid[]))))
+SELECT c.producer, c.segment, c.change_seq
+FROM checked CROSS JOIN changes AS c
+WHERE checked.ok

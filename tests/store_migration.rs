@@ -1,0 +1,247 @@
+//! A PostgreSQL store written with the layout before segments (migrations
+//! 0001–0011: a row per event) is migrated when outboxd starts: its
+//! unpublished events keep their ids, states and per-key order and are
+//! published; its published events keep their statuses. Real PostgreSQL,
+//! a real broker (Tansu) and an independent consumer.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use outboxd::domain::{EventId, shard_of};
+use outboxd::proto;
+use sqlx::{Connection, PgConnection};
+use support::{Gateway, Tansu, consume_until, first_sightings_by_key, status_of};
+
+const SHARDS: u32 = 8;
+
+/// Applies the migrations of the old layout only, as a store of that
+/// version left them (with its shard count and leases).
+async fn old_store(url: &str) -> PgConnection {
+    let mut migrator = sqlx::migrate!("migrations/postgres");
+    migrator.migrations = migrator
+        .migrations
+        .iter()
+        .filter(|migration| migration.version <= 11)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    let mut connection = PgConnection::connect(url).await.unwrap();
+    migrator.run(&mut connection).await.unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO outbox_meta (key, value) VALUES ('shard_count', '8'); \
+         INSERT INTO outbox_leases (shard) SELECT generate_series(0, 7);",
+    )
+    .execute(&mut connection)
+    .await
+    .unwrap();
+    connection
+}
+
+/// One event row as the old store wrote it.
+struct OldEvent<'a> {
+    id: EventId,
+    transaction: &'a str,
+    index: i32,
+    key: &'a str,
+    state: i16,
+    attempts: i32,
+}
+
+async fn write_old_event(connection: &mut PgConnection, topic: &str, event: &OldEvent<'_>) {
+    let shard = shard_of(Some(event.key.as_bytes()), event.id, SHARDS);
+    sqlx::query(
+        "INSERT INTO outbox_events (event_id, shard, producer, transaction_id, append_sequence, \
+             batch_index, topic, kafka_key, payload, headers, aggregate_type, aggregate_id, \
+             event_type, occurred_at, state, attempts, next_attempt_at, last_error) \
+         VALUES ($1, $2, 'shop', $3, 0, $4, $5, $6, $7, $8, 'order', $9, 'placed', now(), $10, \
+                 $11, CASE WHEN $11 > 0 THEN now() - interval '1 second' END, \
+                 CASE WHEN $11 > 0 THEN 'broker down' END)",
+    )
+    .bind(event.id.0)
+    .bind(shard as i32)
+    .bind(event.transaction)
+    .bind(event.index)
+    .bind(topic)
+    .bind(event.key.as_bytes())
+    .bind(format!("payload of {}", event.id).into_bytes())
+    // No headers: a count of zero.
+    .bind(&[0u8, 0, 0, 0][..])
+    .bind(event.key)
+    .bind(event.state)
+    .bind(event.attempts)
+    .execute(&mut *connection)
+    .await
+    .unwrap();
+}
+
+async fn write_old_transaction(
+    connection: &mut PgConnection,
+    transaction: &str,
+    mode: i16,
+    state: i16,
+    ids: &[EventId],
+) {
+    sqlx::query(
+        "INSERT INTO outbox_transactions (producer, transaction_id, mode, state, expires_at) \
+         VALUES ('shop', $1, $2, $3, CASE WHEN $2 = 2 THEN now() + interval '1 hour' END)",
+    )
+    .bind(transaction)
+    .bind(mode)
+    .bind(state)
+    .execute(&mut *connection)
+    .await
+    .unwrap();
+    let packed: Vec<u8> = ids.iter().flat_map(|id| *id.0.as_bytes()).collect();
+    sqlx::query(
+        "INSERT INTO outbox_appends (producer, transaction_id, sequence, content_hash, event_ids) \
+         VALUES ('shop', $1, 0, $2, $3)",
+    )
+    .bind(transaction)
+    .bind(&[7u8; 32][..])
+    .bind(packed)
+    .execute(&mut *connection)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_of_the_old_layout_keeps_and_publishes_its_events() {
+    let tansu = Tansu::shared();
+    let topic = support::unique("migrated");
+    tansu.create_topic(&topic, 3).await;
+    let url = support::fresh_database().await;
+    let mut old = old_store(&url).await;
+
+    // Written by the old store: two READY events of key "a" and one
+    // RETRYING of key "b" (immediate, committed), a PENDING event of key
+    // "a" (two_phase, open), and an event published before the migration.
+    let ids: Vec<EventId> = (0..5).map(|_| EventId::generate()).collect();
+    write_old_transaction(&mut old, "ready", 1, 2, &ids[..3]).await;
+    write_old_transaction(&mut old, "pending", 2, 1, &ids[3..4]).await;
+    write_old_transaction(&mut old, "published", 1, 2, &ids[4..]).await;
+    for event in [
+        OldEvent {
+            id: ids[0],
+            transaction: "ready",
+            index: 0,
+            key: "a",
+            state: 2,
+            attempts: 0,
+        },
+        OldEvent {
+            id: ids[1],
+            transaction: "ready",
+            index: 1,
+            key: "a",
+            state: 2,
+            attempts: 0,
+        },
+        OldEvent {
+            id: ids[2],
+            transaction: "ready",
+            index: 2,
+            key: "b",
+            state: 3,
+            attempts: 1,
+        },
+        OldEvent {
+            id: ids[3],
+            transaction: "pending",
+            index: 0,
+            key: "a",
+            state: 1,
+            attempts: 0,
+        },
+    ] {
+        write_old_event(&mut old, &topic, &event).await;
+    }
+    sqlx::query(
+        "INSERT INTO outbox_published (event_id, seq, producer, transaction_id, append_sequence, \
+             topic, kafka_partition, kafka_offset, attempts, published_at, change_seq) \
+         VALUES ($1, 1000, 'shop', 'published', 0, $2, 2, 42, 0, now(), \
+                 nextval('outbox_change_seq'))",
+    )
+    .bind(ids[4].0)
+    .bind(&topic)
+    .execute(&mut old)
+    .await
+    .unwrap();
+    old.close().await.unwrap();
+
+    // outboxd of the new layout starts on it: it migrates, then relays.
+    let gateway = Gateway::start(support::test_config(&url, &tansu.bootstrap)).await;
+    let mut client = gateway.client().await;
+    let published = status_of(&mut client, &ids[4].to_string()).await;
+    assert_eq!(published.state, proto::EventState::Published as i32);
+    assert_eq!((published.partition, published.offset), (Some(2), Some(42)));
+    let pending = status_of(&mut client, &ids[3].to_string()).await;
+    assert_eq!(pending.state, proto::EventState::Pending as i32);
+    assert_eq!(pending.transaction_id, "pending");
+
+    // The PENDING event held its key until its transaction commits.
+    let committed = client
+        .commit(proto::CommitRequest {
+            producer: "shop".into(),
+            transaction_id: "pending".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(committed.events, 1);
+
+    let expected: HashSet<String> = ids[..4].iter().map(ToString::to_string).collect();
+    let records = consume_until(
+        &tansu.bootstrap,
+        &topic,
+        &expected,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
+    let mut seen = HashSet::new();
+    for record in &records {
+        let id = record.event_id();
+        assert!(expected.contains(&id), "a record nobody appended: {id}");
+        assert!(seen.insert(id.clone()), "{id} reached Kafka twice");
+        assert_eq!(record.payload, format!("payload of {id}").into_bytes());
+    }
+    assert_eq!(seen.len(), 4, "every unpublished event reached Kafka");
+    let by_key = first_sightings_by_key(&records);
+    assert_eq!(
+        by_key.get(&b"a"[..]),
+        Some(&vec![
+            ids[0].to_string(),
+            ids[1].to_string(),
+            ids[3].to_string()
+        ]),
+        "key a in its old order, the committed event last"
+    );
+    for id in &ids[..4] {
+        support::eventually(
+            "the migrated event to be published",
+            Duration::from_secs(30),
+            || {
+                let mut client = client.clone();
+                let id = id.to_string();
+                async move {
+                    (status_of(&mut client, &id).await.state == proto::EventState::Published as i32)
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    let retried = status_of(&mut client, &ids[2].to_string()).await;
+    assert_eq!(retried.attempts, 1, "attempts survive the migration");
+
+    // The old tables are gone.
+    let mut check = PgConnection::connect(&url).await.unwrap();
+    let left: Option<String> = sqlx::query_scalar("SELECT to_regclass('outbox_events')::text")
+        .fetch_one(&mut check)
+        .await
+        .unwrap();
+    assert_eq!(left, None);
+    gateway.stop().await;
+}
