@@ -42,9 +42,13 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error),
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 // Class 08: connection exception; 57P01..03: admin shutdown,
-                // crash shutdown, cannot connect now; 53300: too many connections.
+                // crash shutdown, cannot connect now; 53300: too many
+                // connections. Class 40: the transaction was rolled back as
+                // a deadlock or serialization victim; done again, it can
+                // succeed.
                 Some(code)
                     if code.starts_with("08")
+                        || code.starts_with("40")
                         || matches!(code, "57P01" | "57P02" | "57P03" | "53300") =>
                 {
                     StoreError::Unavailable(error)
@@ -62,5 +66,63 @@ pub(crate) fn is_unique_violation(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(db) => matches!(db.kind(), sqlx::error::ErrorKind::UniqueViolation),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database error with only a SQLSTATE.
+    #[derive(Debug)]
+    struct Coded(&'static str);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            self.0
+        }
+
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn of(code: &'static str) -> StoreError {
+        StoreError::from(sqlx::Error::Database(Box::new(Coded(code))))
+    }
+
+    #[test]
+    fn a_deadlock_or_serialization_victim_may_be_tried_again() {
+        // Writers lock segment rows; a victim of a deadlock between them
+        // must be retried, not taken for a bad row (which the relay would
+        // dead-letter).
+        assert!(matches!(of("40P01"), StoreError::Unavailable(_)));
+        assert!(matches!(of("40001"), StoreError::Unavailable(_)));
+        assert!(matches!(of("08006"), StoreError::Unavailable(_)));
+        assert!(matches!(of("23505"), StoreError::Query(_)));
     }
 }

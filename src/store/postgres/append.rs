@@ -863,4 +863,95 @@ mod tests {
             Plan::Decided(Ok(outcome)) if outcome.duplicate && outcome.event_ids == vec![id]
         ));
     }
+
+    fn keyed(key: &str, payload: &str) -> crate::domain::NewEvent {
+        test_event(Some(key.as_bytes()), payload.as_bytes())
+    }
+
+    #[test]
+    fn a_commit_packs_one_segment_per_shard_with_its_events_in_request_order() {
+        let first = test_append(
+            "tx-1",
+            0,
+            TokenMode::Immediate,
+            vec![keyed("a", "a1"), keyed("b", "b1"), keyed("a", "a2")],
+        );
+        let mut chosen = keyed("b", "b2");
+        let caller_id = EventId::generate();
+        chosen.event_id = Some(caller_id);
+        let second = test_append("tx-2", 0, two_phase(), vec![chosen, keyed("a", "a3")]);
+        let batches = [&first, &second];
+        let shards = vec![vec![0, 1, 0], vec![1, 0]];
+        assert_eq!(segments_needed(&shards), 2);
+        let packed = pack(&batches, &shards, &[40, 41], 1_796_000_000_000);
+
+        assert_eq!(packed.segments.len(), 2);
+        let payloads = |index: usize| -> Vec<Vec<u8>> {
+            packed.segments[index]
+                .segment
+                .events()
+                .map(|event| event.event.payload.clone())
+                .collect()
+        };
+        assert_eq!(packed.segments[0].shard, 0);
+        assert_eq!(
+            payloads(0),
+            [b"a1".to_vec(), b"a2".to_vec(), b"a3".to_vec()]
+        );
+        assert_eq!(packed.segments[1].shard, 1);
+        assert_eq!(payloads(1), [b"b1".to_vec(), b"b2".to_vec()]);
+        // Each event starts as its transaction's mode says.
+        assert_eq!(packed.segments[0].states, [2, 2, 1]);
+        assert_eq!(packed.segments[1].states, [2, 1]);
+
+        // Generated ids name their segment and position; a caller's id is
+        // kept, with its location.
+        let (ids, event_shards) = &packed.appends[0];
+        assert_eq!(event_shards, &vec![0, 1, 0]);
+        let location = |id: EventId| EventLocation::of(id).map(|(l, _)| (l.segment, l.position));
+        assert_eq!(location(ids[0]), Some((40, 0)));
+        assert_eq!(location(ids[1]), Some((41, 0)));
+        assert_eq!(location(ids[2]), Some((40, 1)));
+        let (ids, _) = &packed.appends[1];
+        assert_eq!(ids[0], caller_id);
+        assert_eq!(location(ids[1]), Some((40, 2)));
+        assert_eq!(packed.caller_ids, (vec![caller_id.0], vec![41], vec![1]));
+        // Every id is what the stored segment gives back.
+        for ((ids, _), batch) in packed.appends.iter().zip(batches) {
+            for (id, event) in ids.iter().zip(&batch.events) {
+                let found = packed
+                    .segments
+                    .iter()
+                    .find_map(|s| s.segment.find(*id))
+                    .expect("packed");
+                assert_eq!(found.event.payload, event.payload);
+            }
+        }
+        // One change row per producer and segment.
+        assert_eq!(
+            packed.changes,
+            (vec!["shop".to_owned(), "shop".to_owned()], vec![40, 41])
+        );
+    }
+
+    #[test]
+    fn a_shard_with_more_events_than_a_segment_holds_fills_several() {
+        let events: Vec<_> = (0..MAX_SEGMENT_EVENTS + 1)
+            .map(|_| test_event(Some(b"k"), b""))
+            .collect();
+        let batch = test_append("big", 0, TokenMode::Immediate, events);
+        let shards = vec![vec![3; MAX_SEGMENT_EVENTS + 1]];
+        assert_eq!(segments_needed(&shards), 2);
+        let packed = pack(&[&batch], &shards, &[7, 8], 0);
+        let sizes: Vec<usize> = packed.segments.iter().map(|s| s.states.len()).collect();
+        assert_eq!(sizes, [MAX_SEGMENT_EVENTS, 1]);
+        let last = EventLocation::of(packed.appends[0].0[MAX_SEGMENT_EVENTS]).map(|(l, _)| l);
+        assert_eq!(
+            last,
+            Some(EventLocation {
+                segment: 8,
+                position: 0
+            })
+        );
+    }
 }

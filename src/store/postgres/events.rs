@@ -319,22 +319,30 @@ impl PostgresStore {
         Ok(resolved.changed)
     }
 
-    /// Moves the PENDING events of `transaction` to `state` (`None`: only
+    /// Moves the PENDING events of `transactions` to `state` (`None`: only
     /// tells the change feed that their reason changed). A dead letter gets
-    /// `reason` as its error.
+    /// `reason` as its error. One pass for all of them, however many.
     pub(super) async fn transition_pending(
         &self,
         connection: &mut PgConnection,
-        transaction: &TransactionRef,
+        transactions: &[TransactionRef],
         state: Option<EventState>,
         reason: Option<&str>,
     ) -> Result<Resolved, StoreError> {
+        if transactions.is_empty() {
+            return Ok(Resolved::default());
+        }
+        let (producers, transaction_ids): (Vec<&str>, Vec<&str>) = transactions
+            .iter()
+            .map(|t| (t.producer.as_str(), t.transaction_id.as_str()))
+            .unzip();
         let appended: Vec<Vec<u8>> = sqlx::query_scalar(
-            "SELECT event_ids FROM outbox_appends \
-             WHERE producer = $1 AND transaction_id = $2 ORDER BY sequence",
+            "SELECT a.event_ids FROM outbox_appends AS a \
+             JOIN UNNEST($1::text[], $2::text[]) AS t(producer, transaction_id) \
+               ON a.producer = t.producer AND a.transaction_id = t.transaction_id",
         )
-        .bind(&transaction.producer)
-        .bind(&transaction.transaction_id)
+        .bind(&producers)
+        .bind(&transaction_ids)
         .fetch_all(&mut *connection)
         .await?;
         let ids: Vec<EventId> = appended.iter().flat_map(|ids| unpack_ids(ids)).collect();

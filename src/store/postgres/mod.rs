@@ -134,29 +134,35 @@ impl PostgresStore {
         }
     }
 
-    /// Sets the transaction's state and reason, and moves its PENDING events.
-    async fn finish_transaction(
+    /// Sets the state and reason of `transactions`, and moves their
+    /// PENDING events.
+    async fn finish_transactions(
         &self,
         tx: &mut PgConnection,
-        transaction: &TransactionRef,
+        transactions: &[TransactionRef],
         transaction_state: i16,
         resolution: &str,
         event_state: EventState,
         reason: Option<&str>,
     ) -> Result<Resolved, StoreError> {
+        let (producers, ids): (Vec<&str>, Vec<&str>) = transactions
+            .iter()
+            .map(|t| (t.producer.as_str(), t.transaction_id.as_str()))
+            .unzip();
         sqlx::query(
-            "UPDATE outbox_transactions SET state = $3, resolution = $4, resolved_at = now(), \
-                 reason = $5 \
-             WHERE producer = $1 AND transaction_id = $2",
+            "UPDATE outbox_transactions AS t \
+             SET state = $3, resolution = $4, resolved_at = now(), reason = $5 \
+             FROM UNNEST($1::text[], $2::text[]) AS u(producer, transaction_id) \
+             WHERE t.producer = u.producer AND t.transaction_id = u.transaction_id",
         )
-        .bind(&transaction.producer)
-        .bind(&transaction.transaction_id)
+        .bind(&producers)
+        .bind(&ids)
         .bind(transaction_state)
         .bind(resolution)
         .bind(reason)
         .execute(&mut *tx)
         .await?;
-        self.transition_pending(tx, transaction, Some(event_state), reason)
+        self.transition_pending(tx, transactions, Some(event_state), reason)
             .await
     }
 
@@ -197,9 +203,9 @@ impl PostgresStore {
         let step = two_phase_step(mode, state, resolution, expired, commit);
         let resolved = match &step.finish {
             Some((txn_state, name, event_state, reason)) => {
-                self.finish_transaction(
+                self.finish_transactions(
                     &mut tx,
-                    transaction,
+                    std::slice::from_ref(transaction),
                     *txn_state,
                     name,
                     *event_state,
@@ -494,25 +500,20 @@ impl Store for PostgresStore {
         .bind(limit as i64)
         .fetch_all(&mut *tx)
         .await?;
-        let mut resolved = Resolved::default();
-        for (producer, transaction_id) in expired {
-            let transaction = TransactionRef {
+        let expired: Vec<TransactionRef> = expired
+            .into_iter()
+            .map(|(producer, transaction_id)| TransactionRef {
                 producer,
                 transaction_id,
-            };
-            let (txn_state, name, event_state, reason) = EXPIRED;
-            resolved.extend(
-                self.finish_transaction(
-                    &mut tx,
-                    &transaction,
-                    txn_state,
-                    name,
-                    event_state,
-                    reason,
-                )
-                .await?,
-            );
-        }
+            })
+            .collect();
+        let (txn_state, name, event_state, reason) = EXPIRED;
+        let resolved = if expired.is_empty() {
+            Resolved::default()
+        } else {
+            self.finish_transactions(&mut tx, &expired, txn_state, name, event_state, reason)
+                .await?
+        };
         tx.commit().await?;
         Ok(resolved)
     }
@@ -650,39 +651,57 @@ impl Store for PostgresStore {
             .bind(&reasons)
             .fetch_all(&mut *tx)
             .await?;
-            for (producer, transaction_id) in annotated {
-                let transaction = TransactionRef {
+            let annotated: Vec<TransactionRef> = annotated
+                .into_iter()
+                .map(|(producer, transaction_id)| TransactionRef {
                     producer,
                     transaction_id,
-                };
-                resolved.extend(
-                    self.transition_pending(&mut tx, &transaction, None, None)
-                        .await?,
-                );
+                })
+                .collect();
+            resolved.extend(
+                self.transition_pending(&mut tx, &annotated, None, None)
+                    .await?,
+            );
+        }
+        // The others, by what becomes of them, each group in one pass;
+        // another instance may have resolved some meanwhile.
+        let mut steps: HashMap<_, Vec<TransactionRef>> = HashMap::new();
+        for (transaction, verdict) in verdicts {
+            if let Some(step) = xid_step(verdict) {
+                steps.entry(step).or_default().push(transaction.clone());
             }
         }
-        for (transaction, verdict) in verdicts {
-            let Some((txn_state, name, event_state, reason)) = xid_step(verdict) else {
-                continue;
-            };
-            // Another instance may have resolved it meanwhile.
-            let open: Option<i16> = sqlx::query_scalar(concat!(
-                "SELECT state FROM outbox_transactions \
-                 WHERE producer = $1 AND transaction_id = $2 AND state = ",
+        for ((txn_state, name, event_state, reason), transactions) in steps {
+            let (producers, ids): (Vec<&str>, Vec<&str>) = transactions
+                .iter()
+                .map(|t| (t.producer.as_str(), t.transaction_id.as_str()))
+                .unzip();
+            let open: Vec<(String, String)> = sqlx::query_as(concat!(
+                "SELECT t.producer, t.transaction_id FROM outbox_transactions AS t \
+                 JOIN UNNEST($1::text[], $2::text[]) AS u(producer, transaction_id) \
+                   ON t.producer = u.producer AND t.transaction_id = u.transaction_id \
+                 WHERE t.state = ",
                 stored!(transaction open),
-                " FOR UPDATE"
+                " ORDER BY t.producer, t.transaction_id FOR UPDATE OF t"
             ))
-            .bind(&transaction.producer)
-            .bind(&transaction.transaction_id)
-            .fetch_optional(&mut *tx)
+            .bind(&producers)
+            .bind(&ids)
+            .fetch_all(&mut *tx)
             .await?;
-            if open.is_none() {
+            if open.is_empty() {
                 continue;
             }
+            let open: Vec<TransactionRef> = open
+                .into_iter()
+                .map(|(producer, transaction_id)| TransactionRef {
+                    producer,
+                    transaction_id,
+                })
+                .collect();
             resolved.extend(
-                self.finish_transaction(
+                self.finish_transactions(
                     &mut tx,
-                    transaction,
+                    &open,
                     txn_state,
                     name,
                     event_state,
