@@ -34,6 +34,19 @@ macro_rules! stored {
     (event discarded) => {
         "6"
     };
+    // A state as the two hex digits of its byte (segment state bytes).
+    (event pending hex) => {
+        "01"
+    };
+    (event ready hex) => {
+        "02"
+    };
+    (event retrying hex) => {
+        "03"
+    };
+    (event dead_lettered hex) => {
+        "05"
+    };
     // The first final state: the relay's partial index holds the rows below.
     (event first_final) => {
         "4"
@@ -213,6 +226,15 @@ mod tests {
             assert_eq!(number(text), state as i16, "{state:?}");
         }
         assert_eq!(number(stored!(event first_final)), EventState::FIRST_FINAL);
+        let byte = |hex: &str| i16::from_str_radix(hex, 16).expect("two hex digits");
+        for (hex, state) in [
+            (stored!(event pending hex), EventState::Pending),
+            (stored!(event ready hex), EventState::Ready),
+            (stored!(event retrying hex), EventState::Retrying),
+            (stored!(event dead_lettered hex), EventState::DeadLettered),
+        ] {
+            assert_eq!(byte(hex), state as i16, "{state:?}");
+        }
         assert_eq!(number(stored!(transaction open)), TRANSACTION_OPEN);
         assert_eq!(
             number(stored!(transaction committed)),

@@ -11,6 +11,7 @@ use sqlx::{PgConnection, Row};
 
 use super::PostgresStore;
 use super::queries::READ_SEGMENTS;
+use super::recorder::{Outcome, record_outcomes};
 use super::segments::{
     self, Changed, Facts, SegmentCache, SegmentRow, location_of, seq_of, write_changes,
 };
@@ -255,68 +256,23 @@ impl PostgresStore {
         lease: &Lease,
         failed: &[DeliveryFailed],
     ) -> Result<Vec<EventStatus>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let fenced: Option<i32> = sqlx::query_scalar(
-            "SELECT shard FROM outbox_leases WHERE shard = $1 AND epoch = $2 FOR KEY SHARE",
-        )
-        .bind(lease.shard as i32)
-        .bind(lease.epoch)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if fenced.is_none() {
-            return Err(StoreError::LeaseLost {
-                shard: lease.shard,
-                epoch: lease.epoch,
-            });
-        }
-        let numbers: Vec<i64> = failed.iter().map(|f| location_of(f.seq).0).collect();
-        let mut loaded = Loaded::load(&mut tx, &self.cache, &numbers, true).await?;
-        let mut changed = BTreeMap::new();
-        let (mut fault_segments, mut fault_positions, mut errors, mut retries) =
-            (vec![], vec![], vec![], vec![]);
-        for failure in failed {
-            let (number, position) = location_of(failure.seq);
-            let Some(row) = loaded.rows.get_mut(&number) else {
-                continue;
-            };
-            if position as usize >= row.len() || row.state(position)?.is_none_or(|s| s.is_final()) {
-                continue;
-            }
-            row.set_state(
-                position,
-                match failure.retry_at {
+        let outcomes: Vec<Outcome> = failed
+            .iter()
+            .map(|failure| Outcome {
+                seq: failure.seq,
+                state: match failure.retry_at {
                     Some(_) => EventState::Retrying,
                     None => EventState::DeadLettered,
                 },
-            );
-            fault_segments.push(number);
-            fault_positions.push(i32::from(position));
-            errors.push(failure.error.as_str());
-            retries.push(failure.retry_at);
-            if let Some((row, event)) = loaded.event(number, position) {
-                mark(&mut changed, row, &event);
-            }
-        }
-        sqlx::query(
-            "INSERT INTO outbox_event_faults AS f \
-                 (segment, position, attempts, last_error, next_attempt_at, dead) \
-             SELECT u.segment, u.position, 1, u.error, u.retry_at, u.retry_at IS NULL \
-             FROM UNNEST($1::bigint[], $2::integer[], $3::text[], $4::timestamptz[]) \
-                 AS u(segment, position, error, retry_at) \
-             ON CONFLICT (segment, position) DO UPDATE \
-             SET attempts = f.attempts + 1, last_error = EXCLUDED.last_error, \
-                 next_attempt_at = EXCLUDED.next_attempt_at, dead = EXCLUDED.dead, \
-                 updated_at = now()",
-        )
-        .bind(&fault_segments)
-        .bind(&fault_positions)
-        .bind(&errors)
-        .bind(&retries)
-        .execute(&mut *tx)
-        .await?;
-        let resolved = loaded.write(&mut tx, &changed).await?;
-        tx.commit().await?;
-        Ok(resolved.changed)
+                placement: None,
+                error: Some(failure.error.clone()),
+                retry_at: failure.retry_at,
+            })
+            .collect();
+        record_outcomes(&self.pool, &self.cache, &[lease], &[outcomes])
+            .await?
+            .pop()
+            .expect("one outcome per batch")
     }
 
     /// Moves the PENDING events of `transactions` to `state` (`None`: only

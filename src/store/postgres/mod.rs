@@ -78,7 +78,11 @@ impl PostgresStore {
     ) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("bad postgres url: {e}")))?
-            .application_name("outboxd");
+            .application_name("outboxd")
+            // A safety net: a transaction whose client stalls between its
+            // statements (a paused process) holds its locks only this long.
+            // The relay's fenced writes are single statements anyway.
+            .options([("idle_in_transaction_session_timeout", "10s")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
@@ -294,6 +298,9 @@ impl Store for PostgresStore {
                 wanted
             }
         };
+        sqlx::raw_sql(queries::RECORD_OUTCOMES_FUNCTION)
+            .execute(&mut *tx)
+            .await?;
         let packed = legacy::pack_old_rows(&mut tx, &self.numbers).await?;
         tx.commit().await?;
         if packed > 0 {

@@ -10,13 +10,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use std::collections::BTreeMap;
-
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::events::{Loaded, mark};
-use super::segments::{SegmentCache, location_of};
+use super::segments::{SegmentCache, bodies, location_of};
 use crate::domain::{EventState, EventStatus};
 use crate::store::{Delivered, Lease, StoreError};
 
@@ -130,85 +128,173 @@ async fn record_alone(
     outcomes.pop().expect("one outcome per batch")
 }
 
-/// Records several shards' batches in one store transaction; an outcome
-/// per batch, in order. `Err` when the transaction failed: nothing was
-/// written.
+/// Records several shards' batches in one statement; an outcome per batch,
+/// in order. `Err` when the statement failed: nothing was written.
 async fn record_together(
     store: &Store,
     leases: &[&Lease],
     deliveries: &[&[Delivered]],
 ) -> Result<Vec<Result<Vec<EventStatus>, StoreError>>, StoreError> {
-    let (pool, cache) = store;
-    let mut tx = pool.begin().await?;
-    // FOR KEY SHARE makes a concurrent takeover wait for this transaction,
-    // or this transaction see it (and leave that shard's batch alone).
+    let outcomes: Vec<Vec<Outcome>> = deliveries
+        .iter()
+        .map(|delivered| {
+            delivered
+                .iter()
+                .map(|delivery| Outcome {
+                    seq: delivery.seq,
+                    state: EventState::Published,
+                    placement: Some((delivery.partition, delivery.offset)),
+                    error: None,
+                    retry_at: None,
+                })
+                .collect()
+        })
+        .collect();
+    record_outcomes(&store.0, &store.1, leases, &outcomes).await
+}
+
+/// What became of one delivery.
+pub(super) struct Outcome {
+    /// The event's relay position.
+    pub seq: i64,
+    /// PUBLISHED, RETRYING or DEAD_LETTERED.
+    pub state: EventState,
+    /// Where it was published.
+    pub placement: Option<(i32, i64)>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// When a failed one is tried again.
+    pub retry_at: Option<DateTime<Utc>>,
+}
+
+/// Records the outcomes of several shards' batches (one per lease) in one
+/// statement (`outbox_record_outcomes`, `queries.rs`); the statuses of
+/// what changed, per batch, or `LeaseLost` for a batch whose lease is
+/// gone. `Err` when the statement failed: nothing was written.
+pub(super) async fn record_outcomes(
+    pool: &PgPool,
+    cache: &SegmentCache,
+    leases: &[&Lease],
+    outcomes: &[Vec<Outcome>],
+) -> Result<Vec<Result<Vec<EventStatus>, StoreError>>, StoreError> {
+    let mut connection = pool.acquire().await?;
+    let numbers: Vec<i64> = outcomes
+        .iter()
+        .flatten()
+        .map(|outcome| location_of(outcome.seq).0)
+        .collect();
+    let bodies = bodies(&mut connection, cache, &numbers).await?;
     let shards: Vec<i32> = leases.iter().map(|lease| lease.shard as i32).collect();
     let epochs: Vec<i64> = leases.iter().map(|lease| lease.epoch).collect();
-    let held: Vec<(i32, i64)> = sqlx::query_as(
-        "SELECT l.shard, l.epoch FROM outbox_leases AS l \
-         JOIN UNNEST($1::integer[], $2::bigint[]) AS w(shard, epoch) \
-           ON l.shard = w.shard AND l.epoch = w.epoch \
-         ORDER BY l.shard \
-         FOR KEY SHARE OF l",
+    let mut columns = OutcomeColumns::default();
+    let mut batch_of: HashMap<(i64, u16), (usize, &Outcome)> = HashMap::new();
+    for (index, batch) in outcomes.iter().enumerate() {
+        for outcome in batch {
+            let (number, position) = location_of(outcome.seq);
+            let Some(event) = bodies
+                .get(&number)
+                .and_then(|segment| segment.events().nth(position as usize))
+            else {
+                continue;
+            };
+            batch_of.insert((number, position), (index, outcome));
+            columns.push(number, position, &event.transaction.producer, outcome);
+        }
+    }
+    let rows: Vec<(i64, i32, i64, i32, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT * FROM outbox_record_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(&shards)
     .bind(&epochs)
-    .fetch_all(&mut *tx)
+    .bind(&columns.segments)
+    .bind(&columns.positions)
+    .bind(&columns.producers)
+    .bind(&columns.states)
+    .bind(&columns.partitions)
+    .bind(&columns.offsets)
+    .bind(&columns.errors)
+    .bind(&columns.retry_at)
+    .fetch_all(&mut *connection)
     .await?;
-    let holds = |lease: &Lease| held.contains(&(lease.shard as i32, lease.epoch));
-    let numbers: Vec<i64> = leases
-        .iter()
-        .zip(deliveries)
-        .filter(|(lease, _)| holds(lease))
-        .flat_map(|(_, delivered)| delivered.iter().map(|d| location_of(d.seq).0))
-        .collect();
-    let mut loaded = Loaded::load(&mut tx, cache, &numbers, true).await?;
-    let mut changed = BTreeMap::new();
-    let mut batch_of: HashMap<crate::domain::EventId, usize> = HashMap::new();
-    for (index, (lease, delivered)) in leases.iter().zip(deliveries).enumerate() {
-        if !holds(lease) {
+    let mut statuses: Vec<Vec<EventStatus>> = leases.iter().map(|_| Vec::new()).collect();
+    for (number, position, change, attempts, at) in rows {
+        let position = position as u16;
+        let Some(&(index, outcome)) = batch_of.get(&(number, position)) else {
             continue;
-        }
-        for delivery in delivered.iter() {
-            let (number, position) = location_of(delivery.seq);
-            let Some(row) = loaded.rows.get_mut(&number) else {
-                continue;
-            };
-            if row.shard != lease.shard as i32
-                || position as usize >= row.len()
-                || row.state(position)?.is_none_or(|s| s.is_final())
-            {
-                continue;
-            }
-            row.set_state(position, EventState::Published);
-            row.set_placement(position, delivery.partition, delivery.offset);
-            if let Some((row, event)) = loaded.event(number, position) {
-                batch_of.insert(event.event_id, index);
-                mark(&mut changed, row, &event);
-            }
+        };
+        let Some(event) = bodies
+            .get(&number)
+            .and_then(|segment| segment.events().nth(position as usize))
+        else {
+            continue;
+        };
+        statuses[index].push(EventStatus {
+            event_id: event.event_id,
+            producer: event.transaction.producer.clone(),
+            transaction_id: event.transaction.transaction_id.clone(),
+            sequence: event.transaction.append_sequence,
+            topic: event.event.topic.clone(),
+            state: outcome.state,
+            partition: outcome.placement.map(|(partition, _)| partition),
+            offset: outcome.placement.map(|(_, offset)| offset),
+            attempts: attempts.max(0) as u32,
+            reason: outcome.error.clone().unwrap_or_default(),
+            updated_at: at,
+            cursor: change as u64,
+        });
+    }
+    let mut results = Vec::with_capacity(leases.len());
+    for (lease, statuses) in leases.iter().zip(statuses) {
+        // None written while the lease is no longer current: it was lost
+        // (the outcomes may also all have been recorded already, by an
+        // earlier attempt).
+        if statuses.is_empty() && !lease_is_current(&mut connection, lease).await? {
+            results.push(Err(StoreError::LeaseLost {
+                shard: lease.shard,
+                epoch: lease.epoch,
+            }));
+        } else {
+            results.push(Ok(statuses));
         }
     }
-    let resolved = loaded.write(&mut tx, &changed).await?;
-    tx.commit().await?;
-    let mut outcomes: Vec<Result<Vec<EventStatus>, StoreError>> = leases
-        .iter()
-        .map(|lease| {
-            if holds(lease) {
-                Ok(Vec::new())
-            } else {
-                Err(StoreError::LeaseLost {
-                    shard: lease.shard,
-                    epoch: lease.epoch,
-                })
-            }
-        })
-        .collect();
-    for status in resolved.changed {
-        if let Some(&batch) = batch_of.get(&status.event_id)
-            && let Some(Ok(statuses)) = outcomes.get_mut(batch)
-        {
-            statuses.push(status);
-        }
+    Ok(results)
+}
+
+/// Outcomes as the arrays `outbox_record_outcomes` takes.
+#[derive(Default)]
+struct OutcomeColumns<'a> {
+    segments: Vec<i64>,
+    positions: Vec<i32>,
+    producers: Vec<&'a str>,
+    states: Vec<i16>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    errors: Vec<Option<&'a str>>,
+    retry_at: Vec<Option<DateTime<Utc>>>,
+}
+
+impl<'a> OutcomeColumns<'a> {
+    fn push(&mut self, segment: i64, position: u16, producer: &'a str, outcome: &'a Outcome) {
+        self.segments.push(segment);
+        self.positions.push(i32::from(position));
+        self.producers.push(producer);
+        self.states.push(outcome.state as i16);
+        let (partition, offset) = outcome.placement.unwrap_or((0, 0));
+        self.partitions.push(partition);
+        self.offsets.push(offset);
+        self.errors.push(outcome.error.as_deref());
+        self.retry_at.push(outcome.retry_at);
     }
-    Ok(outcomes)
+}
+
+/// Whether `lease`'s epoch is still its shard's.
+async fn lease_is_current(
+    connection: &mut sqlx::PgConnection,
+    lease: &Lease,
+) -> Result<bool, StoreError> {
+    let epoch: Option<i64> = sqlx::query_scalar("SELECT epoch FROM outbox_leases WHERE shard = $1")
+        .bind(lease.shard as i32)
+        .fetch_optional(&mut *connection)
+        .await?;
+    Ok(epoch == Some(lease.epoch))
 }

@@ -143,7 +143,8 @@ impl SegmentRow {
         removed
     }
 
-    /// Where the published event at `position` went.
+    /// Where the published event at `position` went (as
+    /// `outbox_record_outcomes` wrote it: partition and offset big-endian).
     pub(super) fn placement(&self, position: u16) -> Option<(i32, i64)> {
         let bytes = self.placements.as_ref()?;
         let at = position as usize * 12;
@@ -157,15 +158,6 @@ impl SegmentRow {
     /// Sets the state of the event at `position`.
     pub(super) fn set_state(&mut self, position: u16, state: EventState) {
         self.states[position as usize] = state as i16 as u8;
-    }
-
-    /// Records where the event at `position` was published.
-    pub(super) fn set_placement(&mut self, position: u16, partition: i32, offset: i64) {
-        let len = self.len() * 12;
-        let bytes = self.placements.get_or_insert_with(|| vec![0; len]);
-        let at = position as usize * 12;
-        bytes[at..at + 4].copy_from_slice(&partition.to_be_bytes());
-        bytes[at + 4..at + 12].copy_from_slice(&offset.to_be_bytes());
     }
 
     /// Whether every event is published or discarded: the segment leaves
@@ -609,17 +601,6 @@ mod tests {
         assert!(!segment.is_final(), "a dead letter waits for redrive");
         segment.set_state(2, EventState::Published);
         assert!(segment.is_final());
-    }
-
-    #[test]
-    fn placements_are_kept_per_position() {
-        let mut segment = row(&[EventState::Ready; 3]);
-        assert_eq!(segment.placement(1), None);
-        segment.set_placement(1, 5, 1 << 40);
-        segment.set_placement(2, 0, 0);
-        assert_eq!(segment.placement(1), Some((5, 1 << 40)));
-        assert_eq!(segment.placement(2), Some((0, 0)));
-        assert_eq!(segment.placements.as_ref().map(Vec::len), Some(36));
     }
 
     #[test]
