@@ -180,3 +180,55 @@ async fn a_watch_resumed_from_any_cursor_misses_no_final_state() {
     }
     gateway.stop().await;
 }
+
+/// A watch on event ids started right after their append, while they are
+/// still on their way, ends once every one of them is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_fresh_events_ends_when_they_are_published() {
+    let kafka = MockKafka::start(1);
+    let topic = support::unique("fresh");
+    kafka.create_topic(&topic, 3).await;
+    let gateway = Gateway::start(support::test_config(
+        &support::fresh_database().await,
+        &kafka.bootstrap,
+    ))
+    .await;
+    let mut client = gateway.client().await;
+    for round in 0..30 {
+        let ids = client
+            .append(append_request(
+                immediate_token("fresh", &format!("t{round}")),
+                (0..4)
+                    .map(|n| keyed_event(&topic, &format!("k{n}"), format!("{round}")))
+                    .collect(),
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .event_ids;
+        let mut stream = client
+            .watch_status(proto::WatchStatusRequest {
+                event_ids: ids.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut published = HashSet::new();
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(update) = stream.next().await {
+                let status = update.unwrap().status.unwrap();
+                if status.state == proto::EventState::Published as i32 {
+                    published.insert(status.event_id);
+                }
+            }
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "round {round}: the watch did not end; published {published:?} of {ids:?}"
+        );
+        assert_eq!(published.len(), ids.len(), "round {round}");
+    }
+    gateway.stop().await;
+}

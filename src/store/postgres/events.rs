@@ -640,7 +640,10 @@ impl PostgresStore {
 
     /// See [`crate::store::Store::status_by_ids`].
     pub(super) async fn statuses(&self, ids: &[EventId]) -> Result<Vec<EventStatus>, StoreError> {
-        let mut connection = self.pool.acquire().await?;
+        // One snapshot for the states and the change cursors: a status must
+        // never carry the cursor of a change newer than its state (a watch
+        // would then take the change's own status for old news).
+        let mut connection = read_snapshot(&self.pool).await?;
         let located = segments::locate(&mut connection, ids).await?;
         let numbers: Vec<i64> = located.iter().map(|(_, l)| l.segment).collect();
         let loaded = Loaded::load(&mut connection, &self.cache, &numbers, false).await?;
@@ -671,6 +674,7 @@ impl PostgresStore {
             ));
         }
         statuses.sort_by_key(|(seq, _)| *seq);
+        connection.commit().await?;
         Ok(statuses.into_iter().map(|(_, status)| status).collect())
     }
 }
@@ -710,4 +714,15 @@ async fn latest_changes(
         }
     }
     Ok(latest)
+}
+
+/// A read-only transaction whose statements all see one snapshot.
+pub(super) async fn read_snapshot(
+    pool: &sqlx::PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
 }

@@ -835,6 +835,10 @@ impl Store for PostgresStore {
         let gate: i64 = sqlx::query_scalar(CHANGE_FEED_GATE)
             .fetch_one(&mut *connection)
             .await?;
+        drop(connection);
+        // The page and the states it shows in one snapshot, so that no
+        // status carries a change older than its state's.
+        let mut connection = events::read_snapshot(&self.pool).await?;
         let after_xid = (after_cursor / 2) as i64;
         let mut changes: Vec<FeedChange> = sqlx::query_as(
             "SELECT segment, positions, (change_xid::text)::bigint AS xid, change_seq \
@@ -931,6 +935,7 @@ impl Store for PostgresStore {
             ordered.push((key, (change.xid, status)));
         }
         ordered.sort_by_key(|(key, _)| *key);
+        connection.commit().await?;
         Ok(feed_positions(
             ordered.into_iter().map(|(_, change)| change).collect(),
         ))

@@ -63,13 +63,13 @@ RETURNS TABLE (recorded_segment bigint, recorded_position integer, recorded_chan
 LANGUAGE plpgsql AS $function$
 DECLARE
     held integer[];
-    seg record;
     o record;
+    at_segment bigint;
     s bytea;
     p bytea;
     code integer;
-    changed_positions integer[];
-    changed_producers text[];
+    changed_positions integer[] := '{}';
+    changed_producers text[] := '{}';
 BEGIN
     SELECT coalesce(array_agg(l.shard), '{}') INTO held
     FROM (SELECT l.shard FROM outbox_leases AS l
@@ -77,90 +77,98 @@ BEGIN
             ON l.shard = w.shard AND l.epoch = w.epoch
           ORDER BY l.shard
           FOR KEY SHARE OF l) AS l;
-    FOR seg IN
-        SELECT g.number, g.states, g.placements FROM outbox_segments AS g
-        WHERE g.number = ANY (p_segments) AND g.shard = ANY (held)
-        ORDER BY g.number
-        FOR UPDATE OF g
+    -- One pass over the outcomes in segment order; each segment is locked
+    -- when its first outcome comes (in number order: writers never
+    -- deadlock) and written back after its last. A sentinel ends the pass.
+    FOR o IN
+        SELECT u.segment, u.position, u.producer, u.state, u.partition, u.kafka_offset,
+               u.error, u.retry_at
+        FROM unnest(p_segments, p_positions, p_producers, p_states, p_partitions, p_offsets,
+                    p_errors, p_retry_at)
+            AS u(segment, position, producer, state, partition, kafka_offset, error, retry_at)
+        UNION ALL
+        SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+        ORDER BY 1 NULLS LAST, 2
     LOOP
-        s := seg.states;
-        p := seg.placements;
-        changed_positions := '{}';
-        changed_producers := '{}';
-        FOR o IN
-            SELECT u.position, u.producer, u.state, u.partition, u.kafka_offset, u.error, u.retry_at
-            FROM unnest(p_segments, p_positions, p_producers, p_states, p_partitions, p_offsets,
-                        p_errors, p_retry_at)
-                AS u(segment, position, producer, state, partition, kafka_offset, error, retry_at)
-            WHERE u.segment = seg.number
-        LOOP
-            IF o.position >= length(s) THEN
-                CONTINUE;
+        IF o.segment IS DISTINCT FROM at_segment THEN
+            IF at_segment IS NOT NULL AND cardinality(changed_positions) > 0 THEN
+                -- Final once every event is published, discarded or
+                -- removed (a dead letter keeps its segment in the relay's
+                -- index).
+                UPDATE outbox_segments
+                SET states = s, placements = p, updated_at = now(),
+                    final = position('\x",
+    stored!(event pending hex),
+    r"'::bytea IN s) = 0
+                        AND position('\x",
+    stored!(event ready hex),
+    r"'::bytea IN s) = 0
+                        AND position('\x",
+    stored!(event retrying hex),
+    r"'::bytea IN s) = 0
+                        AND position('\x",
+    stored!(event dead_lettered hex),
+    r"'::bytea IN s) = 0
+                WHERE number = at_segment;
+                RETURN QUERY
+                WITH changes AS (
+                    INSERT INTO outbox_changes (producer, segment, positions)
+                    SELECT c.producer, at_segment, array_agg(c.position ORDER BY c.position)
+                    FROM unnest(changed_producers, changed_positions) AS c(producer, position)
+                    GROUP BY c.producer
+                    RETURNING outbox_changes.producer, outbox_changes.change_seq
+                )
+                SELECT at_segment, c.position, ch.change_seq, coalesce(f.attempts, 0), now()
+                FROM unnest(changed_producers, changed_positions) AS c(producer, position)
+                JOIN changes AS ch ON ch.producer = c.producer
+                LEFT JOIN outbox_event_faults AS f
+                  ON f.segment = at_segment AND f.position = c.position;
             END IF;
-            code := get_byte(s, o.position);
-            -- Only an event that is not final yet (nor removed) changes.
-            IF code NOT IN (",
+            EXIT WHEN o.segment IS NULL;
+            at_segment := o.segment;
+            changed_positions := '{}';
+            changed_producers := '{}';
+            SELECT g.states, g.placements INTO s, p FROM outbox_segments AS g
+            WHERE g.number = at_segment AND g.shard = ANY (held)
+            FOR UPDATE OF g;
+            IF NOT FOUND THEN
+                s := NULL;
+            END IF;
+        END IF;
+        IF s IS NULL OR o.position >= length(s) THEN
+            CONTINUE;
+        END IF;
+        code := get_byte(s, o.position);
+        -- Only an event that is not final yet (nor removed) changes.
+        IF code NOT IN (",
     stored!(event pending),
     ", ",
     stored!(event ready),
     ", ",
     stored!(event retrying),
     r") THEN
-                CONTINUE;
-            END IF;
-            s := set_byte(s, o.position, o.state);
-            IF o.state = ",
-    stored!(event published),
-    r" THEN
-                IF p IS NULL THEN
-                    p := decode(repeat('00', length(s) * 12), 'hex');
-                END IF;
-                p := overlay(p PLACING int4send(o.partition) || int8send(o.kafka_offset)
-                             FROM o.position * 12 + 1 FOR 12);
-            ELSE
-                INSERT INTO outbox_event_faults AS f
-                    (segment, position, attempts, last_error, next_attempt_at, dead)
-                VALUES (seg.number, o.position, 1, o.error, o.retry_at, o.retry_at IS NULL)
-                ON CONFLICT (segment, position) DO UPDATE
-                SET attempts = f.attempts + 1, last_error = EXCLUDED.last_error,
-                    next_attempt_at = EXCLUDED.next_attempt_at, dead = EXCLUDED.dead,
-                    updated_at = now();
-            END IF;
-            changed_positions := changed_positions || o.position;
-            changed_producers := changed_producers || o.producer;
-        END LOOP;
-        IF cardinality(changed_positions) = 0 THEN
             CONTINUE;
         END IF;
-        -- Final once every event is published, discarded or removed (a dead
-        -- letter keeps its segment in the relay's index).
-        UPDATE outbox_segments
-        SET states = s, placements = p, updated_at = now(),
-            final = position('\x",
-    stored!(event pending hex),
-    r"'::bytea IN s) = 0
-                AND position('\x",
-    stored!(event ready hex),
-    r"'::bytea IN s) = 0
-                AND position('\x",
-    stored!(event retrying hex),
-    r"'::bytea IN s) = 0
-                AND position('\x",
-    stored!(event dead_lettered hex),
-    r"'::bytea IN s) = 0
-        WHERE number = seg.number;
-        RETURN QUERY
-        WITH changes AS (
-            INSERT INTO outbox_changes (producer, segment, positions)
-            SELECT c.producer, seg.number, array_agg(c.position ORDER BY c.position)
-            FROM unnest(changed_producers, changed_positions) AS c(producer, position)
-            GROUP BY c.producer
-            RETURNING outbox_changes.producer, outbox_changes.positions, outbox_changes.change_seq
-        )
-        SELECT seg.number, c.position, ch.change_seq, coalesce(f.attempts, 0), now()
-        FROM unnest(changed_producers, changed_positions) AS c(producer, position)
-        JOIN changes AS ch ON ch.producer = c.producer
-        LEFT JOIN outbox_event_faults AS f ON f.segment = seg.number AND f.position = c.position;
+        s := set_byte(s, o.position, o.state);
+        IF o.state = ",
+    stored!(event published),
+    r" THEN
+            IF p IS NULL THEN
+                p := decode(repeat('00', length(s) * 12), 'hex');
+            END IF;
+            p := overlay(p PLACING int4send(o.partition) || int8send(o.kafka_offset)
+                         FROM o.position * 12 + 1 FOR 12);
+        ELSE
+            INSERT INTO outbox_event_faults AS f
+                (segment, position, attempts, last_error, next_attempt_at, dead)
+            VALUES (at_segment, o.position, 1, o.error, o.retry_at, o.retry_at IS NULL)
+            ON CONFLICT (segment, position) DO UPDATE
+            SET attempts = f.attempts + 1, last_error = EXCLUDED.last_error,
+                next_attempt_at = EXCLUDED.next_attempt_at, dead = EXCLUDED.dead,
+                updated_at = now();
+        END IF;
+        changed_positions := changed_positions || o.position;
+        changed_producers := changed_producers || o.producer;
     END LOOP;
 END
 $function$
