@@ -9,12 +9,12 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 
-use super::PostgresStore;
 use super::queries::READ_SEGMENTS;
 use super::recorder::{Outcome, record_outcomes};
 use super::segments::{
     self, Changed, Facts, SegmentCache, SegmentRow, location_of, seq_of, write_changes,
 };
+use super::{PostgresStore, transaction_columns};
 use crate::domain::{EventId, EventState, EventStatus, TransactionRef};
 use crate::store::codes::unpack_ids;
 use crate::store::segment::{PackedEvent, Segment, headers};
@@ -288,10 +288,7 @@ impl PostgresStore {
         if transactions.is_empty() {
             return Ok(Resolved::default());
         }
-        let (producers, transaction_ids): (Vec<&str>, Vec<&str>) = transactions
-            .iter()
-            .map(|t| (t.producer.as_str(), t.transaction_id.as_str()))
-            .unzip();
+        let (producers, transaction_ids) = transaction_columns(transactions);
         let appended: Vec<Vec<u8>> = sqlx::query_scalar(
             "SELECT a.event_ids FROM outbox_appends AS a \
              JOIN UNNEST($1::text[], $2::text[]) AS t(producer, transaction_id) \

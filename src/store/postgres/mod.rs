@@ -149,10 +149,7 @@ impl PostgresStore {
         event_state: EventState,
         reason: Option<&str>,
     ) -> Result<Resolved, StoreError> {
-        let (producers, ids): (Vec<&str>, Vec<&str>) = transactions
-            .iter()
-            .map(|t| (t.producer.as_str(), t.transaction_id.as_str()))
-            .unzip();
+        let (producers, ids) = transaction_columns(transactions);
         sqlx::query(
             "UPDATE outbox_transactions AS t \
              SET state = $3, resolution = $4, resolved_at = now(), reason = $5 \
@@ -227,6 +224,26 @@ impl PostgresStore {
             shards: resolved.shards,
         })
     }
+}
+
+/// Transaction refs from (producer, transaction id) pairs.
+fn transaction_refs(pairs: Vec<(String, String)>) -> Vec<TransactionRef> {
+    pairs
+        .into_iter()
+        .map(|(producer, transaction_id)| TransactionRef {
+            producer,
+            transaction_id,
+        })
+        .collect()
+}
+
+/// The producers and transaction ids of `transactions`, as two arrays for
+/// an `UNNEST`.
+pub(super) fn transaction_columns(transactions: &[TransactionRef]) -> (Vec<&str>, Vec<&str>) {
+    transactions
+        .iter()
+        .map(|t| (t.producer.as_str(), t.transaction_id.as_str()))
+        .unzip()
 }
 
 /// A row of the change feed: a producer's events of a segment that a
@@ -507,13 +524,7 @@ impl Store for PostgresStore {
         .bind(limit as i64)
         .fetch_all(&mut *tx)
         .await?;
-        let expired: Vec<TransactionRef> = expired
-            .into_iter()
-            .map(|(producer, transaction_id)| TransactionRef {
-                producer,
-                transaction_id,
-            })
-            .collect();
+        let expired: Vec<TransactionRef> = transaction_refs(expired);
         let (txn_state, name, event_state, reason) = EXPIRED;
         let resolved = if expired.is_empty() {
             Resolved::default()
@@ -607,10 +618,7 @@ impl Store for PostgresStore {
         transactions: &[TransactionRef],
         delay: Duration,
     ) -> Result<(), StoreError> {
-        let (producers, ids): (Vec<&str>, Vec<&str>) = transactions
-            .iter()
-            .map(|t| (t.producer.as_str(), t.transaction_id.as_str()))
-            .unzip();
+        let (producers, ids) = transaction_columns(transactions);
         sqlx::query(concat!(
             "UPDATE outbox_transactions t \
              SET resolve_after = now() + make_interval(secs => $3::double precision) \
@@ -658,13 +666,7 @@ impl Store for PostgresStore {
             .bind(&reasons)
             .fetch_all(&mut *tx)
             .await?;
-            let annotated: Vec<TransactionRef> = annotated
-                .into_iter()
-                .map(|(producer, transaction_id)| TransactionRef {
-                    producer,
-                    transaction_id,
-                })
-                .collect();
+            let annotated: Vec<TransactionRef> = transaction_refs(annotated);
             resolved.extend(
                 self.transition_pending(&mut tx, &annotated, None, None)
                     .await?,
@@ -679,10 +681,7 @@ impl Store for PostgresStore {
             }
         }
         for ((txn_state, name, event_state, reason), transactions) in steps {
-            let (producers, ids): (Vec<&str>, Vec<&str>) = transactions
-                .iter()
-                .map(|t| (t.producer.as_str(), t.transaction_id.as_str()))
-                .unzip();
+            let (producers, ids) = transaction_columns(&transactions);
             let open: Vec<(String, String)> = sqlx::query_as(concat!(
                 "SELECT t.producer, t.transaction_id FROM outbox_transactions AS t \
                  JOIN UNNEST($1::text[], $2::text[]) AS u(producer, transaction_id) \
@@ -698,13 +697,7 @@ impl Store for PostgresStore {
             if open.is_empty() {
                 continue;
             }
-            let open: Vec<TransactionRef> = open
-                .into_iter()
-                .map(|(producer, transaction_id)| TransactionRef {
-                    producer,
-                    transaction_id,
-                })
-                .collect();
+            let open: Vec<TransactionRef> = transaction_refs(open);
             resolved.extend(
                 self.finish_transactions(
                     &mut tx,

@@ -26,7 +26,7 @@ use crate::store::segment::{EventLocation, PackedEvent, Segment};
 pub(super) const GONE: u8 = 0;
 
 /// Bodies kept in memory, in bytes of their stored form.
-const CACHE_BYTES: usize = 64 << 20;
+const CACHE_BYTES: usize = 16 << 20;
 
 /// Decoded segment bodies by number, the oldest dropped first once they
 /// exceed [`CACHE_BYTES`].
