@@ -982,6 +982,100 @@ async fn postgres_an_event_id_being_published_cannot_be_taken_again() {
     }
 }
 
+/// A delivery record never undoes a change another writer made to the same
+/// segment between the record's read and its write: the segment is read
+/// and decided again. (PostgreSQL only: SQLite has one writer at a time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_delivery_record_keeps_a_concurrent_change_of_its_segment() {
+    use sqlx::Connection;
+    let url = support::fresh_database().await;
+    let store = outboxd::store::connect(&url, 4, SHARDS).await.unwrap();
+    store.migrate().await.unwrap();
+    store
+        .append(&[AppendBuilder::new("ledger", "t1")
+            .events(vec![
+                keyed_event("accounts", "a", "first"),
+                keyed_event("accounts", "a", "second"),
+            ])
+            .batch()])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let rows = relay_rows(&store, 2).await;
+    let shard = outboxd::domain::shard_of(rows[0].kafka_key.as_deref(), rows[0].event_id, SHARDS);
+    let lease = store
+        .acquire_leases("instance-a", Duration::from_secs(60), SHARDS)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|lease| lease.shard == shard)
+        .unwrap();
+    // Another writer holds the segment while the record of the first
+    // event's delivery comes.
+    let mut other = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut other).await.unwrap();
+    let number: i64 = sqlx::query_scalar("SELECT number FROM outbox_segments FOR UPDATE")
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    let record = tokio::spawn({
+        let store = store.clone();
+        let delivered = vec![Delivered {
+            seq: rows[0].seq,
+            partition: 3,
+            offset: 7,
+        }];
+        async move { store.record_delivered(&lease, &delivered).await }
+    });
+    let watcher = sqlx::PgPool::connect(&url).await.unwrap();
+    support::eventually(
+        "the record to wait for the other writer",
+        Duration::from_secs(10),
+        || {
+            let watcher = watcher.clone();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&watcher)
+                .await
+                .unwrap();
+                (waiting > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    // The other writer dead-letters the second event, then lets go.
+    sqlx::query("UPDATE outbox_segments SET states = set_byte(states, 1, $2) WHERE number = $1")
+        .bind(number)
+        .bind(EventState::DeadLettered as i32)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
+    let statuses = record.await.unwrap().unwrap();
+    assert_eq!(statuses.len(), 1, "{statuses:?}");
+    assert_eq!(statuses[0].event_id, rows[0].event_id);
+    assert_eq!(statuses[0].state, EventState::Published);
+    assert_eq!(
+        (statuses[0].partition, statuses[0].offset),
+        (Some(3), Some(7))
+    );
+    let states: Vec<u8> =
+        sqlx::query_scalar("SELECT states FROM outbox_segments WHERE number = $1")
+            .bind(number)
+            .fetch_one(&watcher)
+            .await
+            .unwrap();
+    assert_eq!(
+        states,
+        [EventState::Published as u8, EventState::DeadLettered as u8],
+        "the record kept its own change and the other writer's"
+    );
+}
+
 /// The change feed never passes a change while an older outboxd
 /// transaction that may still add one before it is running, also while a
 /// newer outboxd transaction runs whose xid no completed transaction has

@@ -351,27 +351,26 @@ impl Segment {
 
     /// The events in position order.
     pub fn events(&self) -> impl Iterator<Item = PackedEvent<'_>> {
-        self.body
-            .events
-            .iter()
-            .enumerate()
-            .map(move |(position, event)| {
-                let position = position as u16;
-                let event_id = match &event.caller_id {
-                    Some(id) => EventId(Uuid::from_slice(id).unwrap_or_default()),
-                    None => EventLocation {
-                        segment: self.number,
-                        position,
-                    }
-                    .id(self.millis),
-                };
-                PackedEvent {
-                    position,
-                    transaction: &self.body.transactions[event.transaction as usize],
-                    event_id,
-                    event,
-                }
-            })
+        (0..self.body.events.len()).filter_map(move |position| self.event(position as u16))
+    }
+
+    /// The event at `position`, when the segment holds one there.
+    pub fn event(&self, position: u16) -> Option<PackedEvent<'_>> {
+        let event = self.body.events.get(usize::from(position))?;
+        let event_id = match &event.caller_id {
+            Some(id) => EventId(Uuid::from_slice(id).unwrap_or_default()),
+            None => EventLocation {
+                segment: self.number,
+                position,
+            }
+            .id(self.millis),
+        };
+        Some(PackedEvent {
+            position,
+            transaction: &self.body.transactions[event.transaction as usize],
+            event_id,
+            event,
+        })
     }
 
     /// The event `id` names, when it is one of this segment's: a generated
@@ -380,7 +379,7 @@ impl Segment {
     pub fn find(&self, id: EventId) -> Option<PackedEvent<'_>> {
         let generated = EventLocation::of(id)
             .filter(|(location, millis)| location.segment == self.number && *millis == self.millis)
-            .and_then(|(location, _)| self.events().nth(location.position as usize))
+            .and_then(|(location, _)| self.event(location.position))
             .filter(|found| found.event_id == id);
         generated.or_else(|| self.events().find(|packed| packed.event_id == id))
     }

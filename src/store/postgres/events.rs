@@ -59,7 +59,7 @@ impl Loaded {
         position: u16,
     ) -> Option<(&SegmentRow, PackedEvent<'_>)> {
         let row = self.rows.get(&number)?;
-        let event = self.bodies.get(&number)?.events().nth(position as usize)?;
+        let event = self.bodies.get(&number)?.event(position)?;
         Some((row, event))
     }
 

@@ -315,9 +315,6 @@ impl Store for PostgresStore {
                 wanted
             }
         };
-        sqlx::raw_sql(queries::RECORD_OUTCOMES_FUNCTION)
-            .execute(&mut *tx)
-            .await?;
         let packed = legacy::pack_old_rows(&mut tx, &self.numbers).await?;
         tx.commit().await?;
         if packed > 0 {

@@ -7,15 +7,16 @@
 //! fails for several batches is tried again for each alone, so that one
 //! batch's bad row fails only that batch.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgPool, Row};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::segments::{SegmentCache, bodies, location_of};
-use crate::domain::{EventState, EventStatus};
+use super::segments::{ROW_COLUMNS, SegmentCache, SegmentRow, bodies, location_of};
+use crate::domain::{EventId, EventState, EventStatus};
+use crate::store::segment::Segment;
 use crate::store::{Delivered, Lease, StoreError};
 
 /// What the recorder writes with: the pool and the store's segment cache.
@@ -167,10 +168,14 @@ pub(super) struct Outcome {
     pub retry_at: Option<DateTime<Utc>>,
 }
 
-/// Records the outcomes of several shards' batches (one per lease) in one
-/// statement (`outbox_record_outcomes`, `queries.rs`); the statuses of
-/// what changed, per batch, or `LeaseLost` for a batch whose lease is
-/// gone. `Err` when the statement failed: nothing was written.
+/// Records the outcomes of several shards' batches (one per lease): the
+/// new state and placement bytes are computed here from a read without
+/// locks and written by one statement (`record_outcomes.sql`) only where
+/// nothing changed meanwhile; a segment that did change is read and
+/// decided again. Returns the statuses of what changed, per batch, or
+/// `LeaseLost` for a batch whose lease is gone. `Err` when a statement
+/// failed: what earlier statements wrote stays written (each outcome is
+/// recorded once: a repeat finds its event final and leaves it).
 pub(super) async fn record_outcomes(
     pool: &PgPool,
     cache: &SegmentCache,
@@ -184,107 +189,295 @@ pub(super) async fn record_outcomes(
         .map(|outcome| location_of(outcome.seq).0)
         .collect();
     let bodies = bodies(&mut connection, cache, &numbers).await?;
-    let shards: Vec<i32> = leases.iter().map(|lease| lease.shard as i32).collect();
-    let epochs: Vec<i64> = leases.iter().map(|lease| lease.epoch).collect();
-    let mut columns = OutcomeColumns::default();
-    let mut batch_of: HashMap<(i64, u16), (usize, &Outcome)> = HashMap::new();
+    let mut waiting: BTreeMap<i64, Vec<(usize, &Outcome)>> = BTreeMap::new();
     for (index, batch) in outcomes.iter().enumerate() {
         for outcome in batch {
-            let (number, position) = location_of(outcome.seq);
-            let Some(event) = bodies
-                .get(&number)
-                .and_then(|segment| segment.events().nth(position as usize))
+            waiting
+                .entry(location_of(outcome.seq).0)
+                .or_default()
+                .push((index, outcome));
+        }
+    }
+    let mut statuses: Vec<Vec<EventStatus>> = leases.iter().map(|_| Vec::new()).collect();
+    let mut lost = vec![false; leases.len()];
+    for _ in 0..MAX_TRIES {
+        if waiting.is_empty() {
+            break;
+        }
+        let numbers: Vec<i64> = waiting.keys().copied().collect();
+        let read = read_for_recording(&mut connection, &numbers).await?;
+        let mut plan = Plan::default();
+        for (row, attempts) in read {
+            let (Some(batch), Some(body)) = (waiting.get(&row.number), bodies.get(&row.number))
             else {
                 continue;
             };
-            batch_of.insert((number, position), (index, outcome));
-            columns.push(number, position, &event.transaction.producer, outcome);
+            plan.decide(row, &attempts, body, batch);
         }
-    }
-    let rows: Vec<(i64, i32, i64, i32, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT * FROM outbox_record_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(&shards)
-    .bind(&epochs)
-    .bind(&columns.segments)
-    .bind(&columns.positions)
-    .bind(&columns.producers)
-    .bind(&columns.states)
-    .bind(&columns.partitions)
-    .bind(&columns.offsets)
-    .bind(&columns.errors)
-    .bind(&columns.retry_at)
-    .fetch_all(&mut *connection)
-    .await?;
-    let mut statuses: Vec<Vec<EventStatus>> = leases.iter().map(|_| Vec::new()).collect();
-    for (number, position, change, attempts, at) in rows {
-        let position = position as u16;
-        let Some(&(index, outcome)) = batch_of.get(&(number, position)) else {
-            continue;
-        };
-        let Some(event) = bodies
-            .get(&number)
-            .and_then(|segment| segment.events().nth(position as usize))
-        else {
-            continue;
-        };
-        statuses[index].push(EventStatus {
-            event_id: event.event_id,
-            producer: event.transaction.producer.clone(),
-            transaction_id: event.transaction.transaction_id.clone(),
-            sequence: event.transaction.append_sequence,
-            topic: event.event.topic.clone(),
-            state: outcome.state,
-            partition: outcome.placement.map(|(partition, _)| partition),
-            offset: outcome.placement.map(|(_, offset)| offset),
-            attempts: attempts.max(0) as u32,
-            reason: outcome.error.clone().unwrap_or_default(),
-            updated_at: at,
-            cursor: change as u64,
-        });
-    }
-    let mut results = Vec::with_capacity(leases.len());
-    for (lease, statuses) in leases.iter().zip(statuses) {
-        // None written while the lease is no longer current: it was lost
-        // (the outcomes may also all have been recorded already, by an
-        // earlier attempt).
-        if statuses.is_empty() && !lease_is_current(&mut connection, lease).await? {
-            results.push(Err(StoreError::LeaseLost {
-                shard: lease.shard,
-                epoch: lease.epoch,
-            }));
-        } else {
-            results.push(Ok(statuses));
+        // Segments that are gone, or whose events are all final already,
+        // have nothing left to write.
+        waiting.retain(|number, _| plan.segments.contains_key(number));
+        if waiting.is_empty() {
+            break;
         }
+        let shards: Vec<i32> = leases.iter().map(|lease| lease.shard as i32).collect();
+        let epochs: Vec<i64> = leases.iter().map(|lease| lease.epoch).collect();
+        let columns = plan.columns();
+        let written: Vec<Written> = sqlx::query_as(RECORD_OUTCOMES)
+            .bind(&shards)
+            .bind(&epochs)
+            .bind(&columns.numbers)
+            .bind(&columns.read_states)
+            .bind(&columns.states)
+            .bind(&columns.placements)
+            .bind(&columns.finals)
+            .bind(&columns.segments)
+            .bind(&columns.positions)
+            .bind(&columns.producers)
+            .bind(&columns.errors)
+            .bind(&columns.retry_at)
+            .bind(&columns.failed)
+            .fetch_all(&mut *connection)
+            .await?;
+        for Written {
+            segment: number,
+            position,
+            change_seq,
+            attempts,
+            at,
+        } in written
+        {
+            waiting.remove(&number);
+            let Some(change) = plan.change(number, position as u16) else {
+                continue;
+            };
+            let outcome = change.outcome;
+            statuses[change.batch].push(EventStatus {
+                event_id: change.event_id,
+                producer: change.producer.to_owned(),
+                transaction_id: change.transaction_id.to_owned(),
+                sequence: change.sequence,
+                topic: change.topic.to_owned(),
+                state: outcome.state,
+                partition: outcome.placement.map(|(partition, _)| partition),
+                offset: outcome.placement.map(|(_, offset)| offset),
+                attempts: attempts.unwrap_or(change.attempts).max(0) as u32,
+                reason: outcome.error.clone().unwrap_or_default(),
+                updated_at: at,
+                cursor: change_seq as u64,
+            });
+        }
+        if waiting.is_empty() {
+            break;
+        }
+        // Not written: the lease is gone, or the segment changed since it
+        // was read (then it is decided again).
+        let mut unwritten: Vec<usize> = waiting.values().flatten().map(|(i, _)| *i).collect();
+        unwritten.sort_unstable();
+        unwritten.dedup();
+        for index in unwritten {
+            if !lease_is_current(&mut connection, leases[index]).await? {
+                lost[index] = true;
+            }
+        }
+        for batch in waiting.values_mut() {
+            batch.retain(|(index, _)| !lost[*index]);
+        }
+        waiting.retain(|_, batch| !batch.is_empty());
     }
-    Ok(results)
+    if !waiting.is_empty() {
+        return Err(StoreError::Unavailable(sqlx::Error::Protocol(format!(
+            "segments {:?} kept changing while their outcomes were recorded",
+            waiting.keys().collect::<Vec<_>>()
+        ))));
+    }
+    Ok(leases
+        .iter()
+        .zip(statuses)
+        .zip(lost)
+        .map(|((lease, statuses), lost)| {
+            if lost {
+                Err(StoreError::LeaseLost {
+                    shard: lease.shard,
+                    epoch: lease.epoch,
+                })
+            } else {
+                Ok(statuses)
+            }
+        })
+        .collect())
 }
 
-/// Outcomes as the arrays `outbox_record_outcomes` takes.
+/// One event `record_outcomes.sql` wrote.
+#[derive(sqlx::FromRow)]
+struct Written {
+    segment: i64,
+    position: i32,
+    /// Its change-feed position.
+    change_seq: i64,
+    /// Its attempts, when it failed.
+    attempts: Option<i32>,
+    at: DateTime<Utc>,
+}
+
+/// Times the segments of one recording are read and decided before it
+/// gives up (each time, another writer changed one of them meanwhile).
+const MAX_TRIES: usize = 50;
+
+/// Records outcomes; see `record_outcomes.sql`.
+const RECORD_OUTCOMES: &str = include_str!("../sql/postgres/record_outcomes.sql");
+
+/// The rows of segments `numbers`, without locks, each with the attempts
+/// its events have made so far (by position, for those that failed once).
+async fn read_for_recording(
+    connection: &mut sqlx::PgConnection,
+    numbers: &[i64],
+) -> Result<Vec<(SegmentRow, HashMap<u16, i32>)>, StoreError> {
+    let sql = format!(
+        "SELECT {ROW_COLUMNS}, f.positions, f.attempts \
+         FROM outbox_segments \
+         LEFT JOIN LATERAL ( \
+             SELECT array_agg(e.position) AS positions, array_agg(e.attempts) AS attempts \
+             FROM outbox_event_faults AS e WHERE e.segment = outbox_segments.number \
+         ) AS f ON true \
+         WHERE number = ANY($1)"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(numbers)
+        .fetch_all(&mut *connection)
+        .await?;
+    let mut read = Vec::with_capacity(rows.len());
+    for row in rows {
+        let segment = SegmentRow::from_row(&row)?;
+        let positions: Option<Vec<i32>> = row.try_get("positions")?;
+        let attempts: Option<Vec<i32>> = row.try_get("attempts")?;
+        let attempts = positions
+            .unwrap_or_default()
+            .into_iter()
+            .zip(attempts.unwrap_or_default())
+            .map(|(position, attempts)| (position as u16, attempts))
+            .collect();
+        read.push((segment, attempts));
+    }
+    Ok(read)
+}
+
+/// One event's change, decided.
+struct Change<'a> {
+    batch: usize,
+    outcome: &'a Outcome,
+    event_id: EventId,
+    producer: &'a str,
+    transaction_id: &'a str,
+    sequence: u64,
+    topic: &'a str,
+    /// Its attempts before this outcome.
+    attempts: i32,
+}
+
+/// The segments of one recording statement: each as read and as it is to
+/// be written, with the changes of its events.
 #[derive(Default)]
-struct OutcomeColumns<'a> {
+struct Plan<'a> {
+    segments: BTreeMap<i64, (Vec<u8>, SegmentRow)>,
+    changes: BTreeMap<(i64, u16), Change<'a>>,
+}
+
+impl<'a> Plan<'a> {
+    /// Applies `batch`'s outcomes to `row`: only events not final yet (nor
+    /// removed) change. The segment joins the plan if any did.
+    fn decide(
+        &mut self,
+        mut row: SegmentRow,
+        attempts: &HashMap<u16, i32>,
+        body: &'a Segment,
+        batch: &[(usize, &'a Outcome)],
+    ) {
+        let read_states = row.states.clone();
+        let mut changed = false;
+        for &(index, outcome) in batch {
+            let position = location_of(outcome.seq).1;
+            if usize::from(position) >= row.len() {
+                continue;
+            }
+            if !matches!(
+                row.state(position),
+                Ok(Some(
+                    EventState::Pending | EventState::Ready | EventState::Retrying
+                ))
+            ) {
+                continue;
+            }
+            let Some(event) = body.event(position) else {
+                continue;
+            };
+            row.set_state(position, outcome.state);
+            if let Some((partition, offset)) = outcome.placement {
+                row.set_placement(position, partition, offset);
+            }
+            changed = true;
+            self.changes.insert(
+                (row.number, position),
+                Change {
+                    batch: index,
+                    outcome,
+                    event_id: event.event_id,
+                    producer: &event.transaction.producer,
+                    transaction_id: &event.transaction.transaction_id,
+                    sequence: event.transaction.append_sequence,
+                    topic: &event.event.topic,
+                    attempts: attempts.get(&position).copied().unwrap_or(0),
+                },
+            );
+        }
+        if changed {
+            self.segments.insert(row.number, (read_states, row));
+        }
+    }
+
+    /// The change of the event at `position` of segment `number`.
+    fn change(&self, number: i64, position: u16) -> Option<&Change<'a>> {
+        self.changes.get(&(number, position))
+    }
+
+    /// The plan as the arrays `record_outcomes.sql` takes.
+    fn columns(&self) -> PlanColumns<'_> {
+        let mut columns = PlanColumns::default();
+        for (number, (read_states, row)) in &self.segments {
+            columns.numbers.push(*number);
+            columns.read_states.push(read_states);
+            columns.states.push(&row.states);
+            columns.placements.push(row.placements.as_deref());
+            columns.finals.push(row.is_final());
+        }
+        for ((number, position), change) in &self.changes {
+            columns.segments.push(*number);
+            columns.positions.push(i32::from(*position));
+            columns.producers.push(change.producer);
+            columns.errors.push(change.outcome.error.as_deref());
+            columns.retry_at.push(change.outcome.retry_at);
+            columns
+                .failed
+                .push(change.outcome.state != EventState::Published);
+        }
+        columns
+    }
+}
+
+/// A plan as arrays, one per statement parameter.
+#[derive(Default)]
+struct PlanColumns<'a> {
+    numbers: Vec<i64>,
+    read_states: Vec<&'a [u8]>,
+    states: Vec<&'a [u8]>,
+    placements: Vec<Option<&'a [u8]>>,
+    finals: Vec<bool>,
     segments: Vec<i64>,
     positions: Vec<i32>,
     producers: Vec<&'a str>,
-    states: Vec<i16>,
-    partitions: Vec<i32>,
-    offsets: Vec<i64>,
     errors: Vec<Option<&'a str>>,
     retry_at: Vec<Option<DateTime<Utc>>>,
-}
-
-impl<'a> OutcomeColumns<'a> {
-    fn push(&mut self, segment: i64, position: u16, producer: &'a str, outcome: &'a Outcome) {
-        self.segments.push(segment);
-        self.positions.push(i32::from(position));
-        self.producers.push(producer);
-        self.states.push(outcome.state as i16);
-        let (partition, offset) = outcome.placement.unwrap_or((0, 0));
-        self.partitions.push(partition);
-        self.offsets.push(offset);
-        self.errors.push(outcome.error.as_deref());
-        self.retry_at.push(outcome.retry_at);
-    }
+    failed: Vec<bool>,
 }
 
 /// Whether `lease`'s epoch is still its shard's.

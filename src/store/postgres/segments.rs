@@ -143,8 +143,8 @@ impl SegmentRow {
         removed
     }
 
-    /// Where the published event at `position` went (as
-    /// `outbox_record_outcomes` wrote it: partition and offset big-endian).
+    /// Where the published event at `position` went (twelve bytes per
+    /// event: partition and offset, big-endian).
     pub(super) fn placement(&self, position: u16) -> Option<(i32, i64)> {
         let bytes = self.placements.as_ref()?;
         let at = position as usize * 12;
@@ -153,6 +153,15 @@ impl SegmentRow {
             i32::from_be_bytes(slot[..4].try_into().expect("4 bytes")),
             i64::from_be_bytes(slot[4..].try_into().expect("8 bytes")),
         ))
+    }
+
+    /// Sets where the event at `position` was published.
+    pub(super) fn set_placement(&mut self, position: u16, partition: i32, offset: i64) {
+        let len = self.len();
+        let bytes = self.placements.get_or_insert_with(|| vec![0; len * 12]);
+        let at = usize::from(position) * 12;
+        bytes[at..at + 4].copy_from_slice(&partition.to_be_bytes());
+        bytes[at + 4..at + 12].copy_from_slice(&offset.to_be_bytes());
     }
 
     /// Sets the state of the event at `position`.

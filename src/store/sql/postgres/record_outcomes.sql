@@ -1,0 +1,62 @@
+-- Records the outcomes of deliveries of several shards in one statement.
+-- The new state and placement bytes of each segment were computed by the
+-- relay from a read without locks; a segment is written only if its states
+-- are still those it read ($4, a compare-and-swap) and its shard's lease is
+-- still the relay's ($1, $2: FOR KEY SHARE, so a takeover waits for this
+-- statement or this statement leaves the shard alone). One statement, so
+-- that no lock is held between round trips.
+--
+-- Per segment ($3..$7): number, the states read, the new states and
+-- placements, whether it is final. Per changed event ($8..$12): segment,
+-- position, producer, and for a failed delivery its error and next attempt
+-- (none: dead-lettered). Returns each event written, with its change-feed
+-- position and, for a failed one, its attempts; a segment with no row was
+-- not written.
+WITH held AS (
+    SELECT l.shard
+    FROM outbox_leases AS l
+    JOIN unnest($1::integer[], $2::bigint[]) AS w(shard, epoch)
+      ON l.shard = w.shard AND l.epoch = w.epoch
+    ORDER BY l.shard
+    FOR KEY SHARE OF l
+),
+written AS (
+    UPDATE outbox_segments AS g
+    SET states = u.states, placements = u.placements, final = u.final, updated_at = now()
+    FROM unnest($3::bigint[], $4::bytea[], $5::bytea[], $6::bytea[], $7::boolean[])
+        AS u(number, read_states, states, placements, final)
+    WHERE g.number = u.number
+      AND g.states = u.read_states
+      AND g.shard IN (SELECT shard FROM held)
+    RETURNING g.number
+),
+outcomes AS (
+    SELECT o.*
+    FROM unnest($8::bigint[], $9::integer[], $10::text[], $11::text[], $12::timestamptz[],
+                $13::boolean[])
+        AS o(segment, position, producer, error, retry_at, failed)
+    WHERE o.segment IN (SELECT number FROM written)
+),
+faults AS (
+    INSERT INTO outbox_event_faults AS f
+        (segment, position, attempts, last_error, next_attempt_at, dead)
+    SELECT o.segment, o.position, 1, o.error, o.retry_at, o.retry_at IS NULL
+    FROM outcomes AS o
+    WHERE o.failed
+    ON CONFLICT (segment, position) DO UPDATE
+    SET attempts = f.attempts + 1, last_error = EXCLUDED.last_error,
+        next_attempt_at = EXCLUDED.next_attempt_at, dead = EXCLUDED.dead,
+        updated_at = now()
+    RETURNING f.segment, f.position, f.attempts
+),
+changes AS (
+    INSERT INTO outbox_changes (producer, segment, positions)
+    SELECT o.producer, o.segment, array_agg(o.position ORDER BY o.position)
+    FROM outcomes AS o
+    GROUP BY o.producer, o.segment
+    RETURNING producer, segment, change_seq
+)
+SELECT o.segment, o.position, c.change_seq, f.attempts, now() AS at
+FROM outcomes AS o
+JOIN changes AS c ON c.producer = o.producer AND c.segment = o.segment
+LEFT JOIN faults AS f ON f.segment = o.segment AND f.position = o.position
