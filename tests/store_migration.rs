@@ -9,8 +9,10 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use outboxd::domain::{EventId, shard_of};
+use outboxd::domain::{EventId, EventState, shard_of};
 use outboxd::proto;
+use outboxd::store::segment::{EventLocation, SegmentBody, SegmentEvent, SegmentTransaction};
+use prost::Message;
 use sqlx::{Connection, PgConnection};
 use support::{Gateway, Tansu, consume_until, first_sightings_by_key, status_of};
 
@@ -19,11 +21,17 @@ const SHARDS: u32 = 8;
 /// Applies the migrations of the old layout only, as a store of that
 /// version left them (with its shard count and leases).
 async fn old_store(url: &str) -> PgConnection {
+    store_at(url, 11).await
+}
+
+/// Applies the migrations up to `version` only, as a store of that version
+/// left them (with its shard count and leases).
+async fn store_at(url: &str, version: i64) -> PgConnection {
     let mut migrator = sqlx::migrate!("migrations/postgres");
     migrator.migrations = migrator
         .migrations
         .iter()
-        .filter(|migration| migration.version <= 11)
+        .filter(|migration| migration.version <= version)
         .cloned()
         .collect::<Vec<_>>()
         .into();
@@ -243,5 +251,128 @@ async fn a_store_of_the_old_layout_keeps_and_publishes_its_events() {
         .await
         .unwrap();
     assert_eq!(left, None);
+    gateway.stop().await;
+}
+
+/// A store of the first segment layout (migration 0012: each body in its
+/// segment's row) keeps its unpublished events when the bodies move to a
+/// table of their own (0013), and publishes them in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_written_with_their_bodies_inline_are_published_after_the_upgrade() {
+    let tansu = Tansu::shared();
+    let topic = support::unique("inline-bodies");
+    tansu.create_topic(&topic, 3).await;
+    let url = support::fresh_database().await;
+    let mut old = store_at(&url, 12).await;
+    write_old_transaction(&mut old, "inline", 1, 2, &[]).await;
+    let number: i64 = sqlx::query_scalar("SELECT nextval('outbox_segment_numbers')")
+        .fetch_one(&mut old)
+        .await
+        .unwrap();
+    let millis = chrono::Utc::now().timestamp_millis();
+    let ids: Vec<EventId> = (0..3u16)
+        .map(|position| {
+            EventLocation {
+                segment: number as u64,
+                position,
+            }
+            .id(millis as u64)
+        })
+        .collect();
+    let body = SegmentBody {
+        transactions: vec![SegmentTransaction {
+            producer: "shop".into(),
+            transaction_id: "inline".into(),
+            append_sequence: 0,
+            batch: 0,
+        }],
+        events: ids
+            .iter()
+            .enumerate()
+            .map(|(index, id)| SegmentEvent {
+                transaction: 0,
+                topic: topic.clone(),
+                key: Some(b"a".to_vec()),
+                payload: format!("payload of {id}").into_bytes(),
+                aggregate_type: "order".into(),
+                aggregate_id: "a".into(),
+                event_type: "placed".into(),
+                index: index as u32,
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let ready = EventState::Ready as u8;
+    sqlx::query(
+        "INSERT INTO outbox_segments (number, shard, millis, body, states) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(number)
+    .bind(shard_of(Some(b"a"), ids[0], SHARDS) as i32)
+    .bind(millis)
+    .bind(body.encode_to_vec())
+    .bind(vec![ready; ids.len()])
+    .execute(&mut old)
+    .await
+    .unwrap();
+    old.close().await.unwrap();
+
+    let gateway = Gateway::start(support::test_config(&url, &tansu.bootstrap)).await;
+    let mut client = gateway.client().await;
+    let expected: HashSet<String> = ids.iter().map(ToString::to_string).collect();
+    let records = consume_until(
+        &tansu.bootstrap,
+        &topic,
+        &expected,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
+    for record in &records {
+        let id = record.event_id();
+        assert!(expected.contains(&id), "a record nobody appended: {id}");
+        assert_eq!(record.payload, format!("payload of {id}").into_bytes());
+    }
+    assert_eq!(
+        first_sightings_by_key(&records).get(&b"a"[..]),
+        Some(&ids.iter().map(ToString::to_string).collect::<Vec<_>>()),
+        "every event once, in its order"
+    );
+    for id in &ids {
+        support::eventually(
+            "the upgraded segment's events to be published",
+            Duration::from_secs(30),
+            || {
+                let mut client = client.clone();
+                let id = id.to_string();
+                async move {
+                    let status = status_of(&mut client, &id).await;
+                    (status.state == proto::EventState::Published as i32).then_some(status)
+                }
+            },
+        )
+        .await;
+    }
+    let status = status_of(&mut client, &ids[1].to_string()).await;
+    assert_eq!(status.transaction_id, "inline");
+    assert_eq!(status.producer, "shop");
+
+    // The body moved; the segment row keeps none.
+    let mut check = PgConnection::connect(&url).await.unwrap();
+    let moved: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox_segment_bodies WHERE number = $1")
+            .bind(number)
+            .fetch_one(&mut check)
+            .await
+            .unwrap();
+    assert_eq!(moved, 1);
+    let inline: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.columns \
+         WHERE table_name = 'outbox_segments' AND column_name = 'body'",
+    )
+    .fetch_one(&mut check)
+    .await
+    .unwrap();
+    assert_eq!(inline, 0);
     gateway.stop().await;
 }

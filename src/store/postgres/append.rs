@@ -394,8 +394,13 @@ pub(super) async fn append(
         let written = packed
             .bind(sqlx::query(
                 "WITH segments AS ( \
-                     INSERT INTO outbox_segments (number, shard, millis, body, states) \
-                     SELECT * FROM UNNEST($1::bigint[], $2::integer[], $3::bigint[], $4::bytea[], $5::bytea[])), \
+                     INSERT INTO outbox_segments (number, shard, millis, states) \
+                     SELECT u.number, u.shard, u.millis, u.states \
+                     FROM UNNEST($1::bigint[], $2::integer[], $3::bigint[], $5::bytea[]) \
+                         AS u(number, shard, millis, states)), \
+                 bodies AS ( \
+                     INSERT INTO outbox_segment_bodies (number, body) \
+                     SELECT * FROM UNNEST($1::bigint[], $4::bytea[])), \
                  callers AS ( \
                      INSERT INTO outbox_caller_ids (event_id, segment, position) \
                      SELECT * FROM UNNEST($6::uuid[], $7::bigint[], $8::integer[])) \

@@ -517,9 +517,14 @@ impl PostgresStore {
             })
             .sum();
         if !numbers.is_empty() {
-            for table in ["outbox_event_faults", "outbox_caller_ids", "outbox_changes"] {
+            for (table, column) in [
+                ("outbox_segment_bodies", "number"),
+                ("outbox_event_faults", "segment"),
+                ("outbox_caller_ids", "segment"),
+                ("outbox_changes", "segment"),
+            ] {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DELETE FROM {table} WHERE segment = ANY($1)"
+                    "DELETE FROM {table} WHERE {column} = ANY($1)"
                 )))
                 .bind(&numbers)
                 .execute(&mut *tx)

@@ -277,9 +277,12 @@ async fn write(
         appended.push(appended_at);
     }
     sqlx::query(
-        "INSERT INTO outbox_segments \
-             (number, shard, millis, appended_at, body, states, placements, final) \
-         SELECT u.number, u.shard, 0, u.appended_at, u.body, u.states, u.placements, u.final \
+        "WITH bodies AS ( \
+             INSERT INTO outbox_segment_bodies (number, body) \
+             SELECT * FROM UNNEST($1::bigint[], $4::bytea[])) \
+         INSERT INTO outbox_segments \
+             (number, shard, millis, appended_at, states, placements, final) \
+         SELECT u.number, u.shard, 0, u.appended_at, u.states, u.placements, u.final \
          FROM UNNEST($1::bigint[], $2::integer[], $3::timestamptz[], $4::bytea[], $5::bytea[], \
                      $6::bytea[], $7::boolean[]) \
              AS u(number, shard, appended_at, body, states, placements, final)",

@@ -222,11 +222,14 @@ pub(super) async fn bodies(
     missing.sort_unstable();
     missing.dedup();
     if !missing.is_empty() {
-        let rows =
-            sqlx::query("SELECT number, millis, body FROM outbox_segments WHERE number = ANY($1)")
-                .bind(&missing)
-                .fetch_all(&mut *connection)
-                .await?;
+        let rows = sqlx::query(
+            "SELECT s.number, s.millis, b.body \
+                 FROM outbox_segments AS s JOIN outbox_segment_bodies AS b USING (number) \
+                 WHERE s.number = ANY($1)",
+        )
+        .bind(&missing)
+        .fetch_all(&mut *connection)
+        .await?;
         for row in rows {
             let number: i64 = row.try_get("number")?;
             let millis: i64 = row.try_get("millis")?;

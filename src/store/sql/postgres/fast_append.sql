@@ -24,8 +24,14 @@ appends AS (
     RETURNING 1
 ),
 segments AS (
-    INSERT INTO outbox_segments (number, shard, millis, body, states)
-    SELECT * FROM UNNEST($12::bigint[], $13::integer[], $14::bigint[], $15::bytea[], $16::bytea[])
+    INSERT INTO outbox_segments (number, shard, millis, states)
+    SELECT u.number, u.shard, u.millis, u.states
+    FROM UNNEST($12::bigint[], $13::integer[], $14::bigint[], $16::bytea[])
+        AS u(number, shard, millis, states)
+),
+bodies AS (
+    INSERT INTO outbox_segment_bodies (number, body)
+    SELECT * FROM UNNEST($12::bigint[], $15::bytea[])
 ),
 callers AS (
     INSERT INTO outbox_caller_ids (event_id, segment, position)
