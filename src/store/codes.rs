@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::AppendRejection;
-use crate::domain::{AppendBatch, EventId, EventState, FieldViolation, TokenMode};
+use super::{AppendRejection, XidToken};
+use crate::domain::{AppendBatch, EventId, EventState, FieldViolation, TokenMode, TransactionRef};
 
 /// A stored number as SQL text, for queries composed at compile time with
 /// `concat!`, so that SQL names states and modes instead of repeating their
@@ -101,6 +101,28 @@ pub(super) fn mode_name(code: i16) -> &'static str {
 }
 
 /// How a transaction first seen with a token of some mode is stored.
+/// An open postgres_xid transaction as both stores read it back.
+#[derive(sqlx::FromRow)]
+pub(super) struct XidTokenRow {
+    producer: String,
+    transaction_id: String,
+    caller_xid: i64,
+    caller_system_id: i64,
+}
+
+impl From<XidTokenRow> for XidToken {
+    fn from(row: XidTokenRow) -> XidToken {
+        XidToken {
+            transaction: TransactionRef {
+                producer: row.producer,
+                transaction_id: row.transaction_id,
+            },
+            caller_xid: row.caller_xid as u64,
+            system_id: row.caller_system_id as u64,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct NewTransaction {
     /// Immediate transactions are committed from the start; the others open.

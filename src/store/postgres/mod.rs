@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row};
 
-use super::codes::unpack_ids;
+use super::codes::{XidTokenRow, unpack_ids};
 use super::tokens::{EXPIRED, two_phase_step, xid_step};
 use super::xid::XidSource;
 use super::{
@@ -568,7 +568,7 @@ impl Store for PostgresStore {
     }
 
     async fn open_xid_tokens(&self, limit: u32) -> Result<Vec<XidToken>, StoreError> {
-        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(concat!(
+        let rows: Vec<XidTokenRow> = sqlx::query_as(concat!(
             "(SELECT producer, transaction_id, caller_xid, caller_system_id FROM outbox_transactions \
               WHERE state = ", stored!(transaction open), " AND mode = ", stored!(mode postgres_xid), " AND resolve_after <= now() \
               ORDER BY resolve_after DESC LIMIT $1) \
@@ -580,17 +580,7 @@ impl Store for PostgresStore {
         .bind(limit.div_ceil(2) as i64)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(producer, transaction_id, xid, system_id)| XidToken {
-                transaction: TransactionRef {
-                    producer,
-                    transaction_id,
-                },
-                caller_xid: xid as u64,
-                system_id: system_id as u64,
-            })
-            .collect())
+        Ok(rows.into_iter().map(XidToken::from).collect())
     }
 
     async fn listen_for_wake_ups(

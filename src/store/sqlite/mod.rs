@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 mod append;
 
-use super::codes::event_id_taken;
+use super::codes::{XidTokenRow, event_id_taken};
 use super::error::is_unique_violation;
 use super::tokens::{EXPIRED, two_phase_step, xid_step};
 use super::{
@@ -694,7 +694,7 @@ impl Store for SqliteStore {
     }
 
     async fn open_xid_tokens(&self, limit: u32) -> Result<Vec<XidToken>, StoreError> {
-        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(concat!(
+        let rows: Vec<XidTokenRow> = sqlx::query_as(concat!(
             "SELECT * FROM (SELECT producer, transaction_id, caller_xid, caller_system_id \
                  FROM outbox_transactions \
                  WHERE state = ",
@@ -717,17 +717,7 @@ impl Store for SqliteStore {
         .bind(micros(Utc::now()))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(producer, transaction_id, xid, system_id)| XidToken {
-                transaction: TransactionRef {
-                    producer,
-                    transaction_id,
-                },
-                caller_xid: xid as u64,
-                system_id: system_id as u64,
-            })
-            .collect())
+        Ok(rows.into_iter().map(XidToken::from).collect())
     }
 
     async fn defer_xid_tokens(
