@@ -309,6 +309,31 @@ async fn relay_reads_each_shard_in_append_order(store: Arc<dyn Store>) {
         .unwrap();
     let paged: Vec<EventId> = first_page.iter().chain(&rest).map(|r| r.event_id).collect();
     assert_eq!(paged, all.iter().map(|r| r.event_id).collect::<Vec<_>>());
+
+    // Every shard read at the same moment, each twice from different
+    // cursors (as a relay instance's shards do, which one statement may
+    // serve): each read gets its own shard's rows after its own cursor.
+    let mut expected = Vec::new();
+    for shard in 0..SHARDS {
+        let all = store
+            .read_relay_rows(shard, Default::default(), 1_000)
+            .await
+            .unwrap();
+        let cursor = all.get(2).map(RelayRow::cursor).unwrap_or_default();
+        let rest = store.read_relay_rows(shard, cursor, 1_000).await.unwrap();
+        expected.push((shard, Default::default(), all));
+        expected.push((shard, cursor, rest));
+    }
+    let reads = expected.iter().map(|(shard, cursor, _)| {
+        let store = store.clone();
+        let (shard, cursor) = (*shard, *cursor);
+        async move { store.read_relay_rows(shard, cursor, 1_000).await.unwrap() }
+    });
+    let together = futures::future::join_all(reads).await;
+    for ((shard, _, alone), together) in expected.iter().zip(together) {
+        let ids = |rows: &[RelayRow]| rows.iter().map(|r| r.event_id).collect::<Vec<_>>();
+        assert_eq!(ids(&together), ids(alone), "shard {shard}");
+    }
 }
 
 /// Deliveries of every shard recorded at the same moment (as a relay

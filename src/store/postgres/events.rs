@@ -7,9 +7,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 
-use super::queries::READ_SEGMENTS;
 use super::recorder::{Outcome, record_outcomes};
 use super::segments::{
     self, Changed, Facts, SegmentCache, SegmentRow, location_of, seq_of, write_changes,
@@ -24,7 +23,7 @@ use crate::store::{
 };
 
 /// Segments one relay read takes at a time.
-const SEGMENTS_PER_READ: i64 = 16;
+pub(super) const SEGMENTS_PER_READ: i64 = 16;
 
 /// Segment rows and bodies loaded for a state change or a status.
 pub(super) struct Loaded {
@@ -179,34 +178,18 @@ impl PostgresStore {
         limit: u32,
         with_dead_letters: bool,
     ) -> Result<RelayPage, StoreError> {
-        let mut connection = self.pool.acquire().await?;
         let (after_segment, _) = location_of(after.seq);
         let mut from = (after.writer_xid, after_segment);
         let mut page = RelayPage::default();
         let mut first = true;
         loop {
-            let fetched = sqlx::query(READ_SEGMENTS)
-                .bind(shard as i32)
-                .bind(from.0.to_string())
-                .bind(from.1)
-                .bind(SEGMENTS_PER_READ)
-                .fetch_all(&mut *connection)
-                .await?;
+            let fetched = self.reader.read(shard, from).await?;
             if first {
-                page.held_back = match fetched.first() {
-                    Some(row) => row.try_get("held_back")?,
-                    None => false,
-                };
+                page.held_back = fetched.held_back;
                 first = false;
             }
-            let rows = fetched
-                .iter()
-                .filter(|row| {
-                    row.try_get::<Option<i64>, _>("number")
-                        .is_ok_and(|number| number.is_some())
-                })
-                .map(SegmentRow::from_row)
-                .collect::<Result<Vec<_>, _>>()?;
+            let rows = fetched.rows;
+            let mut connection = self.pool.acquire().await?;
             let numbers: Vec<i64> = rows.iter().map(|row| row.number).collect();
             let bodies = segments::bodies(&mut connection, &self.cache, &numbers).await?;
             let faulty: Vec<&SegmentRow> = rows

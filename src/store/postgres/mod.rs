@@ -24,6 +24,7 @@ mod append;
 mod events;
 mod legacy;
 mod queries;
+mod reader;
 mod recorder;
 mod segments;
 mod wake_ups;
@@ -62,6 +63,8 @@ pub struct PostgresStore {
     cache: Arc<segments::SegmentCache>,
     /// Segment numbers reserved for this instance's writers.
     numbers: append::SegmentNumbers,
+    /// Reads the segments of all the shards relayed through this store.
+    reader: reader::Reader,
     /// Records the deliveries of all the shards relayed through this store.
     recorder: recorder::Recorder,
     /// The shard count asked for by configuration; the stored one wins once
@@ -90,6 +93,7 @@ impl PostgresStore {
             .await?;
         let cache = Arc::new(segments::SegmentCache::default());
         Ok(PostgresStore {
+            reader: reader::Reader::start(pool.clone(), events::SEGMENTS_PER_READ),
             recorder: recorder::Recorder::start(pool.clone(), cache.clone()),
             cache,
             numbers: append::SegmentNumbers::default(),

@@ -1,15 +1,16 @@
 //! The relay's read, whose SQL is composed at compile time.
 
-/// One shard's unfinished segments in (writer_xid, number) order, from
-/// ($2, $3) on, behind the visibility gate (see migration 0002): only
-/// segments whose writing transaction is older than every outboxd writer
-/// still running, so that no segment can later appear before the last one
-/// read. Served by outbox_segments_relay.
+/// Some shards' unfinished segments in (writer_xid, number) order, each
+/// shard's ($1) from its (writer_xid, number) on ($2, $3), at most $4 per
+/// shard, behind the visibility gate (see migration 0002): only segments
+/// whose writing transaction is older than every outboxd writer still
+/// running, so that no segment can later appear before the last one read.
+/// Served by outbox_segments_relay; one gate for all the shards.
 ///
-/// Always one row at least: held_back says whether unfinished segments of
-/// the shard wait behind the gate (the relay then looks again soon, as the
-/// writer that lifts the gate wakes only its own shards); page rows have a
-/// number.
+/// Always one row per shard at least: held_back says whether unfinished
+/// segments of the shard wait behind the gate (the relay then looks again
+/// soon, as the writer that lifts the gate wakes only its own shards); page
+/// rows have a number.
 pub(super) const READ_SEGMENTS: &str = r"
 WITH gate AS (
     SELECT LEAST(
@@ -20,18 +21,20 @@ WITH gate AS (
            ON a.pid = s.backend_pid AND a.backend_start = s.backend_start)
     ) AS below
 )
-SELECT page.*,
+SELECT w.request, page.*,
        EXISTS (SELECT 1 FROM outbox_segments AS h
-               WHERE h.shard = $1 AND NOT h.final AND h.writer_xid >= gate.below) AS held_back
+               WHERE h.shard = w.shard AND NOT h.final AND h.writer_xid >= gate.below) AS held_back
 FROM gate
+CROSS JOIN unnest($1::integer[], $2::text[], $3::bigint[]) WITH ORDINALITY
+    AS w(shard, from_xid, from_number, request)
 LEFT JOIN LATERAL (
     SELECT number, shard, (writer_xid::text)::bigint AS writer_xid, millis, appended_at,
            updated_at, states, placements
     FROM outbox_segments
-    WHERE shard = $1
+    WHERE shard = w.shard
       AND NOT final
       AND writer_xid < gate.below
-      AND (writer_xid, number) >= ($2::text::xid8, $3)
+      AND (writer_xid, number) >= (w.from_xid::xid8, w.from_number)
     -- The table's columns, not the output's writer_xid (a bigint): the index
     -- order, so that the page is read off the index without a sort.
     ORDER BY outbox_segments.writer_xid, outbox_segments.number
