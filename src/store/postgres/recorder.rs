@@ -239,16 +239,25 @@ pub(super) async fn record_outcomes(
             .bind(&columns.failed)
             .fetch_all(&mut *connection)
             .await?;
-        for Written {
-            segment: number,
-            position,
-            change_seq,
-            attempts,
-            at,
-        } in written
-        {
-            waiting.remove(&number);
-            let Some(change) = plan.change(number, position as u16) else {
+        let mut change_seqs: HashMap<(i64, &str), i64> = HashMap::new();
+        let mut attempts: HashMap<(i64, u16), i32> = HashMap::new();
+        let mut at = None;
+        for row in &written {
+            at = Some(row.at);
+            match (&row.producer, row.change_seq, row.position, row.attempts) {
+                (Some(producer), Some(change_seq), _, _) => {
+                    waiting.remove(&row.segment);
+                    change_seqs.insert((row.segment, producer.as_str()), change_seq);
+                }
+                (_, _, Some(position), Some(count)) => {
+                    attempts.insert((row.segment, position as u16), count);
+                }
+                _ => {}
+            }
+        }
+        for (&(number, position), change) in &plan.changes {
+            let (Some(&change_seq), Some(at)) = (change_seqs.get(&(number, change.producer)), at)
+            else {
                 continue;
             };
             let outcome = change.outcome;
@@ -261,7 +270,11 @@ pub(super) async fn record_outcomes(
                 state: outcome.state,
                 partition: outcome.placement.map(|(partition, _)| partition),
                 offset: outcome.placement.map(|(_, offset)| offset),
-                attempts: attempts.unwrap_or(change.attempts).max(0) as u32,
+                attempts: attempts
+                    .get(&(number, position))
+                    .copied()
+                    .unwrap_or(change.attempts)
+                    .max(0) as u32,
                 reason: outcome.error.clone().unwrap_or_default(),
                 updated_at: at,
                 cursor: change_seq as u64,
@@ -308,14 +321,14 @@ pub(super) async fn record_outcomes(
         .collect())
 }
 
-/// One event `record_outcomes.sql` wrote.
+/// A row `record_outcomes.sql` returns: a change-feed row written
+/// (producer and change_seq) or a fault written (position and attempts).
 #[derive(sqlx::FromRow)]
 struct Written {
     segment: i64,
-    position: i32,
-    /// Its change-feed position.
-    change_seq: i64,
-    /// Its attempts, when it failed.
+    producer: Option<String>,
+    change_seq: Option<i64>,
+    position: Option<i32>,
     attempts: Option<i32>,
     at: DateTime<Utc>,
 }
@@ -433,11 +446,6 @@ impl<'a> Plan<'a> {
         if changed {
             self.segments.insert(row.number, (read_states, row));
         }
-    }
-
-    /// The change of the event at `position` of segment `number`.
-    fn change(&self, number: i64, position: u16) -> Option<&Change<'a>> {
-        self.changes.get(&(number, position))
     }
 
     /// The plan as the arrays `record_outcomes.sql` takes.

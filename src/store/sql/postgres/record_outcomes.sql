@@ -9,9 +9,9 @@
 -- Per segment ($3..$7): number, the states read, the new states and
 -- placements, whether it is final. Per changed event ($8..$12): segment,
 -- position, producer, and for a failed delivery its error and next attempt
--- (none: dead-lettered). Returns each event written, with its change-feed
--- position and, for a failed one, its attempts; a segment with no row was
--- not written.
+-- (none: dead-lettered). Returns the change-feed rows written (one per
+-- producer and segment) and the attempts of each failed event; a segment
+-- with no change-feed row was not written.
 WITH held AS (
     SELECT l.shard
     FROM outbox_leases AS l
@@ -56,7 +56,11 @@ changes AS (
     GROUP BY o.producer, o.segment
     RETURNING producer, segment, change_seq
 )
-SELECT o.segment, o.position, c.change_seq, f.attempts, now() AS at
-FROM outcomes AS o
-JOIN changes AS c ON c.producer = o.producer AND c.segment = o.segment
-LEFT JOIN faults AS f ON f.segment = o.segment AND f.position = o.position
+-- Two kinds of rows, not joined (a join of CTEs is planned blind): each
+-- change-feed row written, and each fault written.
+SELECT c.segment, c.producer, c.change_seq, NULL::integer AS position,
+       NULL::integer AS attempts, now() AS at
+FROM changes AS c
+UNION ALL
+SELECT f.segment, NULL, NULL, f.position, f.attempts, now()
+FROM faults AS f
