@@ -1139,8 +1139,8 @@ async fn postgres_the_change_feed_waits_for_an_older_running_writer_behind_a_new
     let mut older = outboxd_connection().await;
     sqlx::raw_sql("BEGIN").execute(&mut older).await.unwrap();
     sqlx::query(
-        "INSERT INTO outbox_changes (producer, segment) \
-         SELECT producer, segment FROM outbox_changes WHERE producer = 'ledger' \
+        "INSERT INTO outbox_changes (producer, segments) \
+         SELECT producer, segments FROM outbox_changes WHERE producer = 'ledger' \
          ORDER BY change_seq LIMIT 1",
     )
     .execute(&mut older)

@@ -315,6 +315,16 @@ async fn segments_written_with_their_bodies_inline_are_published_after_the_upgra
     .execute(&mut old)
     .await
     .unwrap();
+    // Change-feed rows as 0012 wrote them: the append's (all the
+    // producer's events of the segment) and a change of two of them.
+    sqlx::query(
+        "INSERT INTO outbox_changes (producer, segment, positions) \
+         VALUES ('shop', $1, NULL), ('shop', $1, '{0,2}')",
+    )
+    .bind(number)
+    .execute(&mut old)
+    .await
+    .unwrap();
     old.close().await.unwrap();
 
     let gateway = Gateway::start(support::test_config(&url, &tansu.bootstrap)).await;
@@ -357,8 +367,22 @@ async fn segments_written_with_their_bodies_inline_are_published_after_the_upgra
     assert_eq!(status.transaction_id, "inline");
     assert_eq!(status.producer, "shop");
 
-    // The body moved; the segment row keeps none.
     let mut check = PgConnection::connect(&url).await.unwrap();
+    let kept: Vec<(Vec<i64>, Option<Vec<i32>>)> = sqlx::query_as(
+        "SELECT segments, positions FROM outbox_changes ORDER BY change_seq LIMIT 2",
+    )
+    .fetch_all(&mut check)
+    .await
+    .unwrap();
+    assert_eq!(
+        kept,
+        [
+            (vec![number], None),
+            (vec![number, number], Some(vec![0, 2]))
+        ],
+        "the change feed's rows keep what they named"
+    );
+    // The body moved; the segment row keeps none.
     let moved: i64 =
         sqlx::query_scalar("SELECT count(*) FROM outbox_segment_bodies WHERE number = $1")
             .bind(number)

@@ -403,10 +403,15 @@ pub(super) async fn append(
                      SELECT * FROM UNNEST($1::bigint[], $4::bytea[])), \
                  callers AS ( \
                      INSERT INTO outbox_caller_ids (event_id, segment, position) \
-                     SELECT * FROM UNNEST($6::uuid[], $7::bigint[], $8::integer[])) \
-                 INSERT INTO outbox_changes (producer, segment) \
-                 SELECT * FROM UNNEST($9::text[], $10::bigint[]) \
-                 RETURNING producer, segment, change_seq",
+                     SELECT * FROM UNNEST($6::uuid[], $7::bigint[], $8::integer[])), \
+                 changes AS ( \
+                     INSERT INTO outbox_changes (producer, segments) \
+                     SELECT u.producer, array_agg(DISTINCT u.segment) \
+                     FROM UNNEST($9::text[], $10::bigint[]) AS u(producer, segment) \
+                     GROUP BY u.producer \
+                     RETURNING producer, segments, change_seq) \
+                 SELECT c.producer, s.segment, c.change_seq \
+                 FROM changes AS c CROSS JOIN LATERAL unnest(c.segments) AS s(segment)",
             ))
             .fetch_all(&mut *tx)
             .await;

@@ -11,7 +11,8 @@ use sqlx::PgConnection;
 
 use super::recorder::{Outcome, record_outcomes};
 use super::segments::{
-    self, Changed, Facts, SegmentCache, SegmentRow, location_of, seq_of, write_changes,
+    self, Changed, Facts, SegmentCache, SegmentRow, change_entries, location_of, seq_of,
+    write_changes,
 };
 use super::{PostgresStore, transaction_columns};
 use crate::domain::{EventId, EventState, EventStatus, TransactionRef};
@@ -504,7 +505,6 @@ impl PostgresStore {
                 ("outbox_segment_bodies", "number"),
                 ("outbox_event_faults", "segment"),
                 ("outbox_caller_ids", "segment"),
-                ("outbox_changes", "segment"),
             ] {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
                     "DELETE FROM {table} WHERE {column} = ANY($1)"
@@ -513,6 +513,15 @@ impl PostgresStore {
                 .execute(&mut *tx)
                 .await?;
             }
+            // A change-feed row goes with the last of its segments.
+            sqlx::query(
+                "DELETE FROM outbox_changes AS c WHERE c.segments && $1 \
+                 AND NOT EXISTS (SELECT 1 FROM outbox_segments AS s \
+                                 WHERE s.number = ANY (c.segments))",
+            )
+            .bind(&numbers)
+            .execute(&mut *tx)
+            .await?;
         }
         // Finished events of segments that wait for others: their statuses
         // go now (their bytes with the segment). The segment's last change
@@ -664,6 +673,15 @@ impl PostgresStore {
     }
 }
 
+/// A change-feed row: one producer's changes of one statement.
+#[derive(sqlx::FromRow)]
+struct ChangeRow {
+    producer: String,
+    segments: Vec<i64>,
+    positions: Option<Vec<i32>>,
+    change_seq: i64,
+}
+
 /// The latest change-feed position of each event of the loaded segments.
 async fn latest_changes(
     connection: &mut PgConnection,
@@ -674,27 +692,29 @@ async fn latest_changes(
     if numbers.is_empty() {
         return Ok(latest);
     }
-    let rows: Vec<(String, i64, Option<Vec<i32>>, i64)> = sqlx::query_as(
-        "SELECT producer, segment, positions, change_seq FROM outbox_changes \
-         WHERE segment = ANY($1)",
+    let rows: Vec<ChangeRow> = sqlx::query_as(
+        "SELECT producer, segments, positions, change_seq FROM outbox_changes \
+         WHERE segments && $1",
     )
     .bind(&numbers)
     .fetch_all(&mut *connection)
     .await?;
-    for (producer, segment, positions, change_seq) in rows {
-        let Some(body) = loaded.bodies.get(&segment) else {
-            continue;
-        };
-        for event in body.events() {
-            let applies = event.transaction.producer == producer
-                && positions
-                    .as_ref()
-                    .is_none_or(|p| p.contains(&i32::from(event.position)));
-            if applies {
-                let entry = latest
-                    .entry((segment, event.position))
-                    .or_insert(change_seq);
-                *entry = (*entry).max(change_seq);
+    for row in rows {
+        for (segment, positions) in change_entries(&row.segments, row.positions.as_deref()) {
+            let Some(body) = loaded.bodies.get(&segment) else {
+                continue;
+            };
+            for event in body.events() {
+                let applies = event.transaction.producer == row.producer
+                    && positions
+                        .as_ref()
+                        .is_none_or(|p| p.contains(&i32::from(event.position)));
+                if applies {
+                    let entry = latest
+                        .entry((segment, event.position))
+                        .or_insert(row.change_seq);
+                    *entry = (*entry).max(row.change_seq);
+                }
             }
         }
     }

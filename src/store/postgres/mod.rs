@@ -250,14 +250,41 @@ pub(super) fn transaction_columns(transactions: &[TransactionRef]) -> (Vec<&str>
         .unzip()
 }
 
-/// A row of the change feed: a producer's events of a segment that a
-/// transaction changed (`positions`; `None`: all of them).
+/// A row of the change feed: a producer's events that a statement changed
+/// (see migration 0014).
 #[derive(sqlx::FromRow)]
+struct FeedRow {
+    segments: Vec<i64>,
+    positions: Option<Vec<i32>>,
+    xid: i64,
+    change_seq: i64,
+}
+
+/// A producer's events of one segment that a statement changed
+/// (`positions`; `None`: all of them).
 struct FeedChange {
     segment: i64,
     positions: Option<Vec<i32>>,
     xid: i64,
     change_seq: i64,
+}
+
+/// The rows' changes, segment by segment, in the rows' order.
+fn feed_changes(rows: Vec<FeedRow>) -> Vec<FeedChange> {
+    let mut changes = Vec::with_capacity(rows.len());
+    for row in rows {
+        for (segment, positions) in
+            segments::change_entries(&row.segments, row.positions.as_deref())
+        {
+            changes.push(FeedChange {
+                segment,
+                positions,
+                xid: row.xid,
+                change_seq: row.change_seq,
+            });
+        }
+    }
+    changes
 }
 
 /// Where the change feed may be read up to (exclusive): the oldest xid of a
@@ -824,8 +851,8 @@ impl Store for PostgresStore {
         // status carries a change older than its state's.
         let mut connection = events::read_snapshot(&self.pool).await?;
         let after_xid = (after_cursor / 2) as i64;
-        let mut changes: Vec<FeedChange> = sqlx::query_as(
-            "SELECT segment, positions, (change_xid::text)::bigint AS xid, change_seq \
+        let mut rows: Vec<FeedRow> = sqlx::query_as(
+            "SELECT segments, positions, (change_xid::text)::bigint AS xid, change_seq \
              FROM outbox_changes \
              WHERE producer = $1 AND change_xid > ($2::bigint)::text::xid8 \
                AND change_xid < ($3::bigint)::text::xid8 \
@@ -839,12 +866,12 @@ impl Store for PostgresStore {
         .await?;
         // A page holds whole transactions: a position inside one would
         // otherwise skip the rest of it on resume.
-        if changes.len() == limit.max(1) as usize
-            && let Some(last) = changes.last().map(|c| c.xid)
+        if rows.len() == limit.max(1) as usize
+            && let Some(last) = rows.last().map(|c| c.xid)
         {
-            if changes.first().is_some_and(|first| first.xid == last) {
-                changes = sqlx::query_as(
-                    "SELECT segment, positions, (change_xid::text)::bigint AS xid, change_seq \
+            if rows.first().is_some_and(|first| first.xid == last) {
+                rows = sqlx::query_as(
+                    "SELECT segments, positions, (change_xid::text)::bigint AS xid, change_seq \
                      FROM outbox_changes \
                      WHERE producer = $1 AND change_xid = ($2::bigint)::text::xid8 \
                      ORDER BY change_seq",
@@ -854,9 +881,10 @@ impl Store for PostgresStore {
                 .fetch_all(&mut *connection)
                 .await?;
             } else {
-                changes.retain(|change| change.xid != last);
+                rows.retain(|change| change.xid != last);
             }
         }
+        let changes = feed_changes(rows);
         let numbers: Vec<i64> = changes.iter().map(|c| c.segment).collect();
         let loaded = Loaded::load(&mut connection, &self.cache, &numbers, false).await?;
         let facts = loaded.facts(&mut connection, &numbers).await?;

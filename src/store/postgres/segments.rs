@@ -9,7 +9,7 @@
 //! decided here and written back in one store transaction. Bodies never
 //! change: the store keeps the ones it wrote or read in a [`SegmentCache`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -521,49 +521,58 @@ pub(super) async fn write_changes(
     let (mut producers, mut segments, mut positions) = (vec![], vec![], vec![]);
     for (row, changed) in rows {
         for (producer, changed_positions) in &changed.positions {
-            producers.push(producer.as_str());
-            segments.push(row.number);
-            // Postgres arrays of arrays must be rectangular: one text each.
-            positions.push(
-                changed_positions
-                    .iter()
-                    .map(u16::to_string)
-                    .collect::<Vec<_>>()
-                    .join(","),
-            );
+            for &position in changed_positions {
+                producers.push(producer.as_str());
+                segments.push(row.number);
+                positions.push(i32::from(position));
+            }
         }
     }
     insert_changes(connection, &producers, &segments, Some(&positions)).await
 }
 
-/// Inserts change-feed rows; `positions` are comma-separated (`None`: all
-/// of the producer's events of the segment). Returns each change's
-/// `change_seq` by (producer, segment).
+/// Inserts one change-feed row per producer: the `segments` whose events
+/// changed, with the event's position in each (`None`: all the producer's
+/// events of each segment). Returns each change's `change_seq` by
+/// (producer, segment).
 pub(super) async fn insert_changes(
     connection: &mut PgConnection,
     producers: &[&str],
     segments: &[i64],
-    positions: Option<&[String]>,
+    positions: Option<&[i32]>,
 ) -> Result<HashMap<(String, i64), i64>, StoreError> {
     if producers.is_empty() {
         return Ok(HashMap::new());
     }
-    let empty: Vec<Option<&str>> = vec![None; producers.len()];
-    let positions: Vec<Option<&str>> = match positions {
-        Some(positions) => positions.iter().map(|p| Some(p.as_str())).collect(),
-        None => empty,
+    let query = match positions {
+        Some(positions) => sqlx::query(
+            "WITH changes AS ( \
+                 INSERT INTO outbox_changes (producer, segments, positions) \
+                 SELECT u.producer, array_agg(u.segment ORDER BY u.segment, u.position), \
+                        array_agg(u.position ORDER BY u.segment, u.position) \
+                 FROM UNNEST($1::text[], $2::bigint[], $3::integer[]) AS u(producer, segment, position) \
+                 GROUP BY u.producer \
+                 RETURNING producer, segments, change_seq) \
+             SELECT DISTINCT c.producer, s.segment, c.change_seq \
+             FROM changes AS c CROSS JOIN LATERAL unnest(c.segments) AS s(segment)",
+        )
+        .bind(producers)
+        .bind(segments)
+        .bind(positions),
+        None => sqlx::query(
+            "WITH changes AS ( \
+                 INSERT INTO outbox_changes (producer, segments) \
+                 SELECT u.producer, array_agg(DISTINCT u.segment) \
+                 FROM UNNEST($1::text[], $2::bigint[]) AS u(producer, segment) \
+                 GROUP BY u.producer \
+                 RETURNING producer, segments, change_seq) \
+             SELECT c.producer, s.segment, c.change_seq \
+             FROM changes AS c CROSS JOIN LATERAL unnest(c.segments) AS s(segment)",
+        )
+        .bind(producers)
+        .bind(segments),
     };
-    let rows = sqlx::query(
-        "INSERT INTO outbox_changes (producer, segment, positions) \
-         SELECT u.producer, u.segment, string_to_array(u.positions, ',')::integer[] \
-         FROM UNNEST($1::text[], $2::bigint[], $3::text[]) AS u(producer, segment, positions) \
-         RETURNING producer, segment, change_seq",
-    )
-    .bind(producers)
-    .bind(segments)
-    .bind(&positions)
-    .fetch_all(&mut *connection)
-    .await?;
+    let rows = query.fetch_all(&mut *connection).await?;
     let mut changes = HashMap::with_capacity(rows.len());
     for row in rows {
         changes.insert(
@@ -572,6 +581,33 @@ pub(super) async fn insert_changes(
         );
     }
     Ok(changes)
+}
+
+/// A change-feed row read back: one producer's changes of one statement,
+/// as (segment, positions) pairs (`None`: all the producer's events of the
+/// segment).
+pub(super) fn change_entries(
+    segments: &[i64],
+    positions: Option<&[i32]>,
+) -> BTreeMap<i64, Option<Vec<i32>>> {
+    let mut entries: BTreeMap<i64, Option<Vec<i32>>> = BTreeMap::new();
+    match positions {
+        None => {
+            for &segment in segments {
+                entries.insert(segment, None);
+            }
+        }
+        Some(positions) => {
+            for (&segment, &position) in segments.iter().zip(positions) {
+                entries
+                    .entry(segment)
+                    .or_insert_with(|| Some(Vec::new()))
+                    .get_or_insert_with(Vec::new)
+                    .push(position);
+            }
+        }
+    }
+    entries
 }
 
 /// The relay's position of an event: segment number and position, so that
@@ -628,5 +664,16 @@ mod tests {
             let (segment, position) = location_of(seq);
             assert_eq!(seq_of(segment, position), seq);
         }
+    }
+
+    #[test]
+    fn a_change_row_names_each_event_of_each_segment_it_changed() {
+        let named = change_entries(&[7, 7, 9], Some(&[0, 3, 1]));
+        assert_eq!(
+            named.into_iter().collect::<Vec<_>>(),
+            [(7, Some(vec![0, 3])), (9, Some(vec![1]))]
+        );
+        let all = change_entries(&[9, 7], None);
+        assert_eq!(all.into_iter().collect::<Vec<_>>(), [(7, None), (9, None)]);
     }
 }

@@ -38,9 +38,12 @@ callers AS (
     SELECT * FROM UNNEST($17::uuid[], $18::bigint[], $19::integer[])
 ),
 changes AS (
-    INSERT INTO outbox_changes (producer, segment)
-    SELECT * FROM UNNEST($20::text[], $21::bigint[])
-    RETURNING producer, segment, change_seq
+    -- One change-feed row per producer: its new events of every segment.
+    INSERT INTO outbox_changes (producer, segments)
+    SELECT u.producer, array_agg(DISTINCT u.segment)
+    FROM UNNEST($20::text[], $21::bigint[]) AS u(producer, segment)
+    GROUP BY u.producer
+    RETURNING producer, segments, change_seq
 ),
 checked AS (
     -- Checked once, before any row is returned.
@@ -48,6 +51,6 @@ checked AS (
                (SELECT count(*) FROM transactions) = cardinality($2::text[])
                AND (SELECT count(*) FROM appends) = cardinality($2::text[])) AS ok
 )
-SELECT c.producer, c.segment, c.change_seq
-FROM checked CROSS JOIN changes AS c
+SELECT c.producer, s.segment, c.change_seq
+FROM checked CROSS JOIN changes AS c CROSS JOIN LATERAL unnest(c.segments) AS s(segment)
 WHERE checked.ok

@@ -9,9 +9,9 @@
 -- Per segment ($3..$7): number, the states read, the new states and
 -- placements, whether it is final. Per changed event ($8..$12): segment,
 -- position, producer, and for a failed delivery its error and next attempt
--- (none: dead-lettered). Returns the change-feed rows written (one per
--- producer and segment) and the attempts of each failed event; a segment
--- with no change-feed row was not written.
+-- (none: dead-lettered). Returns each segment written with its producers'
+-- change-feed positions, and the attempts of each failed event; a segment
+-- with no change-feed position was not written.
 WITH held AS (
     SELECT l.shard
     FROM outbox_leases AS l
@@ -50,17 +50,19 @@ faults AS (
     RETURNING f.segment, f.position, f.attempts
 ),
 changes AS (
-    INSERT INTO outbox_changes (producer, segment, positions)
-    SELECT o.producer, o.segment, array_agg(o.position ORDER BY o.position)
+    -- One change-feed row per producer, naming each event it changed.
+    INSERT INTO outbox_changes (producer, segments, positions)
+    SELECT o.producer, array_agg(o.segment ORDER BY o.segment, o.position),
+           array_agg(o.position ORDER BY o.segment, o.position)
     FROM outcomes AS o
-    GROUP BY o.producer, o.segment
-    RETURNING producer, segment, change_seq
+    GROUP BY o.producer
+    RETURNING producer, segments, change_seq
 )
 -- Two kinds of rows, not joined (a join of CTEs is planned blind): each
 -- change-feed row written, and each fault written.
-SELECT c.segment, c.producer, c.change_seq, NULL::integer AS position,
+SELECT DISTINCT s.segment, c.producer, c.change_seq, NULL::integer AS position,
        NULL::integer AS attempts, now() AS at
-FROM changes AS c
+FROM changes AS c CROSS JOIN LATERAL unnest(c.segments) AS s(segment)
 UNION ALL
 SELECT f.segment, NULL, NULL, f.position, f.attempts, now()
 FROM faults AS f
