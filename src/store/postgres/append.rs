@@ -12,7 +12,7 @@ use sqlx::postgres::{PgArguments, Postgres};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::segments::{self, SegmentCache};
+use super::segments::{self, SegmentCache, change_seqs};
 use crate::domain::{AppendBatch, AppendOutcome, EventId, EventStatus, shard_of};
 use crate::store::AppendRejection;
 use crate::store::codes::{
@@ -406,12 +406,11 @@ pub(super) async fn append(
                      SELECT * FROM UNNEST($6::uuid[], $7::bigint[], $8::integer[])), \
                  changes AS ( \
                      INSERT INTO outbox_changes (producer, segments) \
-                     SELECT u.producer, array_agg(DISTINCT u.segment) \
+                     SELECT u.producer, array_agg(u.segment) \
                      FROM UNNEST($9::text[], $10::bigint[]) AS u(producer, segment) \
                      GROUP BY u.producer \
                      RETURNING producer, segments, change_seq) \
-                 SELECT c.producer, s.segment, c.change_seq \
-                 FROM changes AS c CROSS JOIN LATERAL unnest(c.segments) AS s(segment)",
+                 SELECT producer, segments, change_seq FROM changes",
             ))
             .fetch_all(&mut *tx)
             .await;
@@ -447,19 +446,6 @@ pub(super) async fn append(
         results.push(result);
     }
     Ok(Some((results, packed)))
-}
-
-/// Change cursors of the rows an insert into outbox_changes returned, by
-/// (producer, segment).
-fn change_seqs(rows: &[sqlx::postgres::PgRow]) -> Result<HashMap<(String, i64), i64>, sqlx::Error> {
-    rows.iter()
-        .map(|row| {
-            Ok((
-                (row.try_get("producer")?, row.try_get("segment")?),
-                row.try_get("change_seq")?,
-            ))
-        })
-        .collect()
 }
 
 /// New transactions' columns, as arrays for one statement.

@@ -551,7 +551,7 @@ impl PostgresStore {
         sqlx::query(
             "UPDATE outbox_segments AS s SET states = u.states, final = u.final \
              FROM UNNEST($1::bigint[], $2::bytea[], $3::boolean[]) AS u(number, states, final) \
-             WHERE s.number = u.number",
+             WHERE s.number = u.number AND s.number = ANY ($1::bigint[])",
         )
         .bind(&marked)
         .bind(&states)

@@ -244,15 +244,18 @@ pub(super) async fn record_outcomes(
         let mut at = None;
         for row in &written {
             at = Some(row.at);
-            match (&row.producer, row.change_seq, row.position, row.attempts) {
-                (Some(producer), Some(change_seq), _, _) => {
-                    waiting.remove(&row.segment);
-                    change_seqs.insert((row.segment, producer.as_str()), change_seq);
+            if let (Some(producer), Some(segments), Some(change_seq)) =
+                (&row.producer, &row.segments, row.change_seq)
+            {
+                for &segment in segments {
+                    waiting.remove(&segment);
+                    change_seqs.insert((segment, producer.as_str()), change_seq);
                 }
-                (_, _, Some(position), Some(count)) => {
-                    attempts.insert((row.segment, position as u16), count);
-                }
-                _ => {}
+            }
+            if let (Some(segment), Some(position), Some(count)) =
+                (row.segment, row.position, row.attempts)
+            {
+                attempts.insert((segment, position as u16), count);
             }
         }
         for (&(number, position), change) in &plan.changes {
@@ -322,12 +325,14 @@ pub(super) async fn record_outcomes(
 }
 
 /// A row `record_outcomes.sql` returns: a change-feed row written
-/// (producer and change_seq) or a fault written (position and attempts).
+/// (producer, segments and change_seq) or a fault written (segment,
+/// position and attempts).
 #[derive(sqlx::FromRow)]
 struct Written {
-    segment: i64,
     producer: Option<String>,
+    segments: Option<Vec<i64>>,
     change_seq: Option<i64>,
+    segment: Option<i64>,
     position: Option<i32>,
     attempts: Option<i32>,
     at: DateTime<Utc>,

@@ -510,7 +510,7 @@ pub(super) async fn write_changes(
          SET states = u.states, placements = u.placements, final = u.final, updated_at = now() \
          FROM UNNEST($1::bigint[], $2::bytea[], $3::bytea[], $4::boolean[]) \
              AS u(number, states, placements, final) \
-         WHERE s.number = u.number",
+         WHERE s.number = u.number AND s.number = ANY ($1::bigint[])",
     )
     .bind(&numbers)
     .bind(&states)
@@ -548,13 +548,11 @@ pub(super) async fn insert_changes(
         Some(positions) => sqlx::query(
             "WITH changes AS ( \
                  INSERT INTO outbox_changes (producer, segments, positions) \
-                 SELECT u.producer, array_agg(u.segment ORDER BY u.segment, u.position), \
-                        array_agg(u.position ORDER BY u.segment, u.position) \
+                 SELECT u.producer, array_agg(u.segment), array_agg(u.position) \
                  FROM UNNEST($1::text[], $2::bigint[], $3::integer[]) AS u(producer, segment, position) \
                  GROUP BY u.producer \
                  RETURNING producer, segments, change_seq) \
-             SELECT DISTINCT c.producer, s.segment, c.change_seq \
-             FROM changes AS c CROSS JOIN LATERAL unnest(c.segments) AS s(segment)",
+             SELECT producer, segments, change_seq FROM changes",
         )
         .bind(producers)
         .bind(segments)
@@ -562,23 +560,32 @@ pub(super) async fn insert_changes(
         None => sqlx::query(
             "WITH changes AS ( \
                  INSERT INTO outbox_changes (producer, segments) \
-                 SELECT u.producer, array_agg(DISTINCT u.segment) \
+                 SELECT u.producer, array_agg(u.segment) \
                  FROM UNNEST($1::text[], $2::bigint[]) AS u(producer, segment) \
                  GROUP BY u.producer \
                  RETURNING producer, segments, change_seq) \
-             SELECT c.producer, s.segment, c.change_seq \
-             FROM changes AS c CROSS JOIN LATERAL unnest(c.segments) AS s(segment)",
+             SELECT producer, segments, change_seq FROM changes",
         )
         .bind(producers)
         .bind(segments),
     };
     let rows = query.fetch_all(&mut *connection).await?;
+    Ok(change_seqs(&rows)?)
+}
+
+/// Change cursors of the rows an insert into outbox_changes returned
+/// (producer, segments, change_seq), by (producer, segment).
+pub(super) fn change_seqs(
+    rows: &[sqlx::postgres::PgRow],
+) -> Result<HashMap<(String, i64), i64>, sqlx::Error> {
     let mut changes = HashMap::with_capacity(rows.len());
     for row in rows {
-        changes.insert(
-            (row.try_get("producer")?, row.try_get("segment")?),
-            row.try_get("change_seq")?,
-        );
+        let producer: String = row.try_get("producer")?;
+        let segments: Vec<i64> = row.try_get("segments")?;
+        let change_seq: i64 = row.try_get("change_seq")?;
+        for segment in segments {
+            changes.insert((producer.clone(), segment), change_seq);
+        }
     }
     Ok(changes)
 }

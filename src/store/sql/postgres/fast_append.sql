@@ -40,7 +40,7 @@ callers AS (
 changes AS (
     -- One change-feed row per producer: its new events of every segment.
     INSERT INTO outbox_changes (producer, segments)
-    SELECT u.producer, array_agg(DISTINCT u.segment)
+    SELECT u.producer, array_agg(u.segment)
     FROM UNNEST($20::text[], $21::bigint[]) AS u(producer, segment)
     GROUP BY u.producer
     RETURNING producer, segments, change_seq
@@ -51,6 +51,6 @@ checked AS (
                (SELECT count(*) FROM transactions) = cardinality($2::text[])
                AND (SELECT count(*) FROM appends) = cardinality($2::text[])) AS ok
 )
-SELECT c.producer, s.segment, c.change_seq
-FROM checked CROSS JOIN changes AS c CROSS JOIN LATERAL unnest(c.segments) AS s(segment)
+SELECT c.producer, c.segments, c.change_seq
+FROM checked CROSS JOIN changes AS c
 WHERE checked.ok
