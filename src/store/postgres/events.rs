@@ -190,11 +190,34 @@ impl PostgresStore {
                 first = false;
             }
             let rows = fetched.rows;
+            // Only the bodies the page takes events of: a read ahead of
+            // large segments would push the rest out of the cache.
+            let wanted = |row: &SegmentRow, position: usize, code: u8| {
+                let seq = seq_of(row.number, position as u16);
+                (row.writer_xid, seq) > (after.writer_xid, after.seq)
+                    && code != segments::GONE
+                    && (!EventState::from_stored(i16::from(code)).is_some_and(EventState::is_final)
+                        || (with_dead_letters && code == EventState::DeadLettered as u8))
+            };
+            let mut needed = 0usize;
+            let mut numbers: Vec<i64> = Vec::new();
+            for row in &rows {
+                if needed >= (limit as usize).saturating_sub(page.rows.len()) {
+                    break;
+                }
+                let events = (row.states.iter().enumerate())
+                    .filter(|&(position, &code)| wanted(row, position, code))
+                    .count();
+                if events > 0 {
+                    numbers.push(row.number);
+                    needed += events;
+                }
+            }
             let mut connection = self.pool.acquire().await?;
-            let numbers: Vec<i64> = rows.iter().map(|row| row.number).collect();
             let bodies = segments::bodies(&mut connection, &self.cache, &numbers).await?;
             let faulty: Vec<&SegmentRow> = rows
                 .iter()
+                .filter(|row| numbers.contains(&row.number))
                 .filter(|row| {
                     row.states.iter().any(|&code| {
                         code == EventState::Retrying as u8 || code == EventState::DeadLettered as u8
@@ -549,9 +572,10 @@ impl PostgresStore {
         }
         // updated_at stays: a segment left final here goes at the next round.
         sqlx::query(
-            "UPDATE outbox_segments AS s SET states = u.states, final = u.final \
-             FROM UNNEST($1::bigint[], $2::bytea[], $3::boolean[]) AS u(number, states, final) \
-             WHERE s.number = u.number AND s.number = ANY ($1::bigint[])",
+            "UPDATE outbox_segments AS s \
+             SET states = ($2::bytea[])[array_position($1::bigint[], s.number)], \
+                 final = ($3::boolean[])[array_position($1::bigint[], s.number)] \
+             WHERE s.number = ANY ($1::bigint[])",
         )
         .bind(&marked)
         .bind(&states)

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use super::segments::{ROW_COLUMNS, SegmentCache, SegmentRow, bodies, location_of};
 use crate::domain::{EventId, EventState, EventStatus};
@@ -22,7 +22,9 @@ use crate::store::{Delivered, Lease, StoreError};
 /// What the recorder writes with: the pool and the store's segment cache.
 type Store = (PgPool, Arc<SegmentCache>);
 
-/// Statements in flight at once: one gathers while another is written.
+/// Recorder tasks, each with its own shards (shard modulo this), so that
+/// two statements never write the same segment at once: one would wait
+/// for the other, find the segment changed and record again.
 const RECORDERS: usize = 2;
 
 /// Most deliveries one statement records.
@@ -38,7 +40,7 @@ struct Batch {
 /// Hands batches to the recorder tasks; they stop when every handle is
 /// gone.
 pub(super) struct Recorder {
-    queue: mpsc::Sender<Batch>,
+    queues: Vec<mpsc::Sender<Batch>>,
     /// For a batch the tasks can no longer take (the runtime is stopping).
     store: Store,
 }
@@ -46,13 +48,15 @@ pub(super) struct Recorder {
 impl Recorder {
     /// Starts the recorder tasks on `pool`.
     pub(super) fn start(pool: PgPool, cache: Arc<SegmentCache>) -> Recorder {
-        let (queue, batches) = mpsc::channel(1_024);
-        let batches = Arc::new(Mutex::new(batches));
         let store = (pool, cache);
-        for _ in 0..RECORDERS {
-            tokio::spawn(record(store.clone(), batches.clone()));
-        }
-        Recorder { queue, store }
+        let queues = (0..RECORDERS)
+            .map(|_| {
+                let (queue, batches) = mpsc::channel(1_024);
+                tokio::spawn(record(store.clone(), batches));
+                queue
+            })
+            .collect();
+        Recorder { queues, store }
     }
 
     /// Marks `delivered` published, fenced by `lease`, in a transaction
@@ -68,7 +72,8 @@ impl Recorder {
             delivered: delivered.to_vec(),
             reply,
         };
-        match self.queue.send(batch).await {
+        let queue = &self.queues[lease.shard as usize % self.queues.len()];
+        match queue.send(batch).await {
             Ok(()) => match outcome.await {
                 Ok(result) => result,
                 // The task is gone (the runtime is stopping): write it here.
@@ -81,10 +86,9 @@ impl Recorder {
 
 /// One recorder task: takes what has gathered, records it, answers each
 /// batch.
-async fn record(store: Store, batches: Arc<Mutex<mpsc::Receiver<Batch>>>) {
+async fn record(store: Store, mut batches: mpsc::Receiver<Batch>) {
     loop {
         let gathered = {
-            let mut batches = batches.lock().await;
             let Some(first) = batches.recv().await else {
                 return;
             };

@@ -506,11 +506,14 @@ pub(super) async fn write_changes(
         .collect();
     let finals: Vec<bool> = rows.iter().map(|(row, _)| row.is_final()).collect();
     sqlx::query(
+        // Each row by its key, its bytes by its place in the arrays (see
+        // record_outcomes.sql).
         "UPDATE outbox_segments AS s \
-         SET states = u.states, placements = u.placements, final = u.final, updated_at = now() \
-         FROM UNNEST($1::bigint[], $2::bytea[], $3::bytea[], $4::boolean[]) \
-             AS u(number, states, placements, final) \
-         WHERE s.number = u.number AND s.number = ANY ($1::bigint[])",
+         SET states = ($2::bytea[])[array_position($1::bigint[], s.number)], \
+             placements = ($3::bytea[])[array_position($1::bigint[], s.number)], \
+             final = ($4::boolean[])[array_position($1::bigint[], s.number)], \
+             updated_at = now() \
+         WHERE s.number = ANY ($1::bigint[])",
     )
     .bind(&numbers)
     .bind(&states)

@@ -7,7 +7,7 @@
 -- that no lock is held between round trips.
 --
 -- Per segment ($3..$7): number, the states read, the new states and
--- placements, whether it is final. Per changed event ($8..$12): segment,
+-- placements, whether it is final. Per changed event ($8..$13): segment,
 -- position, producer, and for a failed delivery its error and next attempt
 -- (none: dead-lettered). Returns the change-feed rows written (a producer,
 -- its segments and its position in the feed) and the attempts of each
@@ -21,15 +21,16 @@ WITH held AS (
     FOR KEY SHARE OF l
 ),
 written AS (
+    -- Each row by its key, its new bytes by its place in the arrays: a join
+    -- to the unnested arrays (of unknown length to the planner) was planned
+    -- as a nested loop that unnests them again for every row.
     UPDATE outbox_segments AS g
-    SET states = u.states, placements = u.placements, final = u.final, updated_at = now()
-    FROM unnest($3::bigint[], $4::bytea[], $5::bytea[], $6::bytea[], $7::boolean[])
-        AS u(number, read_states, states, placements, final)
-    WHERE g.number = u.number
-      -- Rows by their key: joined to the arrays alone, the planner (blind
-      -- to their length) may scan the whole table for each statement.
-      AND g.number = ANY ($3::bigint[])
-      AND g.states = u.read_states
+    SET states = ($5::bytea[])[array_position($3::bigint[], g.number)],
+        placements = ($6::bytea[])[array_position($3::bigint[], g.number)],
+        final = ($7::boolean[])[array_position($3::bigint[], g.number)],
+        updated_at = now()
+    WHERE g.number = ANY ($3::bigint[])
+      AND g.states = ($4::bytea[])[array_position($3::bigint[], g.number)]
       AND g.shard IN (SELECT shard FROM held)
     RETURNING g.number
 ),
