@@ -14,9 +14,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use super::segments::{ROW_COLUMNS, SegmentCache, SegmentRow, bodies, location_of};
+use super::segments::{ROW_COLUMNS, SegmentCache, SegmentHead, SegmentRow, heads, location_of};
 use crate::domain::{EventId, EventState, EventStatus};
-use crate::store::segment::Segment;
 use crate::store::{Delivered, Lease, StoreError};
 
 /// What the recorder writes with: the pool and the store's segment cache.
@@ -192,7 +191,7 @@ pub(super) async fn record_outcomes(
         .flatten()
         .map(|outcome| location_of(outcome.seq).0)
         .collect();
-    let bodies = bodies(&mut connection, cache, &numbers).await?;
+    let heads = heads(&mut connection, cache, &numbers).await?;
     let mut waiting: BTreeMap<i64, Vec<(usize, &Outcome)>> = BTreeMap::new();
     for (index, batch) in outcomes.iter().enumerate() {
         for outcome in batch {
@@ -212,11 +211,11 @@ pub(super) async fn record_outcomes(
         let read = read_for_recording(&mut connection, &numbers).await?;
         let mut plan = Plan::default();
         for (row, attempts) in read {
-            let (Some(batch), Some(body)) = (waiting.get(&row.number), bodies.get(&row.number))
+            let (Some(batch), Some(head)) = (waiting.get(&row.number), heads.get(&row.number))
             else {
                 continue;
             };
-            plan.decide(row, &attempts, body, batch);
+            plan.decide(row, &attempts, head, batch);
         }
         // Segments that are gone, or whose events are all final already,
         // have nothing left to write.
@@ -412,7 +411,7 @@ impl<'a> Plan<'a> {
         &mut self,
         mut row: SegmentRow,
         attempts: &HashMap<u16, i32>,
-        body: &'a Segment,
+        head: &'a SegmentHead,
         batch: &[(usize, &'a Outcome)],
     ) {
         let read_states = row.states.clone();
@@ -430,7 +429,7 @@ impl<'a> Plan<'a> {
             ) {
                 continue;
             }
-            let Some(event) = body.event(position) else {
+            let Some(event) = head.event(position) else {
                 continue;
             };
             row.set_state(position, outcome.state);
@@ -447,7 +446,7 @@ impl<'a> Plan<'a> {
                     producer: &event.transaction.producer,
                     transaction_id: &event.transaction.transaction_id,
                     sequence: event.transaction.append_sequence,
-                    topic: &event.event.topic,
+                    topic: event.topic,
                     attempts: attempts.get(&position).copied().unwrap_or(0),
                 },
             );

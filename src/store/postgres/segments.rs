@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::domain::{EventId, EventState, EventStatus};
 use crate::store::StoreError;
-use crate::store::segment::{EventLocation, PackedEvent, Segment};
+use crate::store::segment::{EventLocation, PackedEvent, Segment, SegmentTransaction};
 
 /// The state byte of an event retention removed while other events of its
 /// segment were not final (no [`EventState`] has it).
@@ -28,48 +28,198 @@ pub(super) const GONE: u8 = 0;
 /// Bodies kept in memory, in bytes of their stored form.
 const CACHE_BYTES: usize = 16 << 20;
 
+/// Heads kept in memory, in bytes (estimated).
+const HEAD_BYTES: usize = 8 << 20;
+
 /// Decoded segment bodies by number, the oldest dropped first once they
-/// exceed [`CACHE_BYTES`].
-#[derive(Default)]
+/// exceed [`CACHE_BYTES`]; and the heads of more segments, which is all the
+/// recording of deliveries needs: while the relay has many events in
+/// flight, their bodies no longer fit, their heads do.
 pub(super) struct SegmentCache {
-    inner: Mutex<CacheInner>,
+    bodies: Mutex<Fifo<Segment>>,
+    heads: Mutex<Fifo<SegmentHead>>,
 }
 
-#[derive(Default)]
-struct CacheInner {
-    segments: HashMap<i64, Arc<Segment>>,
+impl Default for SegmentCache {
+    fn default() -> Self {
+        SegmentCache {
+            bodies: Mutex::new(Fifo::new(CACHE_BYTES)),
+            heads: Mutex::new(Fifo::new(HEAD_BYTES)),
+        }
+    }
+}
+
+/// Values by segment number, the oldest dropped first beyond `budget`.
+struct Fifo<T> {
+    values: HashMap<i64, Arc<T>>,
     order: VecDeque<(i64, usize)>,
     bytes: usize,
+    budget: usize,
+}
+
+impl<T> Fifo<T> {
+    fn new(budget: usize) -> Self {
+        Fifo {
+            values: HashMap::new(),
+            order: VecDeque::new(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    fn put(&mut self, number: i64, value: Arc<T>, bytes: usize) {
+        if self.values.insert(number, value).is_some() {
+            return;
+        }
+        self.order.push_back((number, bytes));
+        self.bytes += bytes;
+        while self.bytes > self.budget {
+            let Some((oldest, size)) = self.order.pop_front() else {
+                break;
+            };
+            self.values.remove(&oldest);
+            self.bytes -= size;
+        }
+    }
 }
 
 impl SegmentCache {
     /// The body of segment `number`, when kept.
     pub(super) fn get(&self, number: i64) -> Option<Arc<Segment>> {
-        self.inner
-            .lock()
-            .expect("segment cache lock")
-            .segments
-            .get(&number)
-            .cloned()
+        let bodies = self.bodies.lock().expect("segment cache lock");
+        bodies.values.get(&number).cloned()
     }
 
-    /// Keeps `segment`, whose stored body is `bytes` long.
+    /// The head of segment `number`, when kept.
+    pub(super) fn head(&self, number: i64) -> Option<Arc<SegmentHead>> {
+        let heads = self.heads.lock().expect("segment cache lock");
+        heads.values.get(&number).cloned()
+    }
+
+    /// Keeps `segment`, whose stored body is `bytes` long, and its head.
     pub(super) fn put(&self, segment: Arc<Segment>, bytes: usize) {
-        let mut inner = self.inner.lock().expect("segment cache lock");
         let number = segment.number as i64;
-        if inner.segments.insert(number, segment).is_some() {
-            return;
-        }
-        inner.order.push_back((number, bytes));
-        inner.bytes += bytes;
-        while inner.bytes > CACHE_BYTES {
-            let Some((oldest, size)) = inner.order.pop_front() else {
-                break;
-            };
-            inner.segments.remove(&oldest);
-            inner.bytes -= size;
+        let head = SegmentHead::of(&segment);
+        let head_bytes = head.bytes();
+        self.heads
+            .lock()
+            .expect("segment cache lock")
+            .put(number, Arc::new(head), head_bytes);
+        self.bodies
+            .lock()
+            .expect("segment cache lock")
+            .put(number, segment, bytes);
+    }
+}
+
+/// What a status needs of a segment's events, without their payloads.
+pub(super) struct SegmentHead {
+    number: u64,
+    millis: u64,
+    transactions: Vec<SegmentTransaction>,
+    topics: Vec<String>,
+    events: Vec<HeadEvent>,
+}
+
+/// One event of a [`SegmentHead`].
+struct HeadEvent {
+    transaction: u32,
+    topic: u32,
+    caller_id: Option<Uuid>,
+}
+
+/// One event read from a [`SegmentHead`].
+pub(super) struct HeadView<'a> {
+    pub event_id: EventId,
+    pub transaction: &'a SegmentTransaction,
+    pub topic: &'a str,
+}
+
+impl SegmentHead {
+    fn of(segment: &Segment) -> SegmentHead {
+        let mut topics: Vec<String> = Vec::new();
+        let events = segment
+            .body
+            .events
+            .iter()
+            .map(|event| {
+                let topic = match topics.iter().position(|known| *known == event.topic) {
+                    Some(index) => index,
+                    None => {
+                        topics.push(event.topic.clone());
+                        topics.len() - 1
+                    }
+                };
+                HeadEvent {
+                    transaction: event.transaction,
+                    topic: topic as u32,
+                    caller_id: event
+                        .caller_id
+                        .as_deref()
+                        .and_then(|id| Uuid::from_slice(id).ok()),
+                }
+            })
+            .collect();
+        SegmentHead {
+            number: segment.number,
+            millis: segment.millis,
+            transactions: segment.body.transactions.clone(),
+            topics,
+            events,
         }
     }
+
+    /// Its size in memory, roughly.
+    fn bytes(&self) -> usize {
+        let strings: usize = self.topics.iter().map(String::len).sum::<usize>()
+            + (self.transactions.iter())
+                .map(|t| t.producer.len() + t.transaction_id.len() + 64)
+                .sum::<usize>();
+        strings + self.events.len() * std::mem::size_of::<HeadEvent>() + 64
+    }
+
+    /// The event at `position`, when the segment holds one there.
+    pub(super) fn event(&self, position: u16) -> Option<HeadView<'_>> {
+        let event = self.events.get(usize::from(position))?;
+        Some(HeadView {
+            event_id: match event.caller_id {
+                Some(id) => EventId(id),
+                None => EventLocation {
+                    segment: self.number,
+                    position,
+                }
+                .id(self.millis),
+            },
+            transaction: self.transactions.get(event.transaction as usize)?,
+            topic: self.topics.get(event.topic as usize)?,
+        })
+    }
+}
+
+/// Heads of the segments `numbers`, from the cache or (their bodies) from
+/// the store.
+pub(super) async fn heads(
+    connection: &mut PgConnection,
+    cache: &SegmentCache,
+    numbers: &[i64],
+) -> Result<HashMap<i64, Arc<SegmentHead>>, StoreError> {
+    let mut found = HashMap::with_capacity(numbers.len());
+    let mut missing = Vec::new();
+    for &number in numbers {
+        if found.contains_key(&number) {
+            continue;
+        }
+        match cache.head(number) {
+            Some(head) => {
+                found.insert(number, head);
+            }
+            None => missing.push(number),
+        }
+    }
+    for (number, body) in bodies(connection, cache, &missing).await? {
+        found.insert(number, Arc::new(SegmentHead::of(&body)));
+    }
+    Ok(found)
 }
 
 /// A segment row without its body.
@@ -685,5 +835,47 @@ mod tests {
         );
         let all = change_entries(&[9, 7], None);
         assert_eq!(all.into_iter().collect::<Vec<_>>(), [(7, None), (9, None)]);
+    }
+
+    #[test]
+    fn a_head_names_each_event_as_its_body_does() {
+        use crate::store::segment::{SegmentBody, SegmentEvent};
+        let transaction = |producer: &str| SegmentTransaction {
+            producer: producer.into(),
+            transaction_id: format!("{producer}-t"),
+            append_sequence: 3,
+            batch: 0,
+        };
+        let event = |transaction: u32, topic: &str, caller_id: Option<Vec<u8>>| SegmentEvent {
+            transaction,
+            topic: topic.into(),
+            caller_id,
+            payload: vec![7; 300],
+            ..Default::default()
+        };
+        let segment = Segment {
+            number: 4_096,
+            millis: 1_765_000_000_000,
+            body: SegmentBody {
+                transactions: vec![transaction("a"), transaction("b")],
+                events: vec![
+                    event(0, "orders", None),
+                    event(1, "payments", Some(Uuid::now_v7().as_bytes().to_vec())),
+                    event(0, "orders", None),
+                ],
+            },
+        };
+        let head = SegmentHead::of(&segment);
+        for position in 0..3u16 {
+            let (from_body, from_head) = (
+                segment.event(position).unwrap(),
+                head.event(position).unwrap(),
+            );
+            assert_eq!(from_head.event_id, from_body.event_id, "{position}");
+            assert_eq!(from_head.transaction, from_body.transaction, "{position}");
+            assert_eq!(from_head.topic, from_body.event.topic, "{position}");
+        }
+        assert!(head.event(3).is_none());
+        assert!(head.bytes() < 900, "a head leaves the payloads out");
     }
 }
