@@ -932,6 +932,25 @@ async fn postgres_a_failed_slot_release_does_not_freeze_the_gate() {
     .await;
 }
 
+/// Returns once a session of the database waits for a lock (or `done`).
+async fn lock_wait(watcher: &sqlx::PgPool, what: &str, done: impl Fn() -> bool) {
+    support::eventually(what, Duration::from_secs(10), || {
+        let finished = done();
+        let watcher = watcher.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&watcher)
+            .await
+            .unwrap();
+            (finished || waiting > 0).then_some(())
+        }
+    })
+    .await;
+}
+
 /// A caller-chosen event id cannot be stored twice, not even while its
 /// first event is being published by a concurrent delivery record that
 /// holds its segment. (PostgreSQL only: SQLite has one writer at a time.)
@@ -979,24 +998,9 @@ async fn postgres_an_event_id_being_published_cannot_be_taken_again() {
     });
     // Commit the move once the append waits for it (or has finished).
     let watcher = sqlx::PgPool::connect(&url).await.unwrap();
-    support::eventually(
-        "the append to wait for the move",
-        Duration::from_secs(10),
-        || {
-            let finished = again.is_finished();
-            let watcher = watcher.clone();
-            async move {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                )
-                .fetch_one(&watcher)
-                .await
-                .unwrap();
-                (finished || waiting > 0).then_some(())
-            }
-        },
-    )
+    lock_wait(&watcher, "the append to wait for the move", || {
+        again.is_finished()
+    })
     .await;
     sqlx::raw_sql("COMMIT").execute(&mut mover).await.unwrap();
     match again.await.unwrap().unwrap().remove(0) {
@@ -1054,23 +1058,9 @@ async fn postgres_a_delivery_record_keeps_a_concurrent_change_of_its_segment() {
         async move { store.record_delivered(&lease, &delivered).await }
     });
     let watcher = sqlx::PgPool::connect(&url).await.unwrap();
-    support::eventually(
-        "the record to wait for the other writer",
-        Duration::from_secs(10),
-        || {
-            let watcher = watcher.clone();
-            async move {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                )
-                .fetch_one(&watcher)
-                .await
-                .unwrap();
-                (waiting > 0).then_some(())
-            }
-        },
-    )
+    lock_wait(&watcher, "the record to wait for the other writer", || {
+        false
+    })
     .await;
     // The other writer dead-letters the second event, then lets go.
     sqlx::query("UPDATE outbox_segments SET states = set_byte(states, 1, $2) WHERE number = $1")
