@@ -190,8 +190,8 @@ impl PostgresStore {
                 first = false;
             }
             let rows = fetched.rows;
-            // Only the bodies the page takes events of: a read ahead of
-            // large segments would push the rest out of the cache.
+            // The events a page takes. Only their bodies are loaded: a read
+            // ahead of large segments would push the rest out of the cache.
             let wanted = |row: &SegmentRow, position: usize, code: u8| {
                 let seq = seq_of(row.number, position as u16);
                 (row.writer_xid, seq) > (after.writer_xid, after.seq)
@@ -230,18 +230,13 @@ impl PostgresStore {
                     continue;
                 };
                 for event in segment.events() {
-                    let seq = seq_of(row.number, event.position);
-                    if (row.writer_xid, seq) <= (after.writer_xid, after.seq) {
+                    let code = row.states[usize::from(event.position)];
+                    if !wanted(row, usize::from(event.position), code) {
                         continue;
                     }
                     let Some(state) = row.state(event.position)? else {
                         continue;
                     };
-                    let wanted = !state.is_final()
-                        || (with_dead_letters && state == EventState::DeadLettered);
-                    if !wanted {
-                        continue;
-                    }
                     page.rows.push(relay_row(row, &event, state, &facts));
                     if page.rows.len() >= limit as usize {
                         return Ok(page);

@@ -291,13 +291,10 @@ pub(super) async fn record_outcomes(
         }
         // Not written: the lease is gone, or the segment changed since it
         // was read (then it is decided again).
-        let mut unwritten: Vec<usize> = waiting.values().flatten().map(|(i, _)| *i).collect();
-        unwritten.sort_unstable();
-        unwritten.dedup();
-        for index in unwritten {
-            if !lease_is_current(&mut connection, leases[index]).await? {
-                lost[index] = true;
-            }
+        let current = current_epochs(&mut connection, leases).await?;
+        for &(index, _) in waiting.values().flatten() {
+            let lease = leases[index];
+            lost[index] = current.get(&lease.shard) != Some(&lease.epoch);
         }
         for batch in waiting.values_mut() {
             batch.retain(|(index, _)| !lost[*index]);
@@ -496,14 +493,19 @@ struct PlanColumns<'a> {
     failed: Vec<bool>,
 }
 
-/// Whether `lease`'s epoch is still its shard's.
-async fn lease_is_current(
+/// The current epoch of each of the `leases`' shards.
+async fn current_epochs(
     connection: &mut sqlx::PgConnection,
-    lease: &Lease,
-) -> Result<bool, StoreError> {
-    let epoch: Option<i64> = sqlx::query_scalar("SELECT epoch FROM outbox_leases WHERE shard = $1")
-        .bind(lease.shard as i32)
-        .fetch_optional(&mut *connection)
-        .await?;
-    Ok(epoch == Some(lease.epoch))
+    leases: &[&Lease],
+) -> Result<HashMap<u32, i64>, StoreError> {
+    let shards: Vec<i32> = leases.iter().map(|lease| lease.shard as i32).collect();
+    let rows: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT shard, epoch FROM outbox_leases WHERE shard = ANY($1)")
+            .bind(&shards)
+            .fetch_all(&mut *connection)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(shard, epoch)| (shard as u32, epoch))
+        .collect())
 }
