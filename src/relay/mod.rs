@@ -55,6 +55,11 @@ pub struct RelayConfig {
     pub read_linger: Duration,
     /// Records handed to the producer and not yet recorded, per shard.
     pub max_in_flight_per_shard: usize,
+    /// Longest wait of an acked record for the others of its store unit (a
+    /// PostgreSQL segment) that are still in flight, so that the unit is
+    /// written once for all of them rather than once per ack.
+    #[serde(with = "humantime_serde")]
+    pub record_hold: Duration,
     /// Lease lifetime; renewed every third of it.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
@@ -94,6 +99,7 @@ impl Default for RelayConfig {
             read_batch: 1_000,
             read_linger: Duration::from_millis(5),
             max_in_flight_per_shard: 5_000,
+            record_hold: Duration::from_millis(100),
             lease_ttl: Duration::from_secs(10),
             retry_base: Duration::from_millis(200),
             retry_cap: Duration::from_secs(60),

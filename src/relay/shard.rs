@@ -34,6 +34,15 @@ use crate::telemetry::names;
 /// visibility gate: about one writer transaction.
 const HELD_BACK_RECHECK: Duration = Duration::from_millis(5);
 
+/// A finished write of outcomes: what was to be written, and how it went
+/// (`failures` is `None` when the deliveries' write failed first).
+struct Recorded {
+    delivered: Vec<Delivered>,
+    published: Result<Vec<crate::domain::EventStatus>, StoreError>,
+    failed: Vec<DeliveryFailed>,
+    failures: Option<Result<Vec<crate::domain::EventStatus>, StoreError>>,
+}
+
 /// Why a shard worker stopped before it was told to.
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
@@ -91,7 +100,17 @@ pub(super) struct ShardWorker<P: Publish> {
     /// When each sent event was appended, for the publish latency metric.
     appended_at: HashMap<i64, DateTime<Utc>>,
     in_flight: FuturesUnordered<Pending<P::Record>>,
+    /// The store unit each seq is recorded in (`Store::recording_unit`).
+    unit_of: Box<dyn Fn(i64) -> i64 + Send + Sync>,
+    /// Records in flight per store unit.
+    units_in_flight: HashMap<i64, u32>,
+    /// Acked records waiting for the others of their unit, in the order
+    /// they were acked, with when.
+    acked: Vec<(Delivered, Instant)>,
+    /// Acked records to be recorded at the next write.
     delivered: Vec<Delivered>,
+    /// The write of outcomes in progress, if any.
+    recording: Option<tokio::task::JoinHandle<Recorded>>,
     failed: Vec<DeliveryFailed>,
     /// The last read filled its page: read again at once.
     want_read: bool,
@@ -114,6 +133,10 @@ impl<P: Publish> ShardWorker<P> {
         bus: StatusBus,
         config: RelayConfig,
     ) -> Self {
+        let unit_of: Box<dyn Fn(i64) -> i64 + Send + Sync> = {
+            let store = store.clone();
+            Box::new(move |seq| store.recording_unit(seq))
+        };
         ShardWorker {
             lease,
             store,
@@ -132,12 +155,23 @@ impl<P: Publish> ShardWorker<P> {
             held: HashMap::new(),
             held_rows: 0,
             in_flight: FuturesUnordered::new(),
+            unit_of,
+            units_in_flight: HashMap::new(),
+            acked: Vec::new(),
             delivered: Vec::new(),
+            recording: None,
             failed: Vec::new(),
             want_read: true,
             recheck_at: None,
             capacity_limited: false,
         }
+    }
+
+    /// The worker, with `unit_of` for the store's recording units.
+    #[cfg(test)]
+    fn with_recording_units(mut self, unit_of: fn(i64) -> i64) -> Self {
+        self.unit_of = Box::new(unit_of);
+        self
     }
 
     /// Relays the shard until `shutdown`, woken by `signal`; then drains what
@@ -153,7 +187,16 @@ impl<P: Publish> ShardWorker<P> {
             if self.rewind_at.is_some_and(|at| at <= Instant::now()) {
                 self.rewind();
             }
-            if let Err(error) = self.record().await {
+            // Deliveries are written while the worker reads and sends on; a
+            // failure is written before anything else is read, so that its
+            // key moves on only once its retry or dead letter is stored.
+            let written = if self.failed.is_empty() {
+                self.begin_recording(false);
+                Ok(())
+            } else {
+                self.record(false).await
+            };
+            if let Err(error) = written {
                 self.on_store_error(error, &shutdown).await?;
                 continue;
             }
@@ -170,7 +213,13 @@ impl<P: Publish> ShardWorker<P> {
                     continue;
                 }
             }
-            let deadline = [self.rewind_at, self.recheck_at]
+            // An ack's hold ends with a write, once none is in progress.
+            let hold_until = self
+                .acked
+                .first()
+                .filter(|_| self.recording.is_none())
+                .map(|(_, at)| *at + self.config.record_hold);
+            let deadline = [self.rewind_at, self.recheck_at, hold_until]
                 .into_iter()
                 .flatten()
                 .fold(next_poll, Instant::min);
@@ -193,6 +242,14 @@ impl<P: Publish> ShardWorker<P> {
                 }
                 Some(outcome) = self.in_flight.next(), if !self.in_flight.is_empty() => {
                     self.absorb(outcome);
+                }
+                recorded = async { self.recording.as_mut().expect("a write in progress").await }, if self.recording.is_some() => {
+                    self.recording = None;
+                    let recorded = recorded.expect("a relay write does not panic");
+                    if let Err(error) = self.book(recorded).await {
+                        self.on_store_error(error, &shutdown).await?;
+                        continue;
+                    }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     if self.recheck_at.is_some_and(|at| at <= Instant::now()) {
@@ -235,7 +292,7 @@ impl<P: Publish> ShardWorker<P> {
         }
         self.want_read = !paused;
         loop {
-            match self.record().await {
+            match self.record(false).await {
                 Ok(()) => {}
                 Err(StoreError::LeaseLost { .. }) => return Ok(()),
                 Err(error) => {
@@ -270,7 +327,7 @@ impl<P: Publish> ShardWorker<P> {
                 Err(_) => {
                     tracing::warn!(shard, left = self.in_flight.len(), "drain timed out");
                     self.want_read = false;
-                    let _ = self.record().await;
+                    let _ = self.record(true).await;
                     return Ok(());
                 }
             }
@@ -436,6 +493,7 @@ impl<P: Publish> ShardWorker<P> {
         let key = row.kafka_key.clone();
         let attempts = row.attempts + 1;
         self.sent.insert(seq);
+        *self.units_in_flight.entry((self.unit_of)(seq)).or_default() += 1;
         if let Some(key) = &key {
             self.keys_in_flight.insert(key.clone());
         }
@@ -455,17 +513,25 @@ impl<P: Publish> ShardWorker<P> {
         if let Some(key) = &outcome.key {
             self.keys_in_flight.remove(key);
         }
+        let unit = (self.unit_of)(outcome.seq);
+        if let Some(count) = self.units_in_flight.get_mut(&unit) {
+            *count -= 1;
+            if *count == 0 {
+                self.units_in_flight.remove(&unit);
+            }
+        }
         let delivered = outcome.result.is_ok();
         let key = outcome.key.clone();
         match outcome.result {
             Ok(placement) => {
                 crate::telemetry::published(&outcome.span, placement.partition, placement.offset);
                 self.breaker.success();
-                self.delivered.push(Delivered {
+                let delivered = Delivered {
                     seq: outcome.seq,
                     partition: placement.partition,
                     offset: placement.offset,
-                })
+                };
+                self.acked.push((delivered, Instant::now()));
             }
             Err(failure) => {
                 crate::telemetry::failed(&outcome.span, &failure.error_type);
@@ -572,48 +638,139 @@ impl<P: Publish> ShardWorker<P> {
         });
     }
 
-    /// Records collected outcomes, one statement per kind.
-    async fn record(&mut self) -> Result<(), StoreError> {
-        self.record_outcomes().await.inspect_err(|error| {
-            if matches!(error, StoreError::LeaseLost { .. }) {
-                metrics::counter!(names::RELAY_WRITES_FENCED).increment(1);
+    /// Moves the acked records that may be recorded now to `delivered`: an
+    /// acked record waits while others of its unit are in flight, up to
+    /// `record_hold`, unless `all`.
+    fn take_recordable(&mut self, all: bool) {
+        let hold = self.config.record_hold;
+        let now = Instant::now();
+        let units_in_flight = &self.units_in_flight;
+        let unit_of = &self.unit_of;
+        let delivered = &mut self.delivered;
+        self.acked.retain(|&(record, at)| {
+            let waits =
+                !all && at + hold > now && units_in_flight.contains_key(&unit_of(record.seq));
+            if !waits {
+                delivered.push(record);
             }
-        })
+            waits
+        });
     }
 
-    async fn record_outcomes(&mut self) -> Result<(), StoreError> {
-        if !self.delivered.is_empty() {
-            match self
-                .store
-                .record_delivered(&self.lease, &self.delivered)
-                .await
-            {
-                Ok(statuses) => {
-                    let batch = std::mem::take(&mut self.delivered);
-                    self.published(&batch, statuses);
+    /// Starts writing the outcomes gathered so far, unless a write is in
+    /// progress: the worker reads and sends on while the store writes.
+    fn begin_recording(&mut self, all: bool) {
+        if self.recording.is_some() {
+            return;
+        }
+        self.take_recordable(all);
+        if self.delivered.is_empty() && self.failed.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let lease = self.lease.clone();
+        let delivered = std::mem::take(&mut self.delivered);
+        let failed = std::mem::take(&mut self.failed);
+        self.recording = Some(tokio::spawn(async move {
+            let published = if delivered.is_empty() {
+                Ok(Vec::new())
+            } else {
+                store.record_delivered(&lease, &delivered).await
+            };
+            let failures = if failed.is_empty() || published.is_err() {
+                None
+            } else {
+                Some(store.record_failed(&lease, &failed).await)
+            };
+            Recorded {
+                delivered,
+                published,
+                failed,
+                failures,
+            }
+        }));
+    }
+
+    /// Waits for the write in progress, if any, and books its outcome.
+    async fn finish_recording(&mut self) -> Result<(), StoreError> {
+        let Some(recording) = self.recording.take() else {
+            return Ok(());
+        };
+        let recorded = recording.await.expect("a relay write does not panic");
+        self.book(recorded).await
+    }
+
+    /// Records every outcome gathered so far (`all`: also the acks that
+    /// wait for their unit), and waits for it.
+    async fn record(&mut self, all: bool) -> Result<(), StoreError> {
+        self.finish_recording().await?;
+        self.begin_recording(all);
+        self.finish_recording().await
+    }
+
+    /// Books a finished write: what was written is published to the bus;
+    /// what was not goes back to be written again.
+    async fn book(&mut self, recorded: Recorded) -> Result<(), StoreError> {
+        let Recorded {
+            delivered,
+            published,
+            failed,
+            failures,
+        } = recorded;
+        let outcome = self.book_delivered(delivered, published).await;
+        match failures {
+            Some(Ok(statuses)) => {
+                let dead = failed.iter().filter(|f| f.retry_at.is_none()).count() as u64;
+                metrics::counter!(names::EVENTS_DEAD_LETTERED).increment(dead);
+                metrics::counter!(names::DELIVERY_RETRIES).increment(failed.len() as u64 - dead);
+                for failed in &failed {
+                    self.appended_at.remove(&failed.seq);
+                    self.sent.remove(&failed.seq);
                 }
-                Err(error) if is_transient(&error) => return Err(error),
-                // One bad row must not fail the batch for ever.
-                Err(error) => {
-                    tracing::warn!(shard = self.lease.shard, %error, "recording deliveries failed; recording them one by one");
-                    self.record_delivered_one_by_one().await?;
-                }
+                self.bus.publish(statuses);
+            }
+            Some(Err(error)) => {
+                self.failed.splice(0..0, failed);
+                return Err(self.fenced(error));
+            }
+            None => {
+                self.failed.splice(0..0, failed);
             }
         }
-        if !self.failed.is_empty() {
-            let statuses = self.store.record_failed(&self.lease, &self.failed).await?;
-            let dead = self.failed.iter().filter(|f| f.retry_at.is_none()).count() as u64;
-            metrics::counter!(names::EVENTS_DEAD_LETTERED).increment(dead);
-            metrics::counter!(names::DELIVERY_RETRIES).increment(self.failed.len() as u64 - dead);
-            for failed in &self.failed {
-                self.appended_at.remove(&failed.seq);
+        outcome
+    }
+
+    async fn book_delivered(
+        &mut self,
+        delivered: Vec<Delivered>,
+        published: Result<Vec<crate::domain::EventStatus>, StoreError>,
+    ) -> Result<(), StoreError> {
+        match published {
+            Ok(statuses) => {
+                self.published(&delivered, statuses);
+                Ok(())
             }
-            for failed in self.failed.drain(..) {
-                self.sent.remove(&failed.seq);
+            Err(error) if is_transient(&error) => {
+                self.delivered.splice(0..0, delivered);
+                Err(self.fenced(error))
             }
-            self.bus.publish(statuses);
+            // One bad row must not fail the batch for ever.
+            Err(error) => {
+                tracing::warn!(shard = self.lease.shard, %error, "recording deliveries failed; recording them one by one");
+                self.delivered.splice(0..0, delivered);
+                self.record_delivered_one_by_one()
+                    .await
+                    .map_err(|error| self.fenced(error))
+            }
         }
-        Ok(())
+    }
+
+    /// `error`, counted when it is a fenced write.
+    fn fenced(&self, error: StoreError) -> StoreError {
+        if matches!(error, StoreError::LeaseLost { .. }) {
+            metrics::counter!(names::RELAY_WRITES_FENCED).increment(1);
+        }
+        error
     }
 
     /// Records each delivery on its own; one that cannot be recorded is

@@ -375,6 +375,15 @@ pub trait Store: Send + Sync + 'static {
         with_dead_letters: bool,
     ) -> Result<RelayPage, StoreError>;
 
+    /// The unit of the store that `seq`'s delivery is written to: the relay
+    /// records the deliveries of one unit together, once none of its events
+    /// is in flight, instead of writing the unit again for each ack. A
+    /// PostgreSQL segment is one row for all its events; each SQLite event
+    /// is a row of its own.
+    fn recording_unit(&self, seq: i64) -> i64 {
+        seq
+    }
+
     /// Marks events published, fenced by the lease: `StoreError::LeaseLost`
     /// when `lease.epoch` is no longer current, and then nothing is written.
     async fn record_delivered(

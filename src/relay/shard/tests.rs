@@ -184,7 +184,13 @@ impl Harness {
     /// Appends `events` (name, ordering key) as one transaction, then
     /// starts the worker.
     async fn start(config: RelayConfig, events: &[(&str, Option<&str>)]) -> Harness {
-        Self::start_refusing(config, events, []).await
+        Self::launch(config, events, [], None).await
+    }
+
+    /// [`Harness::start`], with every event recorded in the same store
+    /// unit, as the events of one segment are.
+    async fn start_in_one_unit(config: RelayConfig, events: &[(&str, Option<&str>)]) -> Harness {
+        Self::launch(config, events, [], Some(|_| 0)).await
     }
 
     /// [`Harness::start`], with the publisher refusing its first sends.
@@ -192,6 +198,15 @@ impl Harness {
         config: RelayConfig,
         events: &[(&str, Option<&str>)],
         refusals: impl IntoIterator<Item = Refusal>,
+    ) -> Harness {
+        Self::launch(config, events, refusals, None).await
+    }
+
+    async fn launch(
+        config: RelayConfig,
+        events: &[(&str, Option<&str>)],
+        refusals: impl IntoIterator<Item = Refusal>,
+        unit_of: Option<fn(i64) -> i64>,
     ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/outboxd.db", dir.path().display());
@@ -230,6 +245,10 @@ impl Harness {
             StatusBus::new(16),
             config,
         );
+        let worker = match unit_of {
+            Some(unit_of) => worker.with_recording_units(unit_of),
+            None => worker,
+        };
         let shutdown = CancellationToken::new();
         let worker = {
             let waker = waker.clone();
@@ -371,6 +390,80 @@ impl Harness {
             .expect("the worker does not panic")
             .expect("the worker keeps its lease");
     }
+}
+
+#[tokio::test]
+async fn the_acks_of_one_store_unit_are_recorded_together_once_none_of_it_is_in_flight() {
+    let mut relay = Harness::start_in_one_unit(
+        RelayConfig {
+            record_hold: Duration::from_secs(60),
+            ..config()
+        },
+        &[("a1", Some("a")), ("b1", Some("b")), ("c1", Some("c"))],
+    )
+    .await;
+    let mut sent = relay.sent_in_any_order(3).await;
+    sent.remove("a1").unwrap().deliver(0, 0);
+    sent.remove("b1").unwrap().deliver(0, 1);
+    tokio::time::sleep(QUIET).await;
+    for name in ["a1", "b1", "c1"] {
+        assert_eq!(relay.status(name).await.state, EventState::Ready, "{name}");
+    }
+    sent.remove("c1").unwrap().deliver(0, 2);
+    for (name, offset) in [("a1", 0), ("b1", 1), ("c1", 2)] {
+        let status = relay.eventually(name, EventState::Published).await;
+        assert_eq!(status.offset, Some(offset), "{name}");
+    }
+    // The unit holds nothing back once its records are all recorded.
+    relay.append("t2", &[("d1", Some("d"))]).await;
+    relay.expect_sent("d1", 0).await.deliver(0, 3);
+    relay.eventually("d1", EventState::Published).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn an_ack_waits_for_the_rest_of_its_store_unit_no_longer_than_the_record_hold() {
+    let mut relay = Harness::start_in_one_unit(
+        RelayConfig {
+            record_hold: Duration::from_millis(100),
+            ..config()
+        },
+        &[("a1", Some("a")), ("b1", Some("b"))],
+    )
+    .await;
+    let mut sent = relay.sent_in_any_order(2).await;
+    sent.remove("a1").unwrap().deliver(0, 0);
+    let status = relay.eventually("a1", EventState::Published).await;
+    assert_eq!(status.offset, Some(0));
+    assert_eq!(relay.status("b1").await.state, EventState::Ready);
+    sent.remove("b1").unwrap().deliver(0, 1);
+    relay.eventually("b1", EventState::Published).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_stopping_worker_records_the_acks_that_wait_for_their_store_unit() {
+    // The record hold outlasts the drain: the ack is recorded when the
+    // drain gives up on the record still in flight.
+    let mut relay = Harness::start_in_one_unit(
+        RelayConfig {
+            record_hold: Duration::from_secs(60),
+            ..config()
+        },
+        &[("a1", Some("a")), ("b1", Some("b"))],
+    )
+    .await;
+    let mut sent = relay.sent_in_any_order(2).await;
+    sent.remove("a1").unwrap().deliver(0, 0);
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(relay.status("a1").await.state, EventState::Ready);
+    let store = relay.store.clone();
+    let a1 = relay.ids["a1"];
+    relay.stop().await;
+    let status = store.status_by_ids(&[a1]).await.unwrap().remove(0);
+    assert_eq!(status.state, EventState::Published);
+    assert_eq!(status.offset, Some(0));
+    drop(sent);
 }
 
 #[tokio::test]

@@ -502,6 +502,10 @@ impl Store for PostgresStore {
             .await
     }
 
+    fn recording_unit(&self, seq: i64) -> i64 {
+        segments::location_of(seq).0
+    }
+
     async fn record_delivered(
         &self,
         lease: &Lease,
