@@ -301,6 +301,8 @@ async fn segments_written_with_their_bodies_inline_are_published_after_the_upgra
                 ..Default::default()
             })
             .collect(),
+        // Every string inline, as bodies were written then.
+        strings: vec![],
     };
     let ready = EventState::Ready as u8;
     sqlx::query(

@@ -9,7 +9,10 @@
 //! **Packing.** A segment's body is a protobuf message ([`SegmentBody`]):
 //! the transactions its events belong to, once each, and the events in
 //! append order, each naming its transaction by index. Protobuf keeps the
-//! format open to new fields, and decoding needs nothing but prost.
+//! format open to new fields, and decoding needs nothing but prost. A
+//! topic, event type or aggregate type is stored once per segment, however
+//! many of its events share it; each event names it by index. (Bodies
+//! written before that hold every string inline and read back the same.)
 //!
 //! **Ids.** An event id that outboxd generates is a UUID of version 7 that
 //! names its segment and its position there ([`EventLocation`]):
@@ -30,6 +33,8 @@
 //! it names that event only when the segment's own time is the one in the
 //! id ([`EventLocation::id`] gives it back), which is how a caller-chosen
 //! id is told apart.
+
+use std::collections::HashMap;
 
 use prost::Message;
 use uuid::Uuid;
@@ -151,6 +156,16 @@ pub struct SegmentEvent {
     /// The event's index in its append.
     #[prost(uint32, tag = "13")]
     pub index: u32,
+    /// The topic, as an index into [`SegmentBody::strings`] (then `topic`
+    /// is empty). Only in stored bodies: a decoded segment has it inline.
+    #[prost(uint32, optional, tag = "14")]
+    pub topic_ref: Option<u32>,
+    /// The aggregate's type, as `topic_ref`.
+    #[prost(uint32, optional, tag = "15")]
+    pub aggregate_type_ref: Option<u32>,
+    /// The event's type, as `topic_ref`.
+    #[prost(uint32, optional, tag = "16")]
+    pub event_type_ref: Option<u32>,
 }
 
 /// A segment's packed events: what its `body` column holds.
@@ -162,6 +177,36 @@ pub struct SegmentBody {
     /// The events in append order; an event's position is its index.
     #[prost(message, repeated, tag = "2")]
     pub events: Vec<SegmentEvent>,
+    /// The strings the events name by index (`*_ref`), each once.
+    #[prost(string, repeated, tag = "3")]
+    pub strings: Vec<String>,
+}
+
+impl SegmentBody {
+    /// Puts every string an event names by index back into the event.
+    fn resolve(&mut self) -> Result<(), SegmentError> {
+        let strings = std::mem::take(&mut self.strings);
+        for (position, event) in self.events.iter_mut().enumerate() {
+            for (reference, field) in [
+                (event.topic_ref.take(), &mut event.topic),
+                (event.aggregate_type_ref.take(), &mut event.aggregate_type),
+                (event.event_type_ref.take(), &mut event.event_type),
+            ] {
+                if let Some(reference) = reference {
+                    let string =
+                        strings
+                            .get(reference as usize)
+                            .ok_or(SegmentError::UnknownString {
+                                position,
+                                reference,
+                                strings: strings.len(),
+                            })?;
+                    field.clone_from(string);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Why a segment body could not be read back.
@@ -179,6 +224,16 @@ pub enum SegmentError {
         transaction: u32,
         /// How many the segment holds.
         transactions: usize,
+    },
+    /// An event names a string the segment does not hold.
+    #[error("event {position} of a segment names string {reference} of {strings}")]
+    UnknownString {
+        /// The event's position.
+        position: usize,
+        /// The index it names.
+        reference: u32,
+        /// How many the segment holds.
+        strings: usize,
     },
     /// A caller-chosen id is not 16 bytes.
     #[error("event {0} of a segment has a caller id that is not 16 bytes")]
@@ -207,7 +262,10 @@ pub struct AppendPlace<'a> {
 /// Builds one segment's body, event by event, in append order.
 #[derive(Debug, Default)]
 pub struct SegmentBuilder {
+    /// The body as stored: shared strings by index.
     body: SegmentBody,
+    /// The index of each string in `body.strings`.
+    strings: HashMap<String, u32>,
 }
 
 impl SegmentBuilder {
@@ -246,10 +304,14 @@ impl SegmentBuilder {
                 self.body.transactions.len() - 1
             }
         };
+        let topic_ref = self.intern(&event.topic);
+        let aggregate_type_ref = self.intern(&event.aggregate_type);
+        let event_type_ref = self.intern(&event.event_type);
         self.body.events.push(SegmentEvent {
             transaction: transaction as u32,
             caller_id: event.event_id.map(|id| id.0.as_bytes().to_vec()),
-            topic: event.topic.clone(),
+            topic: String::new(),
+            topic_ref,
             key: event.key.clone(),
             payload: event.payload.clone(),
             headers: event
@@ -260,15 +322,32 @@ impl SegmentBuilder {
                     value: header.value.clone(),
                 })
                 .collect(),
-            aggregate_type: event.aggregate_type.clone(),
+            aggregate_type: String::new(),
+            aggregate_type_ref,
             aggregate_id: event.aggregate_id.clone(),
-            event_type: event.event_type.clone(),
+            event_type: String::new(),
+            event_type_ref,
             occurred_at_micros: event.occurred_at.map(|at| at.timestamp_micros()),
             traceparent: traceparent.map(str::to_owned),
             tracestate: tracestate.map(str::to_owned),
             index,
         });
         position as u16
+    }
+
+    /// `string`'s index among the body's shared strings; `None` for the
+    /// empty string, which costs nothing inline.
+    fn intern(&mut self, string: &str) -> Option<u32> {
+        if string.is_empty() {
+            return None;
+        }
+        if let Some(&index) = self.strings.get(string) {
+            return Some(index);
+        }
+        let index = self.body.strings.len() as u32;
+        self.body.strings.push(string.to_owned());
+        self.strings.insert(string.to_owned(), index);
+        Some(index)
     }
 
     /// Events added so far.
@@ -290,12 +369,15 @@ impl SegmentBuilder {
     /// `millis`.
     pub fn finish(self, number: u64, millis: u64) -> (Vec<u8>, Segment) {
         let bytes = self.encode();
+        let mut body = self.body;
+        body.resolve()
+            .expect("a built segment names only strings it holds");
         (
             bytes,
             Segment {
                 number,
                 millis,
-                body: self.body,
+                body,
             },
         )
     }
@@ -329,7 +411,8 @@ impl Segment {
     /// Reads a stored body back, checking that every event's transaction
     /// and caller id are well formed.
     pub fn decode(number: u64, millis: u64, bytes: &[u8]) -> Result<Segment, SegmentError> {
-        let body = SegmentBody::decode(bytes)?;
+        let mut body = SegmentBody::decode(bytes)?;
+        body.resolve()?;
         for (position, event) in body.events.iter().enumerate() {
             if event.transaction as usize >= body.transactions.len() {
                 return Err(SegmentError::UnknownTransaction {
@@ -563,6 +646,72 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_stores_each_shared_string_once() {
+        let topic = "payments.card-authorizations.v2";
+        let mut builder = SegmentBuilder::default();
+        for index in 0..100u32 {
+            let event = NewEvent {
+                topic: topic.into(),
+                aggregate_type: "card-authorization".into(),
+                aggregate_id: format!("auth-{index}"),
+                event_type: if index % 2 == 0 {
+                    "approved"
+                } else {
+                    "declined"
+                }
+                .into(),
+                ..event("k", b"p")
+            };
+            builder.push(place("shop", "t-1", 0, index, None), &event);
+        }
+        let (bytes, built) = builder.finish(7, 1_796_000_000_000);
+        // The same events with every string inline, as decoded.
+        let inline = built.body.encode_to_vec();
+        let saved_per_event = topic.len() + "card-authorization".len();
+        assert!(
+            inline.len() - bytes.len() > 99 * saved_per_event,
+            "{} bytes shared, {} inline: the strings are stored per event",
+            bytes.len(),
+            inline.len()
+        );
+        let read = Segment::decode(7, 1_796_000_000_000, &bytes).expect("decodes");
+        assert_eq!(read, built, "what is read back is what was built");
+        for packed in read.events() {
+            let index = packed.event.index;
+            assert_eq!(packed.event.topic, topic);
+            assert_eq!(packed.event.aggregate_type, "card-authorization");
+            assert_eq!(packed.event.aggregate_id, format!("auth-{index}"));
+            let event_type = if index % 2 == 0 {
+                "approved"
+            } else {
+                "declined"
+            };
+            assert_eq!(packed.event.event_type, event_type);
+        }
+    }
+
+    #[test]
+    fn a_body_with_its_strings_inline_reads_back_the_same() {
+        // As written before strings were shared.
+        let inline = SegmentEvent {
+            transaction: 0,
+            topic: "orders".into(),
+            aggregate_type: "order".into(),
+            aggregate_id: "o-1".into(),
+            event_type: "created".into(),
+            payload: b"one".to_vec(),
+            ..Default::default()
+        };
+        let body = SegmentBody {
+            transactions: vec![SegmentTransaction::default()],
+            events: vec![inline.clone()],
+            strings: vec![],
+        };
+        let read = Segment::decode(3, 1, &body.encode_to_vec()).expect("decodes");
+        assert_eq!(read.body.events, [inline]);
+    }
+
+    #[test]
     fn a_body_that_is_not_a_segment_is_refused() {
         assert!(Segment::decode(1, 1, b"\xff\xff\xff").is_err());
         let broken = SegmentBody {
@@ -571,6 +720,7 @@ mod tests {
                 transaction: 0,
                 ..Default::default()
             }],
+            strings: vec![],
         };
         assert!(matches!(
             Segment::decode(1, 1, &broken.encode_to_vec()),
@@ -582,10 +732,27 @@ mod tests {
                 caller_id: Some(vec![1, 2, 3]),
                 ..Default::default()
             }],
+            strings: vec![],
         };
         assert!(matches!(
             Segment::decode(1, 1, &bad_id.encode_to_vec()),
             Err(SegmentError::BadCallerId(0))
+        ));
+        let missing_string = SegmentBody {
+            transactions: vec![SegmentTransaction::default()],
+            events: vec![SegmentEvent {
+                topic_ref: Some(1),
+                ..Default::default()
+            }],
+            strings: vec!["orders".into()],
+        };
+        assert!(matches!(
+            Segment::decode(1, 1, &missing_string.encode_to_vec()),
+            Err(SegmentError::UnknownString {
+                position: 0,
+                reference: 1,
+                strings: 1
+            })
         ));
     }
 }

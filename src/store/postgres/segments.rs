@@ -863,6 +863,7 @@ mod tests {
                     event(1, "payments", Some(Uuid::now_v7().as_bytes().to_vec())),
                     event(0, "orders", None),
                 ],
+                strings: vec![],
             },
         };
         let head = SegmentHead::of(&segment);
