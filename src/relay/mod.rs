@@ -53,7 +53,10 @@ pub struct RelayConfig {
     /// idle shard reads at once.
     #[serde(with = "humantime_serde")]
     pub read_linger: Duration,
-    /// Records handed to the producer and not yet recorded, per shard.
+    /// Records read and not yet recorded, per shard: handed to the
+    /// producer, or waiting in memory behind their key's record in flight.
+    /// Each key has one record in flight, so what is sent at once is
+    /// bounded by the keys; more only holds more payloads in memory.
     pub max_in_flight_per_shard: usize,
     /// Longest wait of an acked record for the others of its store unit (a
     /// PostgreSQL segment) that are still in flight, so that the unit is
@@ -98,7 +101,7 @@ impl Default for RelayConfig {
             poll_interval: Duration::from_secs(1),
             read_batch: 1_000,
             read_linger: Duration::from_millis(5),
-            max_in_flight_per_shard: 5_000,
+            max_in_flight_per_shard: 1_000,
             record_hold: Duration::from_millis(100),
             lease_ttl: Duration::from_secs(10),
             retry_base: Duration::from_millis(200),
