@@ -806,6 +806,66 @@ async fn a_published_event_keeps_its_status_and_its_id(store: Arc<dyn Store>) {
     assert_eq!(relay_rows(&store, 1).await.len(), 1, "only t2 was stored");
 }
 
+/// A status's state and its cursor come from one moment. Read again and
+/// again while deliveries are recorded one by one, no status may carry the
+/// cursor of a change newer than its state: a watch would take that
+/// change's own status for old news and wait for it for ever.
+async fn a_status_never_carries_the_cursor_of_a_newer_change(store: Arc<dyn Store>) {
+    const EVENTS: usize = 200;
+    let ids = store
+        .append(&[AppendBuilder::new("ledger", "t1")
+            .events((0..EVENTS).map(|i| keyed_event("accounts", &format!("k{i}"), "x")))
+            .batch()])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap()
+        .event_ids;
+    let rows = relay_rows(&store, EVENTS).await;
+    let leases = store
+        .acquire_leases("instance-a", Duration::from_secs(60), SHARDS)
+        .await
+        .unwrap();
+    let recorder = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for (offset, row) in rows.iter().enumerate() {
+                let shard =
+                    outboxd::domain::shard_of(row.kafka_key.as_deref(), row.event_id, SHARDS);
+                let lease = leases.iter().find(|l| l.shard == shard).unwrap();
+                let delivered = Delivered {
+                    seq: row.seq,
+                    partition: 0,
+                    offset: offset as i64,
+                };
+                store.record_delivered(lease, &[delivered]).await.unwrap();
+            }
+        })
+    };
+    // The state each (event, cursor) was shown with.
+    let mut shown: std::collections::HashMap<(EventId, u64), EventState> = Default::default();
+    let mut reads = 0;
+    while !recorder.is_finished() || reads == 0 {
+        for status in store.status_by_ids(&ids).await.unwrap() {
+            let first = *shown
+                .entry((status.event_id, status.cursor))
+                .or_insert(status.state);
+            assert_eq!(
+                first, status.state,
+                "{}: cursor {} was shown with {first:?}, now with {:?}",
+                status.event_id, status.cursor, status.state
+            );
+        }
+        reads += 1;
+    }
+    recorder.await.unwrap();
+    let statuses = store.status_by_ids(&ids).await.unwrap();
+    assert!(
+        statuses.iter().all(|s| s.state == EventState::Published),
+        "every event is published in the end"
+    );
+}
+
 /// Retention never removes what is not final: while any event of an append
 /// is unpublished or dead-lettered, a retry of that append is still a
 /// duplicate with the same ids, and status by transaction still finds them.
@@ -1211,4 +1271,5 @@ store_suite!(
     the_change_feed_resumes_after_a_cursor,
     a_published_event_keeps_its_status_and_its_id,
     retention_keeps_what_a_retry_needs,
+    a_status_never_carries_the_cursor_of_a_newer_change,
 );
