@@ -55,6 +55,17 @@ async fn relay_rows(store: &Arc<dyn Store>, expected: usize) -> Vec<RelayRow> {
     .await
 }
 
+/// The ids of `batch`'s events, appended alone; the append must succeed.
+async fn append_ids(store: &Arc<dyn Store>, batch: outboxd::domain::AppendBatch) -> Vec<EventId> {
+    store
+        .append(&[batch])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap()
+        .event_ids
+}
+
 async fn append_is_atomic_and_idempotent(store: Arc<dyn Store>) {
     let first = AppendBuilder::new("ledger", "t1")
         .events([
@@ -611,19 +622,17 @@ async fn failed_deliveries_retry_then_dead_letter(store: Arc<dyn Store>) {
 }
 
 async fn retention_removes_finished_events_but_keeps_dead_letters(store: Arc<dyn Store>) {
-    let ids = store
-        .append(&[AppendBuilder::new("ledger", "t1")
+    let ids = append_ids(
+        &store,
+        AppendBuilder::new("ledger", "t1")
             .events([
                 keyed_event("accounts", "a", "1"),
                 keyed_event("accounts", "b", "2"),
                 keyed_event("accounts", "c", "3"),
             ])
-            .batch()])
-        .await
-        .unwrap()
-        .remove(0)
-        .unwrap()
-        .event_ids;
+            .batch(),
+    )
+    .await;
     let rows = relay_rows(&store, 3).await;
     let leases = store
         .acquire_leases("me", Duration::from_secs(60), SHARDS)
@@ -812,15 +821,13 @@ async fn a_published_event_keeps_its_status_and_its_id(store: Arc<dyn Store>) {
 /// change's own status for old news and wait for it for ever.
 async fn a_status_never_carries_the_cursor_of_a_newer_change(store: Arc<dyn Store>) {
     const EVENTS: usize = 200;
-    let ids = store
-        .append(&[AppendBuilder::new("ledger", "t1")
+    let ids = append_ids(
+        &store,
+        AppendBuilder::new("ledger", "t1")
             .events((0..EVENTS).map(|i| keyed_event("accounts", &format!("k{i}"), "x")))
-            .batch()])
-        .await
-        .unwrap()
-        .remove(0)
-        .unwrap()
-        .event_ids;
+            .batch(),
+    )
+    .await;
     let rows = relay_rows(&store, EVENTS).await;
     let leases = store
         .acquire_leases("instance-a", Duration::from_secs(60), SHARDS)
@@ -960,15 +967,13 @@ async fn postgres_a_failed_slot_release_does_not_freeze_the_gate() {
         .execute(&mut admin)
         .await
         .unwrap();
-    let ids = store
-        .append(&[AppendBuilder::new("ledger", "after")
+    let ids = append_ids(
+        &store,
+        AppendBuilder::new("ledger", "after")
             .event(keyed_event("accounts", "b", "2"))
-            .batch()])
-        .await
-        .unwrap()
-        .remove(0)
-        .unwrap()
-        .event_ids;
+            .batch(),
+    )
+    .await;
     support::eventually(
         "the later append to pass the visibility gate",
         Duration::from_secs(10),
