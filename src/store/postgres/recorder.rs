@@ -29,6 +29,12 @@ const RECORDERS: usize = 2;
 /// Most deliveries one statement records.
 const MAX_ROWS: usize = 20_000;
 
+/// How long a recorder task gathers batches after the first one before it
+/// writes them: the batches of many shards then share a statement, and a
+/// producer's changes in it share one change-feed row (a row per producer
+/// and statement), which is most of what the feed costs per event.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(3);
+
 /// One shard's batch and where its outcome goes.
 struct Batch {
     lease: Lease,
@@ -93,13 +99,14 @@ async fn record(store: Store, mut batches: mpsc::Receiver<Batch>) {
             };
             let mut rows = first.delivered.len();
             let mut gathered = vec![first];
+            let until = tokio::time::Instant::now() + GATHER;
             while rows < MAX_ROWS {
-                match batches.try_recv() {
-                    Ok(next) => {
+                match tokio::time::timeout_at(until, batches.recv()).await {
+                    Ok(Some(next)) => {
                         rows += next.delivered.len();
                         gathered.push(next);
                     }
-                    Err(_) => break,
+                    _ => break,
                 }
             }
             gathered
