@@ -12,7 +12,7 @@ use sqlx::postgres::{PgArguments, Postgres};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::segments::{self, SegmentCache, change_seqs};
+use super::segments::{self, SegmentCache, change_seqs, insert_changes};
 use crate::domain::{AppendBatch, AppendOutcome, EventId, EventStatus, shard_of};
 use crate::store::AppendRejection;
 use crate::store::codes::{
@@ -222,8 +222,9 @@ pub(super) fn pack(
 }
 
 impl Packed {
-    /// Binds the segments, caller ids and change rows as the next ten
-    /// parameters.
+    /// Binds the segments and caller ids as the next eight parameters
+    /// (the change rows, `changes`, are bound by the statement that writes
+    /// them with these).
     fn bind<'q>(&'q self, query: PgQuery<'q>) -> PgQuery<'q> {
         let numbers: Vec<i64> = self
             .segments
@@ -247,8 +248,6 @@ impl Packed {
             .bind(&self.caller_ids.0)
             .bind(&self.caller_ids.1)
             .bind(&self.caller_ids.2)
-            .bind(&self.changes.0)
-            .bind(&self.changes.1)
     }
 
     /// Keeps the written segments' bodies.
@@ -400,27 +399,20 @@ pub(super) async fn append(
                          AS u(number, shard, millis, states)), \
                  bodies AS ( \
                      INSERT INTO outbox_segment_bodies (number, body) \
-                     SELECT * FROM UNNEST($1::bigint[], $4::bytea[])), \
-                 callers AS ( \
-                     INSERT INTO outbox_caller_ids (event_id, segment, position) \
-                     SELECT * FROM UNNEST($6::uuid[], $7::bigint[], $8::integer[])), \
-                 changes AS ( \
-                     INSERT INTO outbox_changes (producer, segments) \
-                     SELECT u.producer, array_agg(u.segment) \
-                     FROM UNNEST($9::text[], $10::bigint[]) AS u(producer, segment) \
-                     GROUP BY u.producer \
-                     RETURNING producer, segments, change_seq) \
-                 SELECT producer, segments, change_seq FROM changes",
+                     SELECT * FROM UNNEST($1::bigint[], $4::bytea[])) \
+                 INSERT INTO outbox_caller_ids (event_id, segment, position) \
+                 SELECT * FROM UNNEST($6::uuid[], $7::bigint[], $8::integer[])",
             ))
-            .fetch_all(&mut *tx)
+            .execute(&mut *tx)
             .await;
-        let written = match written {
-            Ok(written) => written,
+        match written {
+            Ok(_) => {}
             // A caller-chosen id another writer took meanwhile.
             Err(error) if crate::store::error::is_unique_violation(&error) => return Ok(None),
             Err(error) => return Err(error.into()),
-        };
-        changes = change_seqs(&written)?;
+        }
+        let producers: Vec<&str> = packed.changes.0.iter().map(String::as_str).collect();
+        changes = insert_changes(tx, &producers, &packed.changes.1, None).await?;
     }
 
     // Outcomes, in request order.
@@ -644,7 +636,12 @@ pub(super) async fn append_new(
         .bind(&sequences)
         .bind(&hashes)
         .bind(&packed_ids);
-    let result = packed.bind(query).fetch_all(&mut *connection).await;
+    let result = packed
+        .bind(query)
+        .bind(&packed.changes.0)
+        .bind(&packed.changes.1)
+        .fetch_all(&mut *connection)
+        .await;
     let returned = match result {
         Ok(returned) => returned,
         Err(sqlx::Error::Database(error))
