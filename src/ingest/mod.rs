@@ -33,6 +33,10 @@ use crate::telemetry::names;
 #[serde(default, deny_unknown_fields)]
 pub struct IngestConfig {
     /// Writer tasks, each committing its own transactions concurrently.
+    /// One is the default: it commits whatever waited during its last
+    /// commit, so its commits grow with the load, and the relay's work goes
+    /// by the segments a commit writes (one per shard it touches), not by
+    /// its events. A second writer halves each commit and doubles that work.
     pub writers: usize,
     /// Most events one store transaction takes.
     pub max_coalesced_events: usize,
@@ -50,7 +54,7 @@ pub struct IngestConfig {
 impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
-            writers: 2,
+            writers: 1,
             max_coalesced_events: 5_000,
             max_coalesced_bytes: 64 * 1024 * 1024,
             max_queued_bytes: 256 * 1024 * 1024,
