@@ -26,7 +26,7 @@ use crate::store::segment::{EventLocation, PackedEvent, Segment, SegmentTransact
 pub(super) const GONE: u8 = 0;
 
 /// Bodies kept in memory, in bytes of their stored form.
-const CACHE_BYTES: usize = 16 << 20;
+const CACHE_BYTES: usize = 8 << 20;
 
 /// Heads kept in memory, in bytes (estimated).
 const HEAD_BYTES: usize = 8 << 20;
