@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::breaker::SharedBreaker;
 use super::publish::{Delivery, FailureKind, Publish, PublishFailure, SendRefused};
 use super::{RelayConfig, ShardSignal, retry_delay};
-use crate::domain::EventState;
+use crate::domain::{EventState, EventStatus};
 use crate::status::StatusBus;
 use crate::store::{Delivered, DeliveryFailed, Lease, RelayCursor, RelayRow, Store, StoreError};
 use crate::telemetry::names;
@@ -38,9 +38,9 @@ const HELD_BACK_RECHECK: Duration = Duration::from_millis(5);
 /// (`failures` is `None` when the deliveries' write failed first).
 struct Recorded {
     delivered: Vec<Delivered>,
-    published: Result<Vec<crate::domain::EventStatus>, StoreError>,
+    published: Result<Vec<EventStatus>, StoreError>,
     failed: Vec<DeliveryFailed>,
-    failures: Option<Result<Vec<crate::domain::EventStatus>, StoreError>>,
+    failures: Option<Result<Vec<EventStatus>, StoreError>>,
 }
 
 /// Why a shard worker stopped before it was told to.
@@ -743,7 +743,7 @@ impl<P: Publish> ShardWorker<P> {
     async fn book_delivered(
         &mut self,
         delivered: Vec<Delivered>,
-        published: Result<Vec<crate::domain::EventStatus>, StoreError>,
+        published: Result<Vec<EventStatus>, StoreError>,
     ) -> Result<(), StoreError> {
         match published {
             Ok(statuses) => {
@@ -802,7 +802,7 @@ impl<P: Publish> ShardWorker<P> {
     }
 
     /// Books recorded deliveries: metrics, in-flight accounting, the bus.
-    fn published(&mut self, batch: &[Delivered], statuses: Vec<crate::domain::EventStatus>) {
+    fn published(&mut self, batch: &[Delivered], statuses: Vec<EventStatus>) {
         metrics::counter!(names::EVENTS_PUBLISHED).increment(statuses.len() as u64);
         let now = Utc::now();
         for delivered in batch {
